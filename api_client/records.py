@@ -1,0 +1,224 @@
+"""Job records in Redis: the single source of truth for a job's state.
+
+Producers create records; workers move them through their states. Every change is an
+optimistic transaction (WATCH/MULTI) that also publishes the new record on the job's
+channel, so a waiting client wakes at once instead of polling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from api_client.schemas import FINAL_STATUSES
+from api_client.settings import Settings
+
+Record = dict[str, Any]
+Mutation = Callable[[Record], Record | None]
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client that reconnects on its own after a Redis restart."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=15,
+        socket_keepalive=True,
+        retry_on_timeout=True,
+    )
+
+
+class RecordStore:
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.ns = f"imageq:{settings.queue_prefix}"
+
+    # -- keys -------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        return self.ns + ":".join(parts)
+
+    def channel(self, job_id: str) -> str:
+        return self.key("updates", job_id)
+
+    # -- reads ------------------------------------------------------------------------
+    def get(self, job_id: str) -> Record | None:
+        raw = self.redis.get(self.key("job", job_id))
+        return None if raw is None else json.loads(raw)
+
+    def get_document(self, job_id: str) -> Record | None:
+        raw = self.redis.get(self.key("doc", job_id))
+        return None if raw is None else json.loads(raw)
+
+    def list_ids(self, limit: int = 100) -> list[str]:
+        """Newest first; entries whose record expired are pruned on the way."""
+        self.redis.zremrangebyscore(
+            self.key("jobs"), "-inf", time.time() - self.settings.result_ttl_s
+        )
+        return list(self.redis.zrevrange(self.key("jobs"), 0, max(0, limit - 1)))
+
+    def iter_records(self, limit: int = 100) -> Iterator[Record]:
+        ids = self.list_ids(limit)
+        if not ids:
+            return
+        raws = self.redis.mget([self.key("job", i) for i in ids])
+        for job_id, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                self.redis.zrem(self.key("jobs"), job_id)
+                continue
+            yield json.loads(raw)
+
+    # -- writes -----------------------------------------------------------------------
+    def create(self, record: Record, document: Record) -> tuple[Record, bool]:
+        """Store a new record unless one exists; returns (record, created)."""
+        ttl = self.settings.result_ttl_s
+        key = self.key("job", record["id"])
+        if not self.redis.set(key, json.dumps(record), nx=True, ex=ttl):
+            existing = self.get(record["id"])
+            if existing is not None:
+                return existing, False
+            self.redis.set(key, json.dumps(record), ex=ttl)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.key("doc", record["id"]), json.dumps(document), ex=ttl)
+        pipe.zadd(self.key("jobs"), {record["id"]: time.time()})
+        pipe.publish(self.channel(record["id"]), json.dumps(record))
+        pipe.execute()
+        return record, True
+
+    def delete(self, job_id: str) -> None:
+        self.redis.delete(self.key("job", job_id), self.key("doc", job_id))
+        self.redis.zrem(self.key("jobs"), job_id)
+
+    def save_document(self, job_id: str, document: Record) -> None:
+        self.redis.set(
+            self.key("doc", job_id), json.dumps(document), ex=self.settings.result_ttl_s
+        )
+
+    def update(self, job_id: str, mutate: Mutation) -> tuple[Record | None, bool]:
+        """Apply ``mutate`` atomically; it returns the new record or None for no change.
+
+        Returns (record after the call, whether this call changed it).
+        """
+        key = self.key("job", job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return None, False
+                    current = json.loads(raw)
+                    new = mutate(dict(current))
+                    if new is None:
+                        pipe.unwatch()
+                        return current, False
+                    encoded = json.dumps(new)
+                    pipe.multi()
+                    pipe.set(key, encoded, ex=self.settings.result_ttl_s)
+                    pipe.publish(self.channel(job_id), encoded)
+                    pipe.execute()
+                    return new, True
+                except redis.WatchError:
+                    continue
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        output: Record | None = None,
+        error: Record | None = None,
+        extra: Record | None = None,
+    ) -> tuple[Record | None, bool]:
+        """Move a job to a final status once; a second call changes nothing."""
+
+        def mutate(rec: Record) -> Record | None:
+            if rec["status"] in FINAL_STATUSES:
+                return None
+            now = utcnow()
+            rec.update(status=status, output=output, error=error, finished_at=now)
+            started = parse_time(rec.get("started_at"))
+            if started is not None:
+                metrics = dict(rec.get("metrics") or {})
+                metrics["run_s"] = round(time.time() - started, 4)
+                rec["metrics"] = metrics
+            if extra:
+                rec.update(extra)
+            return rec
+
+        return self.update(job_id, mutate)
+
+    # -- cancel -----------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> None:
+        self.redis.set(self.key("cancel", job_id), "1", ex=self.settings.result_ttl_s)
+        self.redis.publish(self.key("cancels"), job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.key("cancel", job_id)))
+
+    # -- leases: no two workers run one job at once ----------------------------------
+    def acquire_lease(self, job_id: str, token: str) -> bool:
+        ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        key = self.key("lease", job_id)
+        if self.redis.set(key, token, nx=True, px=ttl_ms):
+            return True
+        # The same worker may get its own job back (a retry of this delivery).
+        return self.redis.get(key) == token
+
+    def renew_lease(self, job_id: str, token: str) -> bool:
+        key = self.key("lease", job_id)
+        ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        renew = self.redis.register_script(_RENEW_LUA)
+        return bool(renew(keys=[key], args=[token, ttl_ms]))
+
+    def release_lease(self, job_id: str, token: str) -> None:
+        release = self.redis.register_script(_RELEASE_LUA)
+        release(keys=[self.key("lease", job_id)], args=[token])
+
+    def lease_holder(self, job_id: str) -> str | None:
+        value = self.redis.get(self.key("lease", job_id))
+        return None if value is None else str(value)
+
+    # -- once-only side effects (final webhook, result.json) --------------------------
+    def claim_once(self, job_id: str, what: str) -> bool:
+        """True for exactly one caller per (job, what) within the record's lifetime."""
+        return bool(self.redis.hsetnx(self.key("once", job_id), what, utcnow())) and bool(
+            self.redis.expire(self.key("once", job_id), self.settings.result_ttl_s)
+        )
+
+    def done_once(self, job_id: str, what: str) -> bool:
+        return bool(self.redis.hexists(self.key("once", job_id), what))
+
+    def forget_once(self, job_id: str, what: str) -> None:
+        self.redis.hdel(self.key("once", job_id), what)
+
+
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""

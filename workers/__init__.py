@@ -1,0 +1,1 @@
+"""The imageq runtime: everything a worker does, without Celery."""

@@ -1,0 +1,31 @@
+"""The small interface every model kind implements (after LitServe's LitAPI, cog's Predictor)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+# Called by long-running predictors after every step (a denoising step, a training step).
+# It records progress and raises ``Canceled`` or ``JobTimeout`` to stop the work at once.
+StepCallback = Callable[[int, int, dict[str, Any]], None]
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Holds one warm model. Nothing loads before ``setup``."""
+
+    #: The model id or local path, reported in every job record.
+    model_id: str
+
+    def setup(self, device: str) -> None:
+        """Load the model onto ``device`` once and warm it up; raise on failure."""
+
+    def predict(self, batch: Sequence[Any]) -> list[Any]:
+        """Run one batch of compatible items; one result per item, in order."""
+
+
+class BatchedPredictor(Predictor, Protocol):
+    """A predictor whose items can share a forward pass when their keys are equal."""
+
+    def batch_key(self, item: Any) -> Hashable:
+        """Items with equal keys may run in one ``predict`` call."""
