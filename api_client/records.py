@@ -70,7 +70,7 @@ class RecordStore:
         self.redis.zremrangebyscore(
             self.key("jobs"), "-inf", time.time() - self.settings.result_ttl_s
         )
-        return list(self.redis.zrevrange(self.key("jobs"), 0, max(0, limit - 1)))
+        return [str(i) for i in self.redis.zrevrange(self.key("jobs"), 0, max(0, limit - 1))]
 
     def iter_records(self, limit: int = 100) -> Iterator[Record]:
         ids = self.list_ids(limit)
@@ -105,9 +105,7 @@ class RecordStore:
         self.redis.zrem(self.key("jobs"), job_id)
 
     def save_document(self, job_id: str, document: Record) -> None:
-        self.redis.set(
-            self.key("doc", job_id), json.dumps(document), ex=self.settings.result_ttl_s
-        )
+        self.redis.set(self.key("doc", job_id), json.dumps(document), ex=self.settings.result_ttl_s)
 
     def update(self, job_id: str, mutate: Mutation) -> tuple[Record | None, bool]:
         """Apply ``mutate`` atomically; it returns the new record or None for no change.
@@ -222,3 +220,24 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+def new_record(document: Record, *, now: str | None = None) -> Record:
+    """The record of a job that has just been accepted (DESIGN §4)."""
+    return {
+        "id": document["id"],
+        "kind": document["kind"],
+        "status": "queued",
+        "progress": None,
+        "output": None,
+        "error": None,
+        "attempt": 0,
+        "worker": None,
+        "model": None,
+        "created_at": now or utcnow(),
+        "started_at": None,
+        "finished_at": None,
+        "metrics": {"queue_s": None, "run_s": None},
+        "metadata": document.get("metadata") or {},
+        "result_uri": None,
+    }

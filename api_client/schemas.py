@@ -209,11 +209,16 @@ INPUT_MODELS: dict[str, type[_Strict]] = {
 }
 
 
+EventType = Literal["job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled"]
+
+
+def _final_events() -> list[EventType]:
+    return ["job.succeeded", "job.failed", "job.canceled"]
+
+
 class WebhookSpec(_Strict):
     url: str = Field(min_length=1, max_length=2048)
-    events: list[
-        Literal["job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled"]
-    ] = Field(default_factory=lambda: ["job.succeeded", "job.failed", "job.canceled"])
+    events: list[EventType] = Field(default_factory=_final_events)
 
     @field_validator("url")
     @classmethod

@@ -138,4 +138,3 @@ class Settings:
                 value = scheme + "://***@" + rest.rsplit("@", 1)[1]
             out[f.name] = value
         return out
-

@@ -1,0 +1,227 @@
+"""The producer side: submit jobs, read and wait for their records, cancel them."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import Celery
+
+from api_client.celery_config import celery_config
+from api_client.errors import InvalidInput, JobTimeout, NotFound
+from api_client.names import (
+    FINALIZE_TASK,
+    WEBHOOK_QUEUE,
+    celery_priority,
+    queue_name,
+    task_name,
+)
+from api_client.records import RecordStore, connect, new_record, utcnow
+from api_client.redact import redact_document
+from api_client.schemas import FINAL_STATUSES, JobRecord, job_id_for, parse_job
+from api_client.settings import Settings
+
+OnUpdate = Callable[[JobRecord], None]
+_DOCUMENT_OPTIONS = ("webhook", "idempotency_key", "priority", "timeout_s", "metadata")
+
+
+class Client:
+    """Talks to Redis (records) and the broker (jobs). Connections open lazily."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self._redis: redis.Redis | None = None
+        self._apps: dict[bool, Celery] = {}
+
+    # -- plumbing ---------------------------------------------------------------------
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = connect(self.settings.records_redis_url)
+        return self._redis
+
+    @property
+    def store(self) -> RecordStore:
+        return RecordStore(self.redis, self.settings)
+
+    def _app(self, long_jobs: bool) -> Celery:
+        if long_jobs not in self._apps:
+            app = Celery("imageq-client", set_as_current=False)
+            app.conf.update(celery_config(self.settings, long_jobs=long_jobs))
+            self._apps[long_jobs] = app
+        return self._apps[long_jobs]
+
+    def close(self) -> None:
+        for app in self._apps.values():
+            app.close()
+        self._apps.clear()
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submit -----------------------------------------------------------------------
+    def submit(
+        self,
+        kind: str,
+        input: dict[str, Any],
+        *,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 5,
+        timeout_s: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        """Validate, record and enqueue a job; a repeated idempotency key returns the first."""
+        document: dict[str, Any] = {
+            "id": job_id_for(idempotency_key),
+            "kind": kind,
+            "input": input,
+            "priority": priority,
+            "metadata": metadata or {},
+        }
+        if webhook is not None:
+            document["webhook"] = {"url": webhook} if isinstance(webhook, str) else webhook
+            if not self.settings.webhook_secret:
+                raise InvalidInput("webhook: IMAGEQ_WEBHOOK_SECRET is not set; webhooks are off")
+        if idempotency_key is not None:
+            document["idempotency_key"] = idempotency_key
+        if timeout_s is not None:
+            document["timeout_s"] = timeout_s
+        doc = parse_job(document).model_dump(mode="json", exclude_none=True)
+        record, created = self.store.create(new_record(doc), doc)
+        if not created:
+            return JobRecord.model_validate(record)
+        try:
+            self._app(kind == "finetune").send_task(
+                task_name(kind),
+                args=[doc],
+                task_id=doc["id"],
+                queue=queue_name(kind, self.settings.queue_prefix),
+                priority=celery_priority(doc["priority"]),
+                # Flower and logs show this instead of the document: no inline images.
+                argsrepr=json.dumps([redact_document(doc)]),
+            )
+        except Exception:
+            self.store.delete(doc["id"])
+            raise
+        return JobRecord.model_validate(record)
+
+    def _kind(self, kind: str, fields: dict[str, Any], **named: Any) -> JobRecord:
+        """Job-document options (webhook, priority, ...) apart, the rest is the input."""
+        options = {k: fields.pop(k) for k in _DOCUMENT_OPTIONS if k in fields}
+        inp = {k: v for k, v in named.items() if v is not None}
+        inp.update(fields)
+        return self.submit(kind, inp, **options)
+
+    def caption(self, image: str | None = None, **fields: Any) -> JobRecord:
+        return self._kind("caption", fields, image=image)
+
+    def match(self, image: str | None = None, **fields: Any) -> JobRecord:
+        return self._kind("match", fields, image=image)
+
+    def generate(self, prompt: str, **fields: Any) -> JobRecord:
+        return self._kind("generate", fields, prompt=prompt)
+
+    def inpaint(self, image: str, mask: str, prompt: str, **fields: Any) -> JobRecord:
+        return self._kind("inpaint", fields, image=image, mask=mask, prompt=prompt)
+
+    def style(self, image: str, **fields: Any) -> JobRecord:
+        return self._kind("style", fields, image=image)
+
+    def finetune(self, target: str, dataset: str, name: str, **fields: Any) -> JobRecord:
+        return self._kind("finetune", fields, target=target, dataset=dataset, name=name)
+
+    # -- read -------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"id: no job {job_id!r} (unknown, or expired after the result TTL)")
+        return JobRecord.model_validate(record)
+
+    def wait(
+        self, job_id: str, timeout_s: float | None = None, on_update: OnUpdate | None = None
+    ) -> JobRecord:
+        """Block until the job is final, woken by the job's pub/sub channel (no polling).
+
+        Raises ``JobTimeout`` if ``timeout_s`` passes first.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.store.channel(job_id))
+        try:
+            # Read after subscribing so an update between the two is never missed.
+            record = self.get(job_id)
+            while True:
+                if on_update is not None:
+                    on_update(record)
+                if record.status in FINAL_STATUSES:
+                    return record
+                remaining = 30.0 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeout(f"job {job_id} not final after {timeout_s} s")
+                message = pubsub.get_message(timeout=min(remaining, 30.0))
+                if message is not None and message.get("type") == "message":
+                    record = JobRecord.model_validate(json.loads(message["data"]))
+                elif message is None:
+                    # A quiet channel: re-read in case this connection missed a message.
+                    record = self.get(job_id)
+        finally:
+            pubsub.close()
+
+    def list(
+        self, status: str | None = None, kind: str | None = None, limit: int = 100
+    ) -> builtins.list[JobRecord]:
+        """Newest first, filtered by status and kind, from the last ``limit`` jobs."""
+        out = []
+        for record in self.store.iter_records(limit):
+            if status and record["status"] != status:
+                continue
+            if kind and record["kind"] != kind:
+                continue
+            out.append(JobRecord.model_validate(record))
+        return out
+
+    # -- cancel -----------------------------------------------------------------------
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel in any state: a queued job ends now, a running one at its next step."""
+        self.get(job_id)
+        store = self.store
+        store.request_cancel(job_id)
+        _, changed = store.update(job_id, _cancel_if_queued)
+        if changed:
+            # result.json and the final webhook are written by the light webhooks worker,
+            # so they do not wait for a GPU worker to reach the message.
+            self._app(False).send_task(
+                FINALIZE_TASK,
+                args=[job_id],
+                queue=queue_name(WEBHOOK_QUEUE, self.settings.queue_prefix),
+            )
+        return self.get(job_id)
+
+    # -- adapters ---------------------------------------------------------------------
+    def adapters(self) -> builtins.list[dict[str, Any]]:
+        """Published adapters, newest first (the registry written by finetune jobs)."""
+        raw = self.redis.hgetall(self.store.key("adapters"))
+        entries = [json.loads(v) for v in raw.values()]
+        return sorted(entries, key=lambda e: str(e.get("created_at", "")), reverse=True)
+
+
+def _cancel_if_queued(record: dict[str, Any]) -> dict[str, Any] | None:
+    if record["status"] != "queued":
+        return None
+    record.update(
+        status="canceled",
+        finished_at=utcnow(),
+        error={"code": "canceled", "message": "canceled before it started"},
+    )
+    return record
