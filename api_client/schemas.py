@@ -10,6 +10,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,7 +44,7 @@ def _check_image_ref(value: str) -> str:
     return value
 
 
-ImageRef = Annotated[str, Field(min_length=1)]
+ImageRef = Annotated[str, Field(min_length=1), AfterValidator(_check_image_ref)]
 
 
 class _Strict(BaseModel):
@@ -91,11 +92,6 @@ class _ImagesInput(_Strict):
             data = dict(data)
             data["images"] = [data.pop("image")]
         return data
-
-    @field_validator("images")
-    @classmethod
-    def _refs(cls, value: list[str]) -> list[str]:
-        return [_check_image_ref(v) for v in value]
 
 
 class CaptionInput(_ImagesInput):
@@ -151,11 +147,6 @@ class InpaintInput(_DiffusionCommon):
     prompt: str = Field(min_length=1, max_length=2000)
     strength: float = Field(default=1.0, gt=0.0, le=1.0)
 
-    @field_validator("image", "mask")
-    @classmethod
-    def _refs(cls, value: str) -> str:
-        return _check_image_ref(value)
-
 
 class StyleInput(_DiffusionCommon):
     image: ImageRef
@@ -163,11 +154,6 @@ class StyleInput(_DiffusionCommon):
     style_prompt: str | None = Field(default=None, min_length=1, max_length=2000)
     style_scale: float = Field(default=0.6, ge=0.0, le=2.0)
     strength: float = Field(default=0.6, gt=0.0, le=1.0)
-
-    @field_validator("image", "style_image")
-    @classmethod
-    def _refs(cls, value: str | None) -> str | None:
-        return None if value is None else _check_image_ref(value)
 
     @model_validator(mode="after")
     def _some_style(self) -> StyleInput:

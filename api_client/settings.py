@@ -138,3 +138,14 @@ class Settings:
                 value = scheme + "://***@" + rest.rsplit("@", 1)[1]
             out[f.name] = value
         return out
+
+
+def process_environment() -> dict[str, str]:
+    """A copy of this process's environment, for the child processes a launcher starts."""
+    return dict(os.environ)
+
+
+def is_configured(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether the user set ``IMAGEQ_<NAME>`` (as opposed to relying on its default)."""
+    source = os.environ if env is None else env
+    return bool(source.get("IMAGEQ_" + name.upper()))

@@ -1,0 +1,177 @@
+"""The ``imageq`` command line.
+
+Client commands (submit, get, wait, cancel, list, status, adapters) run here with the
+light install. Worker-side commands (worker, fleet, demo, flower) run ``python -m
+workers``, which needs the ``imageq[worker]`` extra; this module never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from api_client.client import Client
+from api_client.errors import ImageqError
+from api_client.progress import ProgressBar
+from api_client.schemas import FINAL_STATUSES, JobRecord
+from api_client.settings import Settings
+
+WORKER_COMMANDS = ("worker", "fleet", "demo", "flower")
+
+
+def image_ref(arg: str) -> str:
+    """A URL or reference passes through; a local path becomes a data URI."""
+    if "://" in arg or arg.startswith("data:"):
+        return arg
+    path = Path(arg)
+    if not path.is_file():
+        raise ImageqError(f"image: {arg} is neither a URL nor a readable file")
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def _print(record: JobRecord | dict[str, Any] | list[Any]) -> None:
+    if isinstance(record, JobRecord):
+        record = record.model_dump(mode="json")
+    print(json.dumps(record, indent=2))
+
+
+def _wait(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
+    bar = ProgressBar(sys.stderr)
+    try:
+        return client.wait(job_id, timeout_s, on_update=bar.update)
+    finally:
+        bar.close()
+
+
+def _submit(args: argparse.Namespace, client: Client) -> int:
+    inp: dict[str, Any] = json.loads(args.input) if args.input else {}
+    if args.images:
+        refs = [image_ref(i) for i in args.images]
+        if args.kind in ("caption", "match"):
+            inp["images"] = refs
+        else:
+            inp["image"] = refs[0]
+            if len(refs) > 1:
+                inp["mask" if args.kind == "inpaint" else "style_image"] = refs[1]
+    if args.prompt is not None:
+        inp["prompt"] = args.prompt
+    if args.text:
+        inp["texts"] = args.text
+    if args.attention:
+        inp["attention"] = True
+    webhook: dict[str, Any] | None = None
+    if args.webhook:
+        webhook = {"url": args.webhook}
+        if args.events:
+            webhook["events"] = args.events.split(",")
+    record = client.submit(
+        args.kind,
+        inp,
+        webhook=webhook,
+        idempotency_key=args.idempotency_key,
+        priority=args.priority,
+        timeout_s=args.timeout_s,
+    )
+    if not args.wait:
+        print(record.id)
+        return 0
+    final = _wait(client, record.id, args.wait_timeout_s)
+    _print(final)
+    return 0 if final.status == "succeeded" else 1
+
+
+def _get(args: argparse.Namespace, client: Client) -> int:
+    record = client.get(args.id)
+    if args.follow and record.status not in FINAL_STATUSES:
+        record = _wait(client, args.id, None)
+    _print(record)
+    return 0
+
+
+def _status(args: argparse.Namespace, client: Client) -> int:
+    from api_client.status import render_status
+
+    print(render_status(client))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imageq", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="submit a job")
+    p.add_argument("kind", choices=["caption", "match", "generate", "inpaint", "style", "finetune"])
+    p.add_argument("images", nargs="*", help="image URLs or local files (sent inline)")
+    p.add_argument("--prompt")
+    p.add_argument("--text", action="append", help="a text to match (repeatable)")
+    p.add_argument("--attention", action="store_true", help="caption: return attention maps")
+    p.add_argument("--input", help="the kind's input fields as JSON")
+    p.add_argument("--webhook", help="URL to post signed events to")
+    p.add_argument("--events", help="comma-separated webhook events")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--priority", type=int, default=5)
+    p.add_argument("--timeout-s", type=float)
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--wait-timeout-s", type=float)
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("get", help="print a job's record")
+    p.add_argument("id")
+    p.add_argument("--follow", action="store_true", help="show progress until it ends")
+    p.set_defaults(func=_get)
+
+    p = sub.add_parser("wait", help="wait for a job to end")
+    p.add_argument("id")
+    p.add_argument("--timeout-s", type=float)
+    p.set_defaults(func=lambda a, c: _print(_wait(c, a.id, a.timeout_s)) or 0)
+
+    p = sub.add_parser("cancel", help="cancel a job in any state")
+    p.add_argument("id")
+    p.set_defaults(func=lambda a, c: _print(c.cancel(a.id)) or 0)
+
+    p = sub.add_parser("list", help="recent jobs")
+    p.add_argument("--status")
+    p.add_argument("--kind")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(
+        func=lambda a, c: (
+            _print([r.model_dump(mode="json") for r in c.list(a.status, a.kind, a.limit)]) or 0
+        )
+    )
+
+    p = sub.add_parser("status", help="queues, depths and live workers")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("adapters", help="published adapters")
+    p.set_defaults(func=lambda a, c: _print(c.adapters()) or 0)
+
+    for name in WORKER_COMMANDS:
+        sub.add_parser(name, help=f"{name} (needs imageq[worker])", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in WORKER_COMMANDS:
+        # Replace this process: signals (Ctrl-C, SIGTERM) then reach the worker directly.
+        os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
+    args = build_parser().parse_args(argv)
+    client = Client(Settings.from_env())
+    try:
+        return int(args.func(args, client))
+    except ImageqError as exc:
+        print(f"imageq: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

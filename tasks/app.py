@@ -1,0 +1,26 @@
+"""The Celery app: ``celery -A tasks.app worker`` (what ``imageq worker`` runs) starts here.
+
+Settings are read once, here, at the worker's entry point.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from api_client.celery_config import celery_config
+from api_client.settings import Settings
+from tasks.jobs import register_tasks
+from tasks.signals import connect_signals
+from tasks.state import WorkerState
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("imageq")
+    app.conf.update(celery_config(settings, long_jobs=settings.worker_kind == "finetune"))
+    state = WorkerState(settings, app)
+    register_tasks(app, state)
+    connect_signals(state)
+    return app
+
+
+app = create_app(Settings.from_env())

@@ -1,0 +1,59 @@
+"""Worker-side commands: ``imageq worker``, ``imageq demo``, ``imageq fleet``, ``imageq flower``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from api_client.names import WORKER_KINDS
+from api_client.settings import Settings, process_environment
+from workers.launch import WorkerSpec, exec_worker
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    spec = WorkerSpec(
+        kind=args.kind,
+        device=args.device,
+        name=args.name or "",
+        queues=tuple(q for q in (args.queues or "").split(",") if q),
+        concurrency=args.concurrency or 0,
+        loglevel=args.loglevel,
+    )
+    exec_worker(spec, settings, process_environment())
+    return 0  # not reached: exec replaced this process
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(tiny=args.tiny, timeout_s=args.timeout_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imageq")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="start one worker holding one warm model")
+    p.add_argument("kind", choices=WORKER_KINDS)
+    p.add_argument("--device", default="auto", help="cpu, cuda:N or auto")
+    p.add_argument("--queues", help="comma-separated queues (default: the kind's own)")
+    p.add_argument("--name", help="node name (default KIND@gpuN or KIND@host)")
+    p.add_argument("--concurrency", type=int, help="jobs in flight (default by kind)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("demo", help="run one caption job end to end on a sample image")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="offline: a tiny random BLIP of the real architecture (meaningless captions)",
+    )
+    p.add_argument("--timeout-s", type=float, default=600)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return int(args.func(args))

@@ -1,0 +1,1 @@
+"""Job handlers: one per job kind, each a thin layer over its predictor."""

@@ -1,0 +1,109 @@
+"""Starts worker processes: ``imageq worker KIND`` runs Celery on ``tasks.app`` by path.
+
+This module never imports ``tasks``: Celery imports it by name in the process it starts,
+so the import direction stays ``tasks -> workers``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from api_client.names import WORKER_QUEUES, queue_name
+from api_client.settings import Settings
+
+# Jobs in flight per worker: batching kinds need many to fill a batch; GPU-bound kinds
+# that do not batch take one at a time so a deploy never strands more than one.
+_POOLS = {
+    "caption": "threads",
+    "match": "threads",
+    "diffusion": "threads",
+    "inpaint": "threads",
+    "finetune": "solo",
+    "webhooks": "threads",
+}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    kind: str
+    device: str = "auto"
+    name: str = ""
+    queues: tuple[str, ...] = ()
+    concurrency: int = 0
+    loglevel: str = "INFO"
+
+    def node_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "webhooks":
+            return "webhooks@%h"
+        if self.device.startswith("cuda"):
+            index = self.device.split(":", 1)[1] if ":" in self.device else "0"
+            return f"{self.kind}@gpu{index}"
+        return f"{self.kind}@%h"
+
+    def queue_names(self, settings: Settings) -> list[str]:
+        bases = self.queues or WORKER_QUEUES[self.kind]
+        return [queue_name(q, settings.queue_prefix) for q in bases]
+
+    def pool_size(self, settings: Settings) -> int:
+        if self.concurrency:
+            return self.concurrency
+        if self.kind in ("caption", "match"):
+            return max(2, settings.max_batch_images)
+        if self.kind == "webhooks":
+            return 8
+        return 1
+
+
+def celery_argv(spec: WorkerSpec, settings: Settings) -> list[str]:
+    pool = _POOLS[spec.kind]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.app",
+        "worker",
+        "-Q",
+        ",".join(spec.queue_names(settings)),
+        "-P",
+        pool,
+        "-n",
+        spec.node_name(),
+        "-E",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        spec.loglevel,
+    ]
+    if pool != "solo":
+        argv += ["-c", str(spec.pool_size(settings))]
+    return argv
+
+
+def worker_env(spec: WorkerSpec, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the Celery process: what it is, on which device."""
+    env = dict(base)
+    env["IMAGEQ_WORKER_KIND"] = spec.kind
+    env["IMAGEQ_DEVICE"] = spec.device
+    env["IMAGEQ_WORKER_NAME"] = spec.node_name().replace("%h", _hostname())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def exec_worker(spec: WorkerSpec, settings: Settings, base_env: Mapping[str, str]) -> None:
+    """Replace this process with the Celery worker (signals then reach Celery directly)."""
+    if spec.kind not in WORKER_QUEUES:
+        raise SystemExit(f"imageq: unknown worker kind {spec.kind!r}")
+    argv = celery_argv(spec, settings)
+    os.execve(sys.executable, argv, worker_env(spec, base_env))

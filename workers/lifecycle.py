@@ -1,0 +1,276 @@
+"""A job's life on a worker: validate, claim, run once, record, store, notify.
+
+At-least-once delivery becomes exactly-once effect here: the record says whether a job
+already finished (then a redelivery only completes missing side effects), a lease keeps
+two deliveries from running at once, and the attempt count bounds a job that keeps
+killing its worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from api_client.errors import (
+    Canceled,
+    ImageqError,
+    InternalError,
+    InvalidInput,
+    WorkerLost,
+)
+from api_client.records import RecordStore, new_record, parse_time, utcnow
+from api_client.schemas import FINAL_STATUSES, JobDocument, WebhookSpec, parse_job
+from api_client.settings import Settings
+from api_client.webhooks import event_id
+from workers.control import JobControl, LeaseKeeper
+from workers.storage import Storage
+from workers.webhooks import WebhookEvent
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+
+
+class Deferred(Exception):
+    """Another live worker holds this job: look again after ``countdown_s``."""
+
+    def __init__(self, countdown_s: float) -> None:
+        super().__init__(f"job held by another worker; retry in {countdown_s} s")
+        self.countdown_s = countdown_s
+
+
+class Handler(Protocol):
+    """Runs one kind of job; returns the ``output`` document."""
+
+    def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]: ...
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    store: RecordStore
+    storage: Storage
+    send_webhook: Callable[[WebhookEvent], None]
+    worker_name: str
+    model_id: str = ""
+
+    def put_output(self, job_id: str, name: str, data: bytes, content_type: str) -> Record:
+        """Store one output file beside result.json; S3 outputs carry a presigned URL."""
+        key = f"jobs/{job_id}/{name}"
+        ref: Record = {"uri": self.storage.put(key, data, content_type)}
+        url = self.storage.public_url(key)
+        if url:
+            ref["url"] = url
+        return ref
+
+
+class JobRunner:
+    def __init__(self, ctx: WorkerContext, handlers: dict[str, Handler]) -> None:
+        self.ctx = ctx
+        self.handlers = handlers
+        self.settings = ctx.settings
+        self.store = ctx.store
+
+    # -- entry point ------------------------------------------------------------------
+    def execute(self, raw: Any, fallback_id: str) -> Record | None:
+        """Run one delivery of a job message; returns the final record if it ended here."""
+        job = self._accept(raw, fallback_id)
+        if job is None:
+            return None
+        record = self.store.get(job.id)
+        assert record is not None
+        if record["status"] in FINAL_STATUSES:
+            # A redelivery of a finished job: only complete what a crash may have skipped.
+            self.finalize(job.id)
+            return None
+        if self.store.cancel_requested(job.id):
+            return self._end(job, Canceled("canceled before it started"))
+        if job.kind not in self.handlers:
+            return self._end(job, InvalidInput(f"kind: this worker does not serve {job.kind!r}"))
+        token = f"{self.ctx.worker_name}/{uuid.uuid4().hex[:8]}"
+        if not self.store.acquire_lease(job.id, token):
+            wait = min(self.settings.lease_wait_s, self.settings.visibility_timeout_s / 2)
+            raise Deferred(max(0.5, wait))
+        with LeaseKeeper(self.store, job.id, token, self.settings.heartbeat_interval_s):
+            return self._run(job)
+
+    def _accept(self, raw: Any, fallback_id: str) -> JobDocument | None:
+        """Validate the message; an invalid one fails with its own final record."""
+        try:
+            job = parse_job(raw)
+        except InvalidInput as exc:
+            self._fail_invalid(raw, fallback_id, exc)
+            return None
+        document = job.model_dump(mode="json", exclude_none=True)
+        # A raw Celery message by task name has no record yet: create it now.
+        self.store.create(new_record(document), document)
+        if self.store.get_document(job.id) is None:
+            self.store.save_document(job.id, document)
+        return job
+
+    def _fail_invalid(self, raw: Any, fallback_id: str, exc: InvalidInput) -> None:
+        doc: Record = raw if isinstance(raw, dict) else {}
+        job_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+        job_id = job_id if job_id and len(job_id) <= 64 else fallback_id
+        kind = doc.get("kind") if isinstance(doc.get("kind"), str) else "unknown"
+        partial: Record = {"id": job_id, "kind": kind, "input": {}}
+        metadata = doc.get("metadata")
+        if isinstance(metadata, dict) and len(json.dumps(metadata, default=str)) <= 4096:
+            partial["metadata"] = metadata
+        try:
+            spec = WebhookSpec.model_validate(doc.get("webhook"))
+            partial["webhook"] = spec.model_dump(mode="json")
+        except Exception:  # no usable webhook on an invalid job: nothing to notify
+            pass
+        self.store.create(new_record(partial), partial)
+        log.warning("job %s refused: %s", job_id, exc.message)
+        self.store.finish(job_id, "failed", error=exc.to_record())
+        self.finalize(job_id)
+
+    # -- running ----------------------------------------------------------------------
+    def _run(self, job: JobDocument) -> Record | None:
+        record, changed = self.store.update(job.id, self._start_mutation())
+        if record is None or not changed:
+            return None
+        if record["status"] == "failed":  # attempts exhausted by worker deaths
+            self.finalize(job.id)
+            return record
+        self.emit(job.id, "job.started", record)
+        control = JobControl(
+            job.id,
+            self.store,
+            timeout_s=job.timeout_s,
+            on_progress=lambda progress: self._progress_event(job.id, progress),
+            progress_every_s=self.settings.progress_webhook_interval_s,
+        )
+        try:
+            control.check()
+            output = self.handlers[job.kind].handle(job, job.parsed_input(), control)
+        except ImageqError as exc:
+            if exc.retryable:
+                raise
+            return self._end(job, exc, control.metrics)
+        except Exception as exc:
+            log.exception("job %s: unexpected error", job.id)
+            return self._end(job, InternalError(f"{type(exc).__name__}: {exc}"), control.metrics)
+        return self._end(job, None, control.metrics, output)
+
+    def _start_mutation(self) -> Callable[[Record], Record | None]:
+        settings, worker = self.settings, self.ctx.worker_name
+
+        def mutate(rec: Record) -> Record | None:
+            if rec["status"] in FINAL_STATUSES:
+                return None
+            if rec["status"] == "running" and rec.get("attempt", 0) >= settings.max_attempts:
+                lost = WorkerLost(
+                    f"the worker running this job was lost {rec['attempt']} times; giving up"
+                )
+                rec.update(status="failed", error=lost.to_record(), finished_at=utcnow())
+                return rec
+            now = utcnow()
+            created = parse_time(rec.get("created_at"))
+            metrics = dict(rec.get("metrics") or {})
+            if created is not None and metrics.get("queue_s") is None:
+                metrics["queue_s"] = round(time.time() - created, 4)
+            rec.update(
+                status="running",
+                attempt=int(rec.get("attempt", 0)) + 1,
+                worker=worker,
+                model=self.ctx.model_id or None,
+                started_at=now,
+                metrics=metrics,
+                progress=None,
+            )
+            return rec
+
+        return mutate
+
+    def _end(
+        self,
+        job: JobDocument,
+        error: ImageqError | None,
+        metrics: Record | None = None,
+        output: Record | None = None,
+    ) -> Record | None:
+        extra: Record = {"result_uri": self.ctx.storage.uri(f"jobs/{job.id}/result.json")}
+        if metrics:
+            current = self.store.get(job.id) or {}
+            extra["metrics"] = {**(current.get("metrics") or {}), **metrics}
+        if error is None:
+            status = "succeeded"
+        else:
+            status = "canceled" if isinstance(error, Canceled) else "failed"
+        record, changed = self.store.finish(
+            job.id,
+            status,
+            output=output,
+            error=None if error is None else error.to_record(),
+            extra=extra,
+        )
+        if error is not None:
+            log.info("job %s %s: %s", job.id, status, error)
+        self.finalize(job.id)
+        return record if changed else None
+
+    # -- side effects, once -----------------------------------------------------------
+    def finalize(self, job_id: str) -> None:
+        """Write result.json and send the final event if a crash skipped them.
+
+        Safe to call any number of times, from any worker.
+        """
+        record = self.store.get(job_id)
+        if record is None or record["status"] not in FINAL_STATUSES:
+            return
+        key = f"jobs/{job_id}/result.json"
+        if not record.get("result_uri"):
+            uri = self.ctx.storage.uri(key)
+
+            def mutate(rec: Record) -> Record | None:
+                if rec.get("result_uri"):
+                    return None
+                rec["result_uri"] = uri
+                return rec
+
+            record, _ = self.store.update(job_id, mutate)
+            assert record is not None
+        if not self.store.done_once(job_id, "result.json"):
+            self.ctx.storage.put(key, json.dumps(record, indent=2).encode(), "application/json")
+            self.store.claim_once(job_id, "result.json")
+        self.emit(job_id, "job." + record["status"], record)
+
+    def emit(self, job_id: str, event_type: str, record: Record, seq: int = 0) -> None:
+        document = self.store.get_document(job_id) or {}
+        webhook = document.get("webhook")
+        if not webhook or event_type not in webhook.get("events", ()):
+            return
+        final = record["status"] in FINAL_STATUSES and event_type != "job.progress"
+        if final and not self.store.claim_once(job_id, "webhook:" + event_type):
+            return
+        event = WebhookEvent(
+            webhook_id=event_id(job_id, event_type, seq),
+            url=webhook["url"],
+            type=event_type,
+            timestamp=utcnow(),
+            data=record,
+        )
+        try:
+            self.ctx.send_webhook(event)
+        except Exception:
+            if final:  # let a later finalize() try again
+                self.store.forget_once(job_id, "webhook:" + event_type)
+            raise
+
+    def _progress_event(self, job_id: str, progress: Record) -> None:
+        record = self.store.get(job_id)
+        if record is not None:
+            self.emit(job_id, "job.progress", record, seq=int(progress.get("step", 0)))
+
+    def fail(self, job_id: str, error: ImageqError) -> None:
+        """Give up on a job from outside its run (e.g. retries of a transient error spent)."""
+        self.store.finish(job_id, "failed", error=error.to_record())
+        self.finalize(job_id)
