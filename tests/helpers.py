@@ -13,10 +13,10 @@ from typing import Any
 
 from PIL import Image
 
+RGB = tuple[int, int, int]
 
-def png_bytes(
-    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (48, 40)
-) -> bytes:
+
+def png_bytes(color: RGB = (200, 30, 30), size: tuple[int, int] = (48, 40)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
