@@ -149,18 +149,13 @@ class RecordStore:
         def mutate(rec: Record) -> Record | None:
             if rec["status"] in FINAL_STATUSES:
                 return None
-            now = utcnow()
-            rec.update(status=status, output=output, error=error, finished_at=now)
-            started = parse_time(rec.get("started_at"))
-            if started is not None:
-                metrics = dict(rec.get("metrics") or {})
-                metrics["run_s"] = round(time.time() - started, 4)
-                rec["metrics"] = metrics
-            if extra:
-                rec.update(extra)
-            return rec
+            return final_record(rec, status, output=output, error=error, extra=extra)
 
         return self.update(job_id, mutate)
+
+    def replace_unless_final(self, job_id: str, final: Record) -> tuple[Record | None, bool]:
+        """Store a final record computed beforehand, unless the job already ended."""
+        return self.update(job_id, lambda rec: None if rec["status"] in FINAL_STATUSES else final)
 
     # -- cancel -----------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
@@ -241,3 +236,24 @@ def new_record(document: Record, *, now: str | None = None) -> Record:
         "metadata": document.get("metadata") or {},
         "result_uri": None,
     }
+
+
+def final_record(
+    record: Record,
+    status: str,
+    *,
+    output: Record | None = None,
+    error: Record | None = None,
+    extra: Record | None = None,
+) -> Record:
+    """The record as it will read once final (pure: nothing is stored)."""
+    rec = dict(record)
+    if extra:
+        rec.update(extra)
+    rec.update(status=status, output=output, error=error, finished_at=utcnow())
+    started = parse_time(rec.get("started_at"))
+    if started is not None:
+        metrics = dict(rec.get("metrics") or {})
+        metrics["run_s"] = round(time.time() - started, 4)
+        rec["metrics"] = metrics
+    return rec

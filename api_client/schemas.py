@@ -296,11 +296,21 @@ def parse_job(data: Any) -> JobDocument:
     """Validate a whole job document, its input included."""
     if not isinstance(data, dict):
         raise InvalidInput(f"document: a job must be a JSON object, not {type(data).__name__}")
+    problems = []
+    doc = None
     try:
         doc = JobDocument.model_validate(data)
     except ValidationError as exc:
-        raise InvalidInput(describe_validation_error(exc)) from None
-    parse_input(doc.kind, doc.input)
+        problems.append(describe_validation_error(exc))
+    # Report the input's problems too, so one answer names every field to fix.
+    kind, inp = data.get("kind"), data.get("input")
+    if kind in INPUT_MODELS and isinstance(inp, dict):
+        try:
+            parse_input(kind, inp)
+        except InvalidInput as exc:
+            problems.append(exc.message)
+    if problems or doc is None:
+        raise InvalidInput("; ".join(problems))
     return doc
 
 

@@ -48,11 +48,17 @@ class JobControl:
     def is_canceled(self) -> bool:
         return self.store.cancel_requested(self.job_id)
 
-    def check(self) -> None:
+    def _stop_reason(self) -> Exception | None:
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise JobTimeout(f"job ran past its timeout_s of {self.timeout_s}")
+            return JobTimeout(f"job ran past its timeout_s of {self.timeout_s}")
         if self.is_canceled():
-            raise Canceled("canceled while running")
+            return Canceled("canceled while running")
+        return None
+
+    def check(self) -> None:
+        reason = self._stop_reason()
+        if reason is not None:
+            raise reason
 
     def __call__(self, step: int, total: int, extra: dict[str, Any] | None = None) -> None:
         self.progress(step, total, **(extra or {}))
@@ -60,7 +66,9 @@ class JobControl:
     def progress(self, step: int, total: int, **extra: Any) -> None:
         now = time.monotonic()
         last = step >= total
-        if last or now - self._last_record >= self.RECORD_EVERY_S:
+        # The step a job stopped at is always recorded, throttled or not.
+        reason = self._stop_reason()
+        if last or reason is not None or now - self._last_record >= self.RECORD_EVERY_S:
             self._last_record = now
             progress = {"step": step, "total": total, **extra}
 
@@ -76,7 +84,8 @@ class JobControl:
             ):
                 self._last_event = now
                 self.on_progress(progress)
-        self.check()
+        if reason is not None:
+            raise reason
 
 
 class LeaseKeeper:

@@ -23,7 +23,7 @@ from api_client.errors import (
     InvalidInput,
     WorkerLost,
 )
-from api_client.records import RecordStore, new_record, parse_time, utcnow
+from api_client.records import RecordStore, final_record, new_record, parse_time, utcnow
 from api_client.schemas import FINAL_STATUSES, JobDocument, WebhookSpec, parse_job
 from api_client.settings import Settings
 from api_client.webhooks import event_id
@@ -197,23 +197,35 @@ class JobRunner:
         metrics: Record | None = None,
         output: Record | None = None,
     ) -> Record | None:
-        extra: Record = {"result_uri": self.ctx.storage.uri(f"jobs/{job.id}/result.json")}
+        """Record the final status; result.json is written first, so a client that sees
+        the final status can always read it."""
+        key = f"jobs/{job.id}/result.json"
+        current = self.store.get(job.id)
+        if current is None or current["status"] in FINAL_STATUSES:
+            self.finalize(job.id)
+            return None
+        extra: Record = {"result_uri": self.ctx.storage.uri(key)}
+        result_url = self.ctx.storage.public_url(key)
+        if result_url:
+            extra["result_url"] = result_url
         if metrics:
-            current = self.store.get(job.id) or {}
             extra["metrics"] = {**(current.get("metrics") or {}), **metrics}
         if error is None:
             status = "succeeded"
         else:
             status = "canceled" if isinstance(error, Canceled) else "failed"
-        record, changed = self.store.finish(
-            job.id,
+            log.info("job %s %s: %s", job.id, status, error)
+        final = final_record(
+            current,
             status,
             output=output,
             error=None if error is None else error.to_record(),
             extra=extra,
         )
-        if error is not None:
-            log.info("job %s %s: %s", job.id, status, error)
+        self.ctx.storage.put(key, json.dumps(final, indent=2).encode(), "application/json")
+        record, changed = self.store.replace_unless_final(job.id, final)
+        if changed:
+            self.store.claim_once(job.id, "result.json")
         self.finalize(job.id)
         return record if changed else None
 
