@@ -36,10 +36,11 @@ def image_ref(arg: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def _print(record: JobRecord | dict[str, Any] | list[Any]) -> None:
+def _print(record: JobRecord | dict[str, Any] | list[Any]) -> int:
     if isinstance(record, JobRecord):
         record = record.model_dump(mode="json")
     print(json.dumps(record, indent=2))
+    return 0
 
 
 def _wait(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
@@ -130,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wait", help="wait for a job to end")
     p.add_argument("id")
     p.add_argument("--timeout-s", type=float)
-    p.set_defaults(func=lambda a, c: _print(_wait(c, a.id, a.timeout_s)) or 0)
+    p.set_defaults(func=lambda a, c: _print(_wait(c, a.id, a.timeout_s)))
 
     p = sub.add_parser("cancel", help="cancel a job in any state")
     p.add_argument("id")
-    p.set_defaults(func=lambda a, c: _print(c.cancel(a.id)) or 0)
+    p.set_defaults(func=lambda a, c: _print(c.cancel(a.id)))
 
     p = sub.add_parser("list", help="recent jobs")
     p.add_argument("--status")
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("adapters", help="published adapters")
-    p.set_defaults(func=lambda a, c: _print(c.adapters()) or 0)
+    p.set_defaults(func=lambda a, c: _print(c.adapters()))
 
     for name in WORKER_COMMANDS:
         sub.add_parser(name, help=f"{name} (needs imageq[worker])", add_help=False)

@@ -5,5 +5,5 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.s3",
     "tests.fixtures.models",
-    # "tests.fixtures.diffusion_models",
+    "tests.fixtures.diffusion_models",
 ]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,19 @@ class _Pending:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
+class Ticket:
+    """One announced job; ``arrived`` once it has submitted (or given up)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._open = True
+
+    def arrived(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._arrived()
+
+
 class Batcher:
     def __init__(self, predictor: BatchedPredictor, max_batch: int, max_wait_ms: int) -> None:
         self.predictor = predictor
@@ -41,6 +55,9 @@ class Batcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.batches_run = 0
+        # Jobs that have started (fetching images) but not submitted yet: the only
+        # company worth waiting for. With none on the way a lone job runs at once.
+        self._incoming = 0
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -57,11 +74,32 @@ class Batcher:
             self._thread = None
 
     # -- producer side ----------------------------------------------------------------
+    @contextmanager
+    def incoming(self) -> Iterator[Ticket]:
+        """Announce a job that will submit soon, so a forming batch waits for it."""
+        ticket = Ticket(self)
+        with self._cond:
+            self._incoming += 1
+        try:
+            yield ticket
+        finally:
+            ticket.arrived()
+
+    def _arrived(self) -> None:
+        with self._cond:
+            self._incoming -= 1
+            self._cond.notify_all()
+
     def run(
-        self, items: Sequence[Any], is_canceled: Callable[[], bool] = lambda: False
+        self,
+        items: Sequence[Any],
+        is_canceled: Callable[[], bool] = lambda: False,
+        ticket: Ticket | None = None,
     ) -> tuple[list[Any], int]:
         """Run ``items`` (one job's) and wait; returns (results, largest batch size)."""
         futures = self.submit(items, is_canceled)
+        if ticket is not None:
+            ticket.arrived()
         results, sizes = [], []
         for fut in futures:
             result, size = fut.result()
@@ -95,7 +133,8 @@ class Batcher:
             while True:
                 same = [p for p in self._pending if p.key == first.key]
                 remaining = deadline - time.monotonic()
-                if len(same) >= self.max_batch or remaining <= 0 or self._stopping:
+                full = len(same) >= self.max_batch
+                if full or remaining <= 0 or self._stopping or self._incoming <= 0:
                     break
                 self._cond.wait(remaining)
             batch = same[: self.max_batch]

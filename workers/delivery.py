@@ -65,7 +65,8 @@ class WebhookDispatcher:
         """Move due retries into the queue; ZREM makes each one move exactly once."""
         key = self.store.key("wh", "due")
         moved = 0
-        for raw in self.store.redis.zrangebyscore(key, "-inf", time.time(), start=0, num=100):
+        due = self.store.redis.zrangebyscore(key, "-inf", time.time(), start=0, num=100)
+        for raw in (str(item) for item in due):
             if self.store.redis.zrem(key, raw):
                 self.enqueue(WebhookEvent.from_dict(json.loads(raw)))
                 moved += 1

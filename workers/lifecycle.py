@@ -50,6 +50,10 @@ class Handler(Protocol):
     def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]: ...
 
 
+# What a worker kind's ``build(ctx, device)`` returns: its handlers and what to stop.
+Built = tuple[dict[str, Handler], list[Callable[[], None]]]
+
+
 @dataclass
 class WorkerContext:
     settings: Settings

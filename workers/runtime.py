@@ -6,6 +6,7 @@ Called once when the worker starts (never at import); a model that cannot load r
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from api_client.records import RecordStore, connect
 from api_client.settings import Settings
 from workers.delivery import WebhookDispatcher
 from workers.devices import resolve_device
-from workers.lifecycle import Handler, JobRunner, WorkerContext
+from workers.lifecycle import Built, Handler, JobRunner, WorkerContext
 from workers.storage import open_storage
 from workers.webhooks import WebhookEvent
 
@@ -45,28 +46,24 @@ class Runtime:
                 log.warning("while stopping: %s", exc)
 
 
-Built = tuple[dict[str, Handler], list[Callable[[], None]]]
 Builder = Callable[[WorkerContext, str], Built]
 
 
-def _caption(ctx: WorkerContext, device: str) -> Built:
-    from workers.batching import Batcher
-    from workers.kinds.caption import CaptionHandler
-    from workers.predictors.caption import CaptionPredictor
-
-    settings = ctx.settings
-    predictor = CaptionPredictor(settings.model_caption, half_precision=settings.half_precision)
-    predictor.setup(device)
-    batcher = Batcher(predictor, settings.max_batch_images, settings.max_batch_wait_ms)
-    batcher.start()
-    return {"caption": CaptionHandler(ctx, batcher)}, [batcher.stop]
+# Each worker kind's module builds its handlers; imported only by the worker that needs
+# it, so a caption worker never imports diffusers.
+BUILDERS: dict[str, str] = {
+    "caption": "workers.kinds.caption:build",
+    "match": "workers.kinds.match:build",
+    "diffusion": "workers.kinds.diffusion:build",
+    "inpaint": "workers.kinds.diffusion:build_inpaint",
+    "finetune": "workers.kinds.finetune:build",
+}
 
 
-BUILDERS: dict[str, Builder] = {"caption": _caption}
-
-
-def register_builder(worker_kind: str, builder: Builder) -> None:
-    BUILDERS[worker_kind] = builder
+def load_builder(worker_kind: str) -> Builder:
+    module_name, func = BUILDERS[worker_kind].split(":")
+    builder: Builder = getattr(importlib.import_module(module_name), func)
+    return builder
 
 
 def build_runtime(settings: Settings, send_webhook: SendWebhook) -> Runtime:
@@ -87,7 +84,7 @@ def build_runtime(settings: Settings, send_webhook: SendWebhook) -> Runtime:
     started = time.monotonic()
     if kind in BUILDERS:
         device = resolve_device(settings.device)
-        handlers, stops = BUILDERS[kind](ctx, device)
+        handlers, stops = load_builder(kind)(ctx, device)
     elif kind != "webhooks":
         raise ValueError(f"unknown worker kind {kind!r}")
     runtime = Runtime(

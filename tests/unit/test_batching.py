@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -42,11 +43,14 @@ def _run_jobs(batcher: Batcher, jobs: list[list[Any]]) -> list[Any]:
     barrier = threading.Barrier(len(jobs))
 
     def one(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = batcher.run(jobs[i])
-        except Exception as exc:
-            results[i] = exc
+        with batcher.incoming() as ticket:
+            barrier.wait()
+            # Stagger the arrivals: the batch must still wait for every announced job.
+            time.sleep(0.01 * i)
+            try:
+                results[i] = batcher.run(jobs[i], ticket=ticket)
+            except Exception as exc:
+                results[i] = exc
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
     for t in threads:
@@ -122,3 +126,18 @@ def test_canceled_job_is_dropped_before_its_batch_runs() -> None:
     finally:
         batcher.stop()
     assert pred.batches == []
+
+
+def test_a_lone_job_does_not_wait_for_company() -> None:
+    pred = Recorder()
+    batcher = Batcher(pred, max_batch=8, max_wait_ms=2000)
+    batcher.start()
+    try:
+        began = time.monotonic()
+        with batcher.incoming() as ticket:
+            out, size = batcher.run([("a", 1)], ticket=ticket)
+        elapsed = time.monotonic() - began
+    finally:
+        batcher.stop()
+    assert out == ["a:1"] and size == 1
+    assert elapsed < 1.0  # far below max_wait: nobody else was on the way

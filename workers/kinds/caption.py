@@ -7,10 +7,10 @@ from typing import Any
 
 from api_client.errors import ImageqError
 from api_client.schemas import CaptionInput, JobDocument
-from workers.batching import Batcher
+from workers.batching import Batcher, Ticket
 from workers.control import JobControl
 from workers.images import load_image
-from workers.lifecycle import WorkerContext
+from workers.lifecycle import Built, WorkerContext
 from workers.predictors.caption import CaptionItem, CaptionResult
 
 
@@ -31,6 +31,12 @@ class CaptionHandler:
         self.batcher = batcher
 
     def handle(self, job: JobDocument, inp: CaptionInput, control: JobControl) -> dict[str, Any]:
+        with self.batcher.incoming() as ticket:
+            return self._handle(job, inp, control, ticket)
+
+    def _handle(
+        self, job: JobDocument, inp: CaptionInput, control: JobControl, ticket: Ticket
+    ) -> dict[str, Any]:
         images = load_images(inp.images, self.ctx)
         control.check()
         items = [
@@ -43,7 +49,7 @@ class CaptionHandler:
             )
             for image in images
         ]
-        results, batch_size = self.batcher.run(items, control.is_canceled)
+        results, batch_size = self.batcher.run(items, control.is_canceled, ticket)
         control.metrics["batch_size"] = batch_size
         control.metrics["images"] = len(items)
         captions = [
@@ -83,3 +89,15 @@ class CaptionHandler:
             "json": grid_ref,
             "overlay": overlay_ref,
         }
+
+
+def build(ctx: WorkerContext, device: str) -> Built:
+    """The caption worker: one warm BLIP behind a micro-batcher."""
+    from workers.predictors.caption import CaptionPredictor
+
+    settings = ctx.settings
+    predictor = CaptionPredictor(settings.model_caption, half_precision=settings.half_precision)
+    predictor.setup(device)
+    batcher = Batcher(predictor, settings.max_batch_images, settings.max_batch_wait_ms)
+    batcher.start()
+    return {"caption": CaptionHandler(ctx, batcher)}, [batcher.stop]

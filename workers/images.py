@@ -1,0 +1,444 @@
+"""Safe loading of image references (DESIGN §2 "Image references").
+
+Every reference a job names is hostile until proven otherwise: URLs may point at the
+cloud metadata service or a private network, servers may send forever, and files may be
+decompression bombs or other formats wearing a ``.png`` name. Everything here fails as an
+``ImageqError`` with a message a caller can show the user.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+import threading
+import time
+from contextlib import suppress
+from io import BytesIO
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import create_connection
+
+from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from api_client.settings import Settings
+from workers.storage import Storage, file_uri_path, open_storage
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CHUNK_BYTES = 64 * 1024
+_NUMERIC_V4 = re.compile(r"[0-9a-fA-FxX.]+")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Module-level so tests can substitute a resolver; production always uses the system's.
+_getaddrinfo = socket.getaddrinfo
+
+
+# --- the URL guard ---------------------------------------------------------------
+
+
+def _embedded_v4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address smuggles (mapped, 6to4, Teredo, NAT64)."""
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    if address in _NAT64:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+def _refusal(address: IPAddress) -> str | None:
+    """Why ``address`` may not be fetched from, or None when it is a public address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        for inner in _embedded_v4(address):
+            reason = _refusal(inner)
+            if reason:
+                return reason
+    for reason, hit in (
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("unspecified", address.is_unspecified),
+        ("multicast", address.is_multicast),
+        ("reserved", address.is_reserved),
+        ("private", address.is_private),
+        # Catches what the named classes miss, e.g. carrier-grade NAT 100.64/10, where
+        # some clouds keep their metadata service.
+        ("not globally routable", not address.is_global),
+    ):
+        if hit:
+            return reason
+    return None
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    # inet_aton also reads the legacy forms resolvers accept (2130706433, 0x7f.1, 017700000001).
+    if _NUMERIC_V4.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _vetted_addresses(host: str, port: int | None) -> list[str]:
+    """Every address ``host`` resolves to, or ForbiddenUrl if any of them is not public.
+
+    All of them are checked, not just the first: the connection may use any.
+    """
+    literal = _literal_address(host)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        try:
+            infos = _getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise InputFetchFailed(f"could not resolve host {host!r}: {exc}") from None
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        if not addresses:
+            raise InputFetchFailed(f"host {host!r} resolves to no address")
+    for address in addresses:
+        reason = _refusal(address)
+        if reason:
+            raise ForbiddenUrl(f"host {host!r} resolves to {address}, a {reason} address")
+    return [str(a) for a in dict.fromkeys(addresses)]
+
+
+def check_url(url: str, settings: Settings) -> None:
+    """Raise ForbiddenUrl unless ``url`` is http(s) to public addresses (or private allowed).
+
+    A name that does not resolve raises InputFetchFailed.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ForbiddenUrl(f"malformed URL {redact_ref(url)!r}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ForbiddenUrl(f"URL scheme {parts.scheme!r} is not allowed; use http or https")
+    host = parts.hostname
+    if not host:
+        raise ForbiddenUrl(f"URL {redact_ref(url)!r} has no host")
+    if settings.allow_private_urls:
+        return
+    _vetted_addresses(host, port)
+
+
+# --- connections that enforce the guard and a total deadline ----------------------
+
+_current = threading.local()
+
+
+class Deadline:
+    """A total time limit on network I/O in this thread.
+
+    Per-read socket timeouts never fire on a server that sends a byte every few seconds,
+    so at expiry a timer shuts down every socket opened under this deadline, which wakes
+    any read blocked on it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._previous: Deadline | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self._timer.daemon = True
+
+    def remaining(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0 or self.expired:
+            raise InputFetchFailed(f"deadline of {self.seconds:g} s exceeded")
+        return left
+
+    def adopt(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def __enter__(self) -> Deadline:
+        self._previous = getattr(_current, "deadline", None)
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.deadline = self._previous
+
+
+def _shut(sock: socket.socket) -> None:
+    with suppress(OSError):  # already closed: nothing left to wake
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _open_socket(conn: HTTPConnection, refuse_private: bool) -> socket.socket:
+    # Resolving again here and connecting only to the addresses just vetted closes the
+    # DNS-rebinding gap between check_url and the connection.
+    hosts = _vetted_addresses(conn.host, conn.port) if refuse_private else [conn.host]
+    last: OSError | None = None
+    for host in hosts:
+        try:
+            sock = create_connection(
+                (host, conn.port),
+                conn.timeout,
+                source_address=conn.source_address,
+                socket_options=conn.socket_options,
+            )
+        except socket.gaierror as exc:
+            raise NameResolutionError(conn.host, conn, exc) from exc
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(conn, f"connection to {conn.host} timed out") from exc
+        except OSError as exc:
+            last = exc
+            continue
+        deadline: Deadline | None = getattr(_current, "deadline", None)
+        if deadline is not None:
+            deadline.adopt(sock)
+        return sock
+    raise NewConnectionError(conn, f"Failed to establish a new connection: {last}")
+
+
+def _pool_classes(refuse_private: bool) -> dict[str, type[HTTPConnectionPool]]:
+    class Connection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return _open_socket(self, refuse_private)
+
+    class TLSConnection(HTTPSConnection):
+        # TLS still verifies against the host name: only the socket underneath is pinned.
+        def _new_conn(self) -> socket.socket:
+            return _open_socket(self, refuse_private)
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Connection
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConnection
+
+    return {"http": Pool, "https": TLSPool}
+
+
+_POOLS = {flag: _pool_classes(flag) for flag in (True, False)}
+
+
+class _SafeAdapter(HTTPAdapter):
+    def __init__(self, refuse_private: bool) -> None:
+        self._refuse_private = refuse_private  # read by init_poolmanager during __init__
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: object
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS[self._refuse_private]
+
+
+def safe_session(settings: Settings) -> requests.Session:
+    """A Session whose connections re-check every address they connect to.
+
+    Environment proxies are ignored: a proxy would connect on our behalf and bypass the
+    address check.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    adapter = _SafeAdapter(refuse_private=not settings.allow_private_urls)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+# --- fetching ----------------------------------------------------------------------
+
+
+def _too_big(what: str, limit: int) -> InvalidInput:
+    return InvalidInput(f"{what} is larger than the limit of {limit} bytes")
+
+
+def _fetch_http(url: str, settings: Settings, seconds: float) -> bytes:
+    limit = settings.max_image_bytes
+    current = url
+    with Deadline(seconds) as deadline, safe_session(settings) as session:
+        try:
+            for _hop in range(settings.max_redirects + 1):
+                check_url(current, settings)
+                left = deadline.remaining()
+                response = session.get(
+                    current, stream=True, allow_redirects=False, timeout=(left, left)
+                )
+                with response:
+                    status = response.status_code
+                    if status in _REDIRECT_STATUSES:
+                        location = response.headers.get("location")
+                        if not location:
+                            raise InputFetchFailed(f"HTTP {status} without a Location header")
+                        current = urljoin(current, location)
+                        continue
+                    if not 200 <= status < 300:
+                        raise InputFetchFailed(f"{redact_ref(current)} answered HTTP {status}")
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:
+                        raise _too_big("the download", limit)
+                    body = bytearray()
+                    for chunk in response.iter_content(_CHUNK_BYTES):
+                        body += chunk
+                        if len(body) > limit:
+                            raise _too_big("the download", limit)
+                    # A socket shut by the deadline can look like a clean end of body.
+                    deadline.remaining()
+                    return bytes(body)
+        except (requests.RequestException, OSError) as exc:
+            if deadline.expired:
+                raise InputFetchFailed(
+                    f"{redact_ref(current)}: deadline of {seconds:g} s exceeded"
+                ) from None
+            raise InputFetchFailed(f"{redact_ref(current)}: {type(exc).__name__}") from None
+    raise InputFetchFailed(f"{redact_ref(url)}: more than {settings.max_redirects} redirects")
+
+
+def _decode_data_uri(ref: str, settings: Settings) -> bytes:
+    header, comma, payload = ref.partition(",")
+    if not comma:
+        raise InvalidInput("malformed data URI: no comma before the data")
+    media, *params = header[len("data:") :].split(";")
+    if not media.lower().startswith("image/"):
+        raise InvalidInput("a data URI must carry an image/... media type")
+    if "base64" not in (p.strip().lower() for p in params):
+        raise InvalidInput("a data URI must be base64-encoded (data:image/...;base64,...)")
+    limit = settings.max_data_uri_bytes
+    # Base64 is 4/3 of the data plus line breaks: a payload over twice the limit cannot fit,
+    # and refusing it here spares decoding it.
+    if len(payload) > 2 * limit + 1024:
+        raise _too_big("the data URI", limit)
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("the data URI is not valid base64") from None
+    if len(data) > limit:
+        raise _too_big("the data URI", limit)
+    return data
+
+
+def _read_file(ref: str, settings: Settings) -> bytes:
+    if not settings.allow_local_files:
+        raise ForbiddenUrl("file:// references are not allowed in this deployment")
+    path = file_uri_path(ref)
+    if not path.is_file():
+        raise InputFetchFailed(f"{ref}: no such file")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(settings.max_image_bytes + 1)
+    except OSError as exc:
+        raise InputFetchFailed(f"{ref}: {exc.strerror or exc}") from None
+    if len(data) > settings.max_image_bytes:
+        raise _too_big("the file", settings.max_image_bytes)
+    return data
+
+
+def fetch_bytes(
+    ref: str,
+    settings: Settings,
+    storage: Storage | None = None,
+    *,
+    deadline_s: float | None = None,
+) -> bytes:
+    """The raw bytes behind an image reference, within every limit in ``settings``."""
+    scheme = ref.partition(":")[0].lower() if ":" in ref else ""
+    if scheme in ("http", "https"):
+        seconds = settings.fetch_timeout_s if deadline_s is None else deadline_s
+        return _fetch_http(ref, settings, seconds)
+    if scheme == "data":
+        return _decode_data_uri(ref, settings)
+    if scheme == "file":
+        return _read_file(ref, settings)
+    if scheme == "s3":
+        data = (storage if storage is not None else open_storage(settings)).read_uri(ref)
+        if len(data) > settings.max_image_bytes:
+            raise _too_big("the object", settings.max_image_bytes)
+        return data
+    raise ForbiddenUrl(
+        f"unsupported image reference scheme {scheme!r}: use s3://, https://, http://, "
+        "data:image/... or file:// (where allowed)"
+    )
+
+
+# --- decoding ----------------------------------------------------------------------
+
+
+def decode_image(data: bytes, settings: Settings) -> Image.Image:
+    """Decode one image to RGB: allowed formats only, pixel cap before decoding, EXIF applied.
+
+    Animated GIF/WebP/PNG give their first frame.
+    """
+    if not data:
+        raise InvalidInput("the image is empty (0 bytes)")
+    try:
+        opened = Image.open(BytesIO(data), formats=list(FORMATS))
+    except UnidentifiedImageError:
+        raise InvalidInput("not a JPEG, PNG, WebP, GIF or BMP image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"image has too many pixels: {exc}") from None
+    except Exception as exc:  # PIL raises many types (SyntaxError, struct.error, ...)
+        raise InvalidInput(f"could not read the image header: {exc}") from None
+    with opened:
+        width, height = opened.size
+        if width <= 0 or height <= 0:
+            raise InvalidInput(f"image has an empty size {width}x{height}")
+        if width * height > settings.max_image_pixels:
+            raise InvalidInput(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{settings.max_image_pixels}"
+            )
+        try:
+            # load() decodes the current frame only, so a GIF's other frames are never read.
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)
+            return upright.convert("RGB")
+        except Exception as exc:
+            raise InvalidInput(
+                f"the {opened.format} image is corrupt or truncated: {exc}"
+            ) from None
+
+
+def load_image(ref: str, settings: Settings, storage: Storage | None = None) -> Image.Image:
+    """Fetch and decode one image reference."""
+    return decode_image(fetch_bytes(ref, settings, storage), settings)
+
+
+def redact_ref(ref: str) -> str:
+    """A reference safe and short enough for logs and Flower: no payloads, queries or passwords."""
+    if ref[:5].lower() == "data:":
+        header, comma, payload = ref.partition(",")
+        if not comma:
+            return "data:…(malformed)"
+        compact = "".join(payload.split())
+        size = len(compact) * 3 // 4 - compact[-2:].count("=")
+        return f"{header[:64]},…({max(size, 0)} bytes)"
+    try:
+        parts = urlsplit(ref)
+    except ValueError:
+        return ref[:120] + ("…" if len(ref) > 120 else "")
+    if not parts.scheme:
+        return ref[:120] + ("…" if len(ref) > 120 else "")
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -1,0 +1,187 @@
+"""Cross-attention heatmaps for captions: where the text decoder looked for each token.
+
+The payload (JSON-able, stored beside a caption job's outputs)::
+
+    {"grid": [h, w], "text": "...",
+     "tokens": [{"token": "dog", "mean": [[...] * w] * h, "layers": [[[...]]] * n_layers}]}
+
+``grid`` is the vision patch grid, ``image_size // patch_size`` from the vision config
+(24x24 for BLIP-base at 384 px). For each generated token, ``layers[l]`` is the
+cross-attention of decoder layer ``l`` over the image patches, averaged over heads, and
+``mean`` averages those over layers. The CLS patch is dropped and every grid is then
+**normalised to sum to 1** (a distribution over patches), so grids compare across tokens
+and layers. The overlay stretches each panel between its own minimum and maximum, for
+display only.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    import torch
+
+# Six decimals keep each of BLIP-base's 576 cells exact to ~1e-6 and the JSON a third
+# of the size of full float reprs.
+DECIMALS = 6
+
+
+def patch_grid(vision_config: Any) -> tuple[int, int]:
+    """(rows, columns) of the ViT patch grid, from ``image_size`` and ``patch_size``."""
+
+    def pair(value: Any) -> tuple[int, int]:
+        if isinstance(value, list | tuple):
+            return int(value[0]), int(value[1])
+        return int(value), int(value)
+
+    (height, width), (patch_h, patch_w) = (
+        pair(vision_config.image_size),
+        pair(vision_config.patch_size),
+    )
+    return height // patch_h, width // patch_w
+
+
+def _normalised(weights: torch.Tensor) -> torch.Tensor:
+    # Clamping guards the division when every weight underflowed to zero (fp16).
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def summarise_cross_attention(
+    cross_attentions: Sequence[torch.Tensor], grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-averaged, CLS-free, sum-1 attention per layer and its mean over layers.
+
+    ``cross_attentions`` holds one ``(batch, heads, query_len, 1 + patches)`` tensor per
+    decoder layer. Returns ``layers`` of shape ``(batch, n_layers, query_len, patches)``
+    and ``mean`` of shape ``(batch, query_len, patches)``, both in float32.
+    """
+    import torch
+
+    stacked = torch.stack([layer.float() for layer in cross_attentions], dim=1)
+    patches = stacked.shape[-1] - 1
+    if patches != grid[0] * grid[1]:
+        raise ValueError(
+            f"cross-attention covers {patches} patches, but the vision config gives a "
+            f"{grid[0]}x{grid[1]} grid"
+        )
+    per_layer = _normalised(stacked.mean(dim=2)[..., 1:])
+    return per_layer, _normalised(per_layer.mean(dim=1))
+
+
+def attention_payload(
+    layers: torch.Tensor,
+    mean: torch.Tensor,
+    tokens: Sequence[str],
+    grid: tuple[int, int],
+    text: str,
+) -> dict[str, Any]:
+    """The JSON payload for one caption.
+
+    ``layers`` is ``(n_layers, n_tokens, patches)`` and ``mean`` ``(n_tokens, patches)``,
+    already restricted to the rows that produced ``tokens``.
+    """
+    rows, cols = grid
+    n = len(tokens)
+    layer_grids = layers.round(decimals=DECIMALS).reshape(layers.shape[0], n, rows, cols)
+    mean_grids = mean.round(decimals=DECIMALS).reshape(n, rows, cols)
+    entries = [
+        {
+            "token": token,
+            "mean": mean_grids[i].tolist(),
+            "layers": layer_grids[:, i].tolist(),
+        }
+        for i, token in enumerate(tokens)
+    ]
+    return {"grid": [rows, cols], "text": text, "tokens": entries}
+
+
+# A perceptual blue -> cyan -> yellow -> red ramp; dark blue for "no attention" keeps the
+# photo visible underneath while hot spots stand out.
+_RAMP = ((0.0, (48, 18, 120)), (0.35, (40, 150, 230)), (0.65, (250, 220, 40)), (1.0, (220, 30, 20)))
+
+
+def _ramp_lut() -> list[int]:
+    channels: list[list[int]] = [[], [], []]
+    for value in range(256):
+        x = value / 255
+        for (x0, c0), (x1, c1) in itertools.pairwise(_RAMP):
+            if x <= x1:
+                t = (x - x0) / (x1 - x0)
+                for channel in range(3):
+                    channels[channel].append(round(c0[channel] + t * (c1[channel] - c0[channel])))
+                break
+    return channels[0] + channels[1] + channels[2]
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (OSError, ValueError):
+        # A Pillow without FreeType only has the small bitmap font.
+        return ImageFont.load_default()
+
+
+def _heat(grid: list[list[float]], size: tuple[int, int]) -> Image.Image:
+    """The grid stretched to 0..255 between its own min and max, upsampled to ``size``."""
+    values = [v for row in grid for v in row]
+    low, high = min(values), max(values)
+    scale = 255.0 / (high - low) if high > low else 0.0
+    cells = bytes(min(255, round((v - low) * scale)) for v in values)
+    small = Image.frombytes("L", (len(grid[0]), len(grid)), cells)
+    return small.resize(size, Image.Resampling.BILINEAR)
+
+
+def _panel(
+    base: Image.Image, grid: list[list[float]], label: str, alpha: float, lut: list[int]
+) -> Image.Image:
+    heat = _heat(grid, base.size)
+    colour = heat.convert("RGB").point(lut)
+    # Low attention tints lightly and high attention covers most of the photo.
+    mask = heat.point(lambda v: round(255 * alpha * (0.3 + 0.7 * v / 255)))
+    panel = Image.composite(colour, base, mask)
+    draw = ImageDraw.Draw(panel, "RGBA")
+    size = max(10, min(base.height // 8, base.width // 5, 48))
+    font = _font(size)
+    pad = max(2, size // 4)
+    box = draw.textbbox((pad, pad), label, font=font)
+    draw.rectangle((0, 0, box[2] + pad, box[3] + pad), fill=(0, 0, 0, 170))
+    draw.text((pad, pad), label, fill=(255, 255, 255, 255), font=font)
+    return panel
+
+
+def overlay_png(
+    image: Image.Image,
+    payload: dict[str, Any],
+    *,
+    columns: int = 4,
+    alpha: float = 0.6,
+    max_height: int | None = None,
+) -> bytes:
+    """A PNG with one heatmap panel per generated token over the original image.
+
+    Each panel is the input image at its own size (scaled down to ``max_height`` when
+    given) with that token's mean grid upsampled over it and the token written in its
+    top-left corner. Panels fill rows of ``columns``, left to right then top to bottom, so
+    the PNG is ``min(n, columns)`` panels wide and ``ceil(n / columns)`` panels high. A
+    caption with no tokens gives one unmarked panel of the image.
+    """
+    base = image.convert("RGB")
+    if max_height is not None and base.height > max_height:
+        width = max(1, round(base.width * max_height / base.height))
+        base = base.resize((width, max_height), Image.Resampling.BILINEAR)
+    lut = _ramp_lut()
+    entries = payload.get("tokens") or []
+    panels = [_panel(base, e["mean"], str(e["token"]), alpha, lut) for e in entries] or [base]
+    columns = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // columns)
+    sheet = Image.new("RGB", (columns * base.width, rows * base.height), (0, 0, 0))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, ((i % columns) * base.width, (i // columns) * base.height))
+    out = io.BytesIO()
+    sheet.save(out, format="PNG", optimize=False)
+    return out.getvalue()

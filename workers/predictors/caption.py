@@ -1,0 +1,402 @@
+"""BLIP captioning: one warm ``BlipForConditionalGeneration``, batched generation.
+
+A batch runs the vision encoder once over all its images and then the text decoder's
+``generate``, exactly as ``BlipForConditionalGeneration.generate`` does, but keeps the
+image embeddings so that attention maps need no second vision pass. Items of one batch
+share a ``batch_key``: the same prompt, generation options, adapter and attention flag.
+
+Adapters are LoRA weights for the text decoder, trained with peft and saved with
+``save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``), either on
+the whole ``BlipForConditionalGeneration`` or on its ``text_decoder``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
+from api_client.schemas import GenerationOptions
+from workers.predictors.attention import (
+    attention_payload,
+    overlay_png,
+    patch_grid,
+    summarise_cross_attention,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "CaptionItem",
+    "CaptionPredictor",
+    "CaptionResult",
+    "check_local_model",
+    "load_checked",
+    "model_errors",
+    "overlay_png",
+]
+
+# peft prefixes every key of a ``PeftModel.save_pretrained`` with this.
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class CaptionItem:
+    image: Image.Image
+    prompt: str | None = None
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    adapter: str | None = None
+    attention: bool = False
+
+
+@dataclass
+class CaptionResult:
+    #: One caption per returned sequence, best first (``num_return_sequences`` of them).
+    texts: list[str]
+    #: The attention payload (see ``workers.predictors.attention``) of the first
+    #: sequence, when the item asked for attention.
+    attention: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+@contextmanager
+def model_errors(what: str) -> Iterator[None]:
+    """Report failures of a forward pass as ``OutOfMemory`` or ``ModelError``."""
+    import torch
+
+    try:
+        yield
+    except ImageqError:
+        raise
+    except torch.OutOfMemoryError as exc:
+        # Free the cached blocks so that the next, perhaps smaller, batch can run.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemory(f"{what}: {exc}") from exc
+    except Exception as exc:
+        raise ModelError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_local_model(model_id: str) -> None:
+    """Name a missing local directory plainly instead of as a malformed hub id."""
+    path = Path(model_id)
+    if (path.is_absolute() or model_id.startswith(".")) and not path.is_dir():
+        raise ModelError(f"model directory {model_id} does not exist")
+
+
+def load_checked(model_class: Any, model_id: str, dtype: torch.dtype) -> Any:
+    """``from_pretrained`` (safetensors only) that refuses weights it had to invent.
+
+    transformers fills weights missing from a checkpoint with random values and only
+    logs it, so a checkpoint of the wrong architecture would serve noise.
+    """
+    model, info = model_class.from_pretrained(
+        model_id, use_safetensors=True, dtype=dtype, output_loading_info=True
+    )
+    # Wrong shapes already raise inside from_pretrained; missing weights only log.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(
+            f"{model_id} is not a {model_class.__name__} checkpoint: {len(missing)} "
+            f"weight(s) missing, e.g. {missing[:3]}"
+        )
+    return model
+
+
+class CaptionPredictor:
+    """Holds one BLIP captioning model; nothing loads before ``setup``."""
+
+    def __init__(self, model_id: str, *, half_precision: bool = True) -> None:
+        self.model_id = model_id
+        self.half_precision = half_precision
+        self.device = "cpu"
+        self.model: Any = None
+        self.processor: Any = None
+        self._adapters: set[str] = set()
+        # The batcher thread runs ``predict`` while another thread may load an adapter.
+        self._lock = threading.RLock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def setup(self, device: str) -> None:
+        import torch
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        from workers.devices import resolve_device
+
+        try:
+            check_local_model(self.model_id)
+            self.device = resolve_device(device)
+            dtype = (
+                torch.float16
+                if self.half_precision and self.device.startswith("cuda")
+                else torch.float32
+            )
+            model = load_checked(BlipForConditionalGeneration, self.model_id, dtype)
+            self.model = model.to(self.device).eval()
+            self.processor = BlipProcessor.from_pretrained(self.model_id)
+            self.predict([CaptionItem(Image.new("RGB", (64, 64)), None, GenerationOptions())])
+        except Exception as exc:
+            self.model = None
+            reason = exc.message if isinstance(exc, ImageqError) else f"{type(exc).__name__}: {exc}"
+            raise ModelError(f"cannot load caption model {self.model_id!r}: {reason}") from exc
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._require_model().dtype
+
+    def _require_model(self) -> Any:
+        if self.model is None:
+            raise ModelError("caption model is not loaded: call setup() first")
+        return self.model
+
+    # -- batching -----------------------------------------------------------------------
+    def batch_key(self, item: CaptionItem) -> Hashable:
+        options = tuple(item.generation.model_dump().items())
+        return (item.prompt, options, item.adapter, item.attention)
+
+    def predict(self, batch: Sequence[CaptionItem]) -> list[CaptionResult]:
+        """One result per item, in order; incompatible items run as separate passes."""
+        import torch
+
+        self._require_model()
+        results: list[CaptionResult | None] = [None] * len(batch)
+        groups: dict[Hashable, list[int]] = {}
+        for i, item in enumerate(batch):
+            groups.setdefault(self.batch_key(item), []).append(i)
+        with self._lock, torch.inference_mode(), model_errors("caption"):
+            for indices in groups.values():
+                outputs = self._run([batch[i] for i in indices])
+                for i, result in zip(indices, outputs, strict=True):
+                    results[i] = result
+        return [r for r in results if r is not None]
+
+    # -- one compatible group -------------------------------------------------------------
+    def _run(self, items: Sequence[CaptionItem]) -> list[CaptionResult]:
+        import torch
+
+        first = items[0]
+        options = first.generation
+        model = self.model
+        text_config = model.config.text_config
+        prompt_ids = self._prompt_ids(first.prompt)
+        if len(prompt_ids) + options.max_new_tokens > text_config.max_position_embeddings:
+            raise InvalidInput(
+                f"prompt ({len(prompt_ids) - 1} tokens) plus max_new_tokens "
+                f"({options.max_new_tokens}) exceeds the model's "
+                f"{text_config.max_position_embeddings} positions"
+            )
+        self._use_adapter(first.adapter)
+
+        pixels = self.processor.image_processor(
+            images=[item.image.convert("RGB") for item in items], return_tensors="pt"
+        )["pixel_values"].to(self.device, self.dtype)
+        image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+        n = image_embeds.shape[0]
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        input_ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=self.device)
+
+        sequences = model.text_decoder.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            eos_token_id=text_config.sep_token_id,
+            pad_token_id=text_config.pad_token_id,
+            **self._generate_kwargs(options),
+        )
+        k = options.num_return_sequences
+        texts = [
+            t.strip() for t in self.processor.batch_decode(sequences, skip_special_tokens=True)
+        ]
+        results = [CaptionResult(texts=texts[i * k : (i + 1) * k]) for i in range(n)]
+        if first.attention:
+            # generate() keeps no cross-attentions, so score the best sequence again.
+            best = sequences[::k]
+            payloads = self._attention(best, image_embeds, len(prompt_ids), texts[::k])
+            for result, payload in zip(results, payloads, strict=True):
+                result.attention = payload
+        return results
+
+    def _prompt_ids(self, prompt: str | None) -> list[int]:
+        """BLIP's decoder input: [DEC] then the prompt's tokens, without [CLS]/[SEP].
+
+        ``BlipForConditionalGeneration.generate`` builds the same by overwriting [CLS]
+        with the bos id and cutting the trailing [SEP].
+        """
+        bos = self.model.config.text_config.bos_token_id
+        if not prompt:
+            return [bos]
+        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return [bos, *ids]
+
+    @staticmethod
+    def _generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": options.max_new_tokens,
+            "min_new_tokens": options.min_new_tokens,
+            "num_beams": options.num_beams,
+            "num_return_sequences": options.num_return_sequences,
+            "repetition_penalty": options.repetition_penalty,
+            "do_sample": options.do_sample,
+        }
+        # Passing sampling knobs to greedy or beam search only earns warnings.
+        if options.do_sample:
+            kwargs.update(top_k=options.top_k, top_p=options.top_p, temperature=options.temperature)
+        return kwargs
+
+    def _attention(
+        self,
+        sequences: torch.Tensor,
+        image_embeds: torch.Tensor,
+        prompt_len: int,
+        texts: Sequence[str],
+    ) -> list[dict[str, Any]]:
+        import torch
+
+        model = self.model
+        text_config = model.config.text_config
+        sep, pad = text_config.sep_token_id, text_config.pad_token_id
+        # Everything after a sequence's first [SEP] is padding from the batch.
+        is_end = (sequences == sep) & (
+            torch.arange(sequences.shape[1], device=sequences.device) >= prompt_len
+        )
+        after_end = (is_end.cumsum(dim=1) - is_end.long()) > 0
+        attention_mask = (~after_end).long()
+        outputs = model.text_decoder(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(
+                image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+            ),
+            output_attentions=True,
+            return_dict=True,
+        )
+        grid = patch_grid(model.config.vision_config)
+        layers, mean = summarise_cross_attention(outputs.cross_attentions, grid)
+        tokenizer = self.processor.tokenizer
+        special = set(tokenizer.all_special_ids) | {sep, pad}
+        payloads = []
+        for b, text in enumerate(texts):
+            ids = sequences[b].tolist()
+            # The token at position j was predicted from query j - 1: that row shows where
+            # the decoder looked when it chose the token.
+            positions = []
+            for j in range(prompt_len, len(ids)):
+                if ids[j] == sep:
+                    break
+                if ids[j] not in special:
+                    positions.append(j)
+            rows = [j - 1 for j in positions]
+            tokens = tokenizer.convert_ids_to_tokens([ids[j] for j in positions])
+            payloads.append(
+                attention_payload(layers[b][:, rows], mean[b][rows], tokens, grid, text)
+            )
+        return payloads
+
+    # -- adapters -----------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded into the text decoder."""
+        return sorted(self._adapters)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Load a peft LoRA adapter for the text decoder under ``name`` (replacing one).
+
+        Only ``adapter_model.safetensors`` is read (never a pickle). Every weight must sit
+        in the text decoder; the modules to adapt come from the weights themselves, so
+        an adapter trained on the whole model and one trained on ``text_decoder`` load
+        the same way. The adapter stays inactive until an item names it.
+        """
+        from peft import LoraConfig, PeftConfig
+        from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        decoder = self._require_model().text_decoder
+        path = Path(path)
+        weights_file = path / "adapter_model.safetensors"
+        if not (path / "adapter_config.json").is_file() or not weights_file.is_file():
+            raise ModelError(
+                f"adapter {name!r}: {path} needs adapter_config.json and "
+                "adapter_model.safetensors (safetensors only)"
+            )
+        with self._lock:
+            try:
+                config = PeftConfig.from_pretrained(str(path))
+                if not isinstance(config, LoraConfig):
+                    raise ModelError(f"adapter {name!r}: only LoRA adapters are supported")
+                state = _decoder_state(load_file(str(weights_file)))
+                if name in self._adapters:
+                    self.unload_adapter(name)
+                # Target exactly the modules the weights adapt, whatever patterns the
+                # adapter was trained with, so nothing outside the decoder is touched.
+                config.target_modules = sorted({key.split(".lora_", 1)[0] for key in state})
+                config.inference_mode = True
+                with warnings.catch_warnings():
+                    # peft warns that a second adapter joins the first: that is the point.
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    inject_adapter_in_model(config, decoder, adapter_name=name)
+                self._adapters.add(name)
+                result: Any = set_peft_model_state_dict(decoder, state, adapter_name=name)
+                missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+                if result.unexpected_keys or missing:
+                    raise ModelError(
+                        f"adapter {name!r}: weights do not fit the decoder (unexpected: "
+                        f"{sorted(result.unexpected_keys)[:3]}, missing: {sorted(missing)[:3]})"
+                    )
+                decoder.to(self.device)
+                self._use_adapter(None)
+            except Exception as exc:
+                if name in self._adapters:
+                    self.unload_adapter(name)
+                if isinstance(exc, ImageqError):
+                    raise
+                raise ModelError(f"adapter {name!r}: cannot load from {path}: {exc}") from exc
+
+    def unload_adapter(self, name: str) -> None:
+        from peft.functional import delete_adapter
+
+        with self._lock:
+            if name in self._adapters:
+                delete_adapter(self._require_model().text_decoder, name, prefix="lora_")
+                self._adapters.discard(name)
+
+    def _use_adapter(self, name: str | None) -> None:
+        from peft.functional import set_adapter
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if name is not None and name not in self._adapters:
+            raise InvalidInput(f"adapter: caption adapter {name!r} is not loaded on this worker")
+        if not self._adapters:
+            return
+        decoder = self.model.text_decoder
+        if name is not None:
+            set_adapter(decoder, name, inference_mode=True)
+        for module in decoder.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(name is not None)
+
+
+def _decoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's weights keyed relative to ``text_decoder``; refuse anything else."""
+    out = {}
+    for key, value in state.items():
+        rel = key.removeprefix(_PEFT_PREFIX)
+        rel = rel.removeprefix("text_decoder.")
+        if not rel.startswith(("bert.", "cls.")) or ".lora_" not in rel:
+            raise ModelError(f"adapter weight {key!r} is not a LoRA weight of the text decoder")
+        out[rel] = value
+    if not out:
+        raise ModelError("adapter has no weights")
+    return out

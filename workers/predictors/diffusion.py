@@ -1,0 +1,458 @@
+"""Stable Diffusion: generate, inpaint and style (img2img + IP-Adapter) from one warm pipeline.
+
+One ``StableDiffusionPipeline`` is loaded; the img2img and inpaint pipelines are built
+from it with ``from_pipe`` and share its modules, so the worker holds one copy of the
+weights. An inpainting worker (``inpaint_only=True``) loads a dedicated inpainting
+checkpoint (9-channel UNet) instead and serves inpaint alone.
+
+Reproducibility: image ``i`` of a job uses seed ``seed + i`` (mod 2**32) with its own CPU
+``torch.Generator``, so a seed gives the same PNG bytes on the same hardware whatever
+else runs, and a job batched with others draws exactly the noise it would alone. Its
+pixels then match as far as the kernels are batch-invariant (on CPU that holds once the
+UNet sees at least 4 rows; the VAE always decodes one image at a time for that reason).
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
+from api_client.schemas import GenerateInput, InpaintInput, StyleInput
+from api_client.settings import Settings
+from workers.predictors.adapters import (
+    AdapterResolver,
+    IpAdapterSwitch,
+    LoraAdapters,
+    job_scheduler,
+    sampler_name,
+)
+from workers.predictors.base import StepCallback
+
+SEED_RANGE = 2**32
+MIN_SIDE, MAX_SIDE = 64, 2048
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes
+    seed: int
+    width: int
+    height: int
+    parameters: dict[str, Any] = field(default_factory=dict)
+    #: The safety checker blacked this image out (only with IMAGEQ_SAFETY_CHECKER).
+    nsfw: bool = False
+
+
+class BatchInterrupted(Exception):
+    """A job's step callback raised during a batched run; the whole batch stopped.
+
+    ``error`` is what the callback raised (``Canceled``, ``JobTimeout``, ...) for job
+    ``job_index``; the other jobs produced nothing and should be run again (they will
+    get the same images: each image's noise depends only on its own seed).
+    """
+
+    def __init__(self, job_index: int, error: BaseException) -> None:
+        super().__init__(f"job {job_index} of the batch stopped: {error}")
+        self.job_index = job_index
+        self.error = error
+
+
+class _CallbackRaised(Exception):
+    # Carries an exception out of diffusers untouched, past the ModelError conversion.
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def a1111_parameters(p: dict[str, Any]) -> str:
+    """The ``parameters`` text AUTOMATIC1111 writes into its PNGs (other tools read it)."""
+    negative = f"\nNegative prompt: {p['negative_prompt']}" if p.get("negative_prompt") else ""
+    items: dict[str, Any] = {
+        "Steps": p["steps"],
+        "Sampler": p["sampler"],
+        "CFG scale": p["guidance_scale"],
+        "Seed": p["seed"],
+        "Size": f"{p['width']}x{p['height']}",
+        "Model": p["model"],
+        "Denoising strength": p.get("strength"),
+        "IP-Adapter scale": p.get("style_scale"),
+    }
+    if p.get("adapters"):  # A1111 quotes values that hold commas
+        items["Adapters"] = (
+            '"' + ", ".join(f"{a['name']}:{a['scale']}" for a in p["adapters"]) + '"'
+        )
+    listed = ", ".join(f"{key}: {value}" for key, value in items.items() if value is not None)
+    return f"{p.get('prompt', '')}{negative}\n{listed}"
+
+
+def fit_size(width: int, height: int) -> tuple[int, int]:
+    """The output size for an input image: scaled down to at most 2048 px a side, then
+    rounded down to multiples of 8 (the VAE's downsampling factor)."""
+    scale = min(1.0, MAX_SIDE / max(width, height))
+    w, h = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise InvalidInput(f"image: {width}x{height} is too small (at least 64x64)")
+    return w, h
+
+
+def fit_mask(mask: Image.Image, image_size: tuple[int, int], size: tuple[int, int]) -> Image.Image:
+    """A grey mask of ``size``; one of another size is accepted if its aspect ratio matches."""
+    if mask.size != image_size:
+        (mw, mh), (iw, ih) = mask.size, image_size
+        if abs((mw / mh) / (iw / ih) - 1.0) > 0.01:
+            raise InvalidInput(
+                f"mask: {mw}x{mh} does not fit the {iw}x{ih} image (aspect ratios differ)"
+            )
+    # NEAREST keeps a hard mask hard; the pipeline binarises at 50% grey anyway.
+    return mask.convert("L").resize(size, Image.Resampling.NEAREST)
+
+
+def _png(image: Image.Image, text: str) -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+class DiffusionPredictor:
+    """One warm Stable Diffusion pipeline serving generate, inpaint and style jobs.
+
+    Not thread-safe: a worker runs one pipeline call at a time (jobs may share a call
+    through ``run_generate_batch``).
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        settings: Settings,
+        inpaint_only: bool = False,
+        adapter_path: AdapterResolver | None = None,
+        max_loaded_adapters: int = 4,
+        warm_up: bool = True,
+    ) -> None:
+        self.model_id = model_id
+        self.settings = settings
+        self.inpaint_only = inpaint_only
+        self.device = "cpu"
+        self._adapter_path = adapter_path
+        self._max_loaded_adapters = max_loaded_adapters
+        self._warm_up = warm_up
+        self._pipe: Any = None
+        self._img2img: Any = None
+        self._inpaint: Any = None
+        self._ip: IpAdapterSwitch | None = None
+        self._loras: LoraAdapters | None = None
+        self._scheduler_config: Any = None
+        self._scheduler_class = ""
+
+    # -- setup -------------------------------------------------------------------------
+
+    def setup(self, device: str = "auto") -> None:
+        """Load the pipeline(s) onto ``device`` once and warm up; ``ModelError`` on failure."""
+        import torch
+        from diffusers import (
+            AutoPipelineForImage2Image,
+            AutoPipelineForInpainting,
+            StableDiffusionInpaintPipeline,
+            StableDiffusionPipeline,
+        )
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        half = device.startswith("cuda") and self.settings.half_precision
+        kwargs: dict[str, Any] = {
+            "dtype": torch.float16 if half else torch.float32,
+            "use_safetensors": True,
+        }
+        if not self.settings.safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            cls = StableDiffusionInpaintPipeline if self.inpaint_only else StableDiffusionPipeline
+            pipe = cls.from_pretrained(self.model_id, **kwargs).to(device)
+            # One image per VAE call: less peak memory, and batch-invariant decoding.
+            pipe.vae.enable_slicing()
+            if self.inpaint_only:
+                self._inpaint = pipe
+            else:
+                self._img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+                self._inpaint = AutoPipelineForInpainting.from_pipe(pipe)
+                if self.settings.ip_adapter:
+                    self._ip = IpAdapterSwitch.load(self._img2img, self.settings.ip_adapter)
+            for p in (pipe, self._img2img, self._inpaint):
+                if p is not None:
+                    p.set_progress_bar_config(disable=True)
+            self._pipe = pipe
+            self._scheduler_config = pipe.scheduler.config
+            self._scheduler_class = type(pipe.scheduler).__name__
+            self._loras = LoraAdapters(pipe, self._adapter_path, self._max_loaded_adapters)
+            if self._warm_up:
+                self._run_warm_up()
+        except ImageqError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"cannot load {self.model_id!r} on {device}: {exc}") from exc
+
+    def _run_warm_up(self) -> None:
+        import torch
+
+        side = 8 * int(self._pipe.vae_scale_factor)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        args: dict[str, Any] = {"height": side, "width": side, "generator": [generator]}
+        if self.inpaint_only:
+            args.update(
+                image=Image.new("RGB", (side, side)), mask_image=Image.new("L", (side, side))
+            )
+        self._pipe(prompt=["warm up"], num_inference_steps=1, **args)
+
+    @property
+    def has_ip_adapter(self) -> bool:
+        return self._ip is not None
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """Registry names of the LoRA adapters held in memory, least recently used first."""
+        return self._loras.loaded if self._loras is not None else []
+
+    # -- generate ----------------------------------------------------------------------
+
+    def batch_key(self, item: GenerateInput) -> Hashable:
+        """Generate jobs with equal keys can share one pipeline call."""
+        adapters = tuple(sorted((a.name, a.scale) for a in item.adapters))
+        return (item.width, item.height, item.steps, item.scheduler, item.guidance_scale, adapters)
+
+    def predict(self, batch: Sequence[Any]) -> list[Any]:
+        """``Predictor`` entry point: generate jobs with equal ``batch_key``, no progress."""
+        return list(self.run_generate_batch(list(batch), [_no_progress] * len(batch)))
+
+    def run_generate(self, inp: GenerateInput, on_step: StepCallback) -> list[GeneratedImage]:
+        """One generate job; whatever ``on_step`` raises propagates unchanged."""
+        return self._generate([inp], [on_step], batched=False)[0]
+
+    def run_generate_batch(
+        self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback]
+    ) -> list[list[GeneratedImage]]:
+        """Several generate jobs in one pipeline call, each getting its own images.
+
+        A callback that raises stops the whole batch with ``BatchInterrupted`` naming
+        the job; run the others again.
+        """
+        if len(inps) != len(on_steps):
+            raise ValueError("one step callback per job")
+        if len({self.batch_key(inp) for inp in inps}) > 1:
+            raise ValueError("jobs in one batch must have equal batch_key()")
+        return self._generate(inps, on_steps, batched=True) if inps else []
+
+    def _generate(
+        self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback], batched: bool
+    ) -> list[list[GeneratedImage]]:
+        self._require_full_pipeline()
+        seeds = [self._seeds(inp.seed, inp.num_images) for inp in inps]
+        args = _text_args(inps, [inp.prompt for inp in inps])
+        first = inps[0]
+        args.update(height=first.height, width=first.width)
+        flat = [seed for job in seeds for seed in job]
+        images = self._call(self._pipe, first, flat, args, on_steps, batched)
+        results = []
+        for inp, job_seeds in zip(inps, seeds, strict=True):
+            results.append(self._outputs(inp, job_seeds, images[: inp.num_images], {}))
+            images = images[inp.num_images :]
+        return results
+
+    # -- inpaint and style ------------------------------------------------------------
+
+    def run_inpaint(
+        self, inp: InpaintInput, image: Image.Image, mask: Image.Image, on_step: StepCallback
+    ) -> list[GeneratedImage]:
+        """Repaint the white part of ``mask``; the output size is ``fit_size(image.size)``."""
+        size = fit_size(*image.size)
+        mask = fit_mask(mask, image.size, size)
+        _check_strength(inp.steps, inp.strength)
+        seeds = self._seeds(inp.seed, inp.num_images)
+        # One copy per image: the pipeline then encodes image i with generator i, so
+        # image i depends on its own seed alone.
+        args = _text_args([inp], [inp.prompt])
+        args.update(
+            image=[_resized(image, size)] * inp.num_images,
+            mask_image=[mask] * inp.num_images,
+            width=size[0],
+            height=size[1],
+            strength=inp.strength,
+        )
+        images = self._call(self._inpaint, inp, seeds, args, [on_step], batched=False)
+        return self._outputs(inp, seeds, images, {"strength": inp.strength})
+
+    def run_style(
+        self,
+        inp: StyleInput,
+        image: Image.Image,
+        style_image: Image.Image | None,
+        on_step: StepCallback,
+    ) -> list[GeneratedImage]:
+        """Img2img of ``image`` towards ``style_prompt`` (else ``prompt``), the adapters,
+        and ``style_image`` through the IP-Adapter at ``style_scale``."""
+        self._require_full_pipeline()
+        if style_image is not None and self._ip is None:
+            raise InvalidInput("style_image: this worker has no IP-Adapter (set IMAGEQ_IP_ADAPTER)")
+        size = fit_size(*image.size)
+        _check_strength(inp.steps, inp.strength)
+        seeds = self._seeds(inp.seed, inp.num_images)
+        prompt = inp.style_prompt or inp.prompt
+        args = _text_args([inp], [prompt])
+        args.update(image=_resized(image, size), strength=inp.strength)
+        extra: dict[str, Any] = {"prompt": prompt, "strength": inp.strength}
+        ip: AbstractContextManager[None] = nullcontext()
+        if style_image is not None and self._ip is not None:
+            args["ip_adapter_image"] = style_image.convert("RGB")
+            extra["style_scale"] = inp.style_scale
+            ip = self._ip.active(self._img2img, inp.style_scale)
+        with ip:
+            images = self._call(self._img2img, inp, seeds, args, [on_step], batched=False)
+        return self._outputs(inp, seeds, images, extra)
+
+    # -- shared machinery -------------------------------------------------------------
+
+    def _seeds(self, seed: int | None, count: int) -> list[int]:
+        if seed is None:
+            seed = secrets.randbelow(SEED_RANGE)
+        return [(seed + i) % SEED_RANGE for i in range(count)]
+
+    def _require_full_pipeline(self) -> None:
+        if self.inpaint_only:
+            raise ModelError("this worker holds an inpainting checkpoint: it serves inpaint only")
+
+    @contextmanager
+    def _job(self, pipe: Any, inp: Any) -> Iterator[None]:
+        """Per-job state (scheduler, LoRA) set up and always undone; errors mapped."""
+        import torch
+
+        if pipe is None or self._loras is None:
+            raise ModelError("the pipeline is not loaded: call setup() first")
+        shared_scheduler = pipe.scheduler
+        try:
+            # Swapped on this pipeline object only, and restored below.
+            pipe.scheduler = job_scheduler(
+                inp.scheduler, self._scheduler_class, self._scheduler_config
+            )
+            with self._loras.applied(inp.adapters):
+                yield
+        except _CallbackRaised as raised:
+            raise raised.error from None
+        except (ImageqError, BatchInterrupted):
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(f"the GPU ran out of memory: {exc}") from None
+        except MemoryError:
+            raise OutOfMemory("the host ran out of memory") from None
+        except Exception as exc:
+            raise ModelError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            pipe.scheduler = shared_scheduler
+
+    def _call(
+        self,
+        pipe: Any,
+        inp: Any,
+        seeds: list[int],
+        args: dict[str, Any],
+        on_steps: Sequence[StepCallback],
+        batched: bool,
+    ) -> list[tuple[Image.Image, bool]]:
+        import torch
+
+        def on_step_end(
+            pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            total = int(pipeline.num_timesteps)
+            for index, on_step in enumerate(on_steps):
+                try:
+                    on_step(step + 1, total, {"stage": "denoising"})
+                except Exception as exc:
+                    error = BatchInterrupted(index, exc) if batched else exc
+                    raise _CallbackRaised(error) from exc
+            return tensors
+
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        with self._job(pipe, inp), torch.inference_mode():
+            out = pipe(
+                **args,
+                num_images_per_prompt=1,
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=on_step_end,
+            )
+        flags = out.nsfw_content_detected or [False] * len(out.images)
+        return [(im, bool(flag)) for im, flag in zip(out.images, flags, strict=True)]
+
+    def _outputs(
+        self,
+        inp: Any,
+        seeds: list[int],
+        images: list[tuple[Image.Image, bool]],
+        extra: dict[str, Any],
+    ) -> list[GeneratedImage]:
+        results = []
+        for seed, (image, nsfw) in zip(seeds, images, strict=True):
+            params: dict[str, Any] = {
+                "prompt": inp.prompt,
+                "negative_prompt": inp.negative_prompt,
+                "steps": inp.steps,
+                "scheduler": inp.scheduler,
+                "sampler": sampler_name(inp.scheduler, self._scheduler_class),
+                "guidance_scale": inp.guidance_scale,
+                "seed": seed,
+                "width": image.width,
+                "height": image.height,
+                "model": _display_name(self.model_id),
+                "adapters": [{"name": a.name, "scale": a.scale} for a in inp.adapters],
+                **extra,
+            }
+            png = _png(image, a1111_parameters(params))
+            results.append(GeneratedImage(png, seed, image.width, image.height, params, nsfw))
+        return results
+
+
+def _text_args(inps: Sequence[Any], prompts: list[str]) -> dict[str, Any]:
+    # Prompts expanded per image (never num_images_per_prompt), so that the same flat
+    # lists serve one job or a batch of jobs, one generator per image.
+    return {
+        "prompt": [p for inp, p in zip(inps, prompts, strict=True) for _ in range(inp.num_images)],
+        "negative_prompt": [inp.negative_prompt for inp in inps for _ in range(inp.num_images)],
+        "num_inference_steps": inps[0].steps,
+        "guidance_scale": inps[0].guidance_scale,
+    }
+
+
+def _check_strength(steps: int, strength: float) -> None:
+    # The pipelines run int(steps * strength) steps and fail on zero.
+    if int(steps * strength) < 1:
+        raise InvalidInput(
+            f"strength: {steps} steps at strength {strength} leave no step to run; "
+            "raise steps or strength"
+        )
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    image = image.convert("RGB")
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _display_name(model_id: str) -> str:
+    # A hub id or a directory's name: never the worker's filesystem layout.
+    return Path(model_id.rstrip("/")).name or model_id
+
+
+def _no_progress(step: int, total: int, info: dict[str, Any]) -> None:
+    return None

@@ -1,0 +1,371 @@
+"""Object storage for outputs, result copies and adapters (DESIGN §4 storage layout).
+
+Keys are relative, slash-separated paths such as ``jobs/{id}/result.json`` or
+``adapters/{name}/adapter.safetensors``. ``open_storage`` picks the backend from
+``IMAGEQ_STORAGE_URL``: a local folder (``file://./imageq-data``) or S3 (``s3://bucket/prefix``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from api_client.errors import (
+    ForbiddenUrl,
+    InputFetchFailed,
+    InternalError,
+    InvalidInput,
+    TransientError,
+)
+from api_client.settings import Settings
+
+T = TypeVar("T")
+
+# SigV4 presigned URLs cannot live longer than seven days.
+MAX_PRESIGN_TTL_S = 7 * 24 * 3600
+_TMP_PREFIX = ".imageq-tmp-"
+_THROTTLING_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+# Module-level so tests can skip the real waits between retries.
+_sleep = time.sleep
+
+
+class ObjectNotFound(InputFetchFailed):
+    """The key (or s3:// object) does not exist."""
+
+
+class StorageError(InternalError):
+    """Storage refused a request in a way another try will not fix (permissions, no bucket)."""
+
+
+class Storage(Protocol):
+    def uri(self, key: str) -> str: ...
+
+    def put(self, key: str, data: bytes, content_type: str) -> str: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> builtins.list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def public_url(self, key: str) -> str | None: ...
+
+    def read_uri(self, uri: str) -> bytes: ...
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a plain relative path that cannot leave the storage root."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise InvalidInput(f"invalid storage key {key!r}")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise InvalidInput(f"invalid storage key {key!r}: empty, '.' or '..' segment")
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    if prefix:
+        check_key(prefix.rstrip("/") or "/")
+    return prefix
+
+
+def file_uri_path(uri: str) -> Path:
+    """The path of a ``file://`` URI.
+
+    ``file:///abs`` and ``file://localhost/abs`` are absolute; ``file://./data`` (the
+    default storage URL) is relative to the working directory.
+    """
+    if uri[:7].lower() != "file://":
+        raise InvalidInput(f"not a file:// URI: {uri[:40]!r}")
+    rest = unquote(uri[7:].split("?", 1)[0].split("#", 1)[0])
+    if rest.lower().startswith("localhost/"):
+        rest = rest[len("localhost") :]
+    if not rest:
+        raise InvalidInput(f"file URI {uri!r} names no path")
+    return Path(rest)
+
+
+def _split_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if uri[:5].lower() != "s3://" or not bucket or not key:
+        raise InvalidInput(f"malformed S3 URI {uri!r}: expected s3://bucket/key")
+    return bucket, key
+
+
+class LocalStorage:
+    """A folder on a local or shared disk; writes are atomic (temp file, fsync, rename)."""
+
+    def __init__(self, root: Path, settings: Settings | None = None) -> None:
+        # Resolved once, so a later chdir does not move the storage.
+        self.root = Path(root).resolve()
+        self._settings = settings if settings is not None else Settings()
+        self._s3: _S3Client | None = None
+
+    def _path(self, key: str) -> Path:
+        path = self.root / check_key(key)
+        # A symlink inside the root must not lead out of it.
+        if not path.resolve().is_relative_to(self.root):
+            raise InvalidInput(f"storage key {key!r} leads outside the storage root")
+        return path
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+        try:
+            # mkstemp's 0600 would hide outputs from a web server that serves this folder.
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r} in {self.root}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> builtins.list[str]:
+        _check_prefix(prefix)
+        directory = prefix.rpartition("/")[0]
+        base = self.root / directory if directory else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                key = (Path(dirpath) / name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def public_url(self, key: str) -> str | None:
+        return None
+
+    def read_uri(self, uri: str) -> bytes:
+        scheme = uri.partition(":")[0].lower()
+        if scheme == "file":
+            path = file_uri_path(uri).resolve()
+            if not path.is_relative_to(self.root):
+                raise ForbiddenUrl(f"{uri} is outside the storage root {self.root}")
+            return self.get(path.relative_to(self.root).as_posix())
+        if scheme == "s3":
+            if self._s3 is None:
+                self._s3 = _S3Client(self._settings)
+            return self._s3.read_uri(uri)
+        raise ForbiddenUrl(f"storage cannot read {scheme!r} URIs")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; some filesystems cannot fsync a directory.
+    with suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _classify(exc: Exception) -> str:
+    """``missing``, ``transient`` or ``fatal`` for an exception from botocore."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in _MISSING_CODES or (status == 404 and code != "NoSuchBucket"):
+            return "missing"
+        if status >= 500 or status == 429 or code in _THROTTLING_CODES:
+            return "transient"
+        return "fatal"
+    if isinstance(exc, BotoConnectionError | HTTPClientError | IncompleteReadError):
+        return "transient"
+    return "fatal"
+
+
+class _S3Client:
+    """A boto3 S3 client whose calls retry transient failures with exponential backoff."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # boto3 finds credentials, region and AWS_ENDPOINT_URL itself; its own retries
+        # are off because call() retries on the schedule in settings.
+        self.client: Any = boto3.session.Session().client(
+            "s3",
+            config=Config(
+                retries={"total_max_attempts": 1},
+                connect_timeout=10,
+                read_timeout=60,
+                signature_version="s3v4",
+            ),
+        )
+
+    def call(self, what: str, operation: Callable[[], T]) -> T:
+        attempts = max(1, self.settings.storage_retries + 1)
+        last: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                return operation()
+            except (BotoCoreError, ClientError) as exc:
+                kind = _classify(exc)
+                if kind == "missing":
+                    raise ObjectNotFound(f"{what}: no such object") from None
+                if kind == "fatal":
+                    raise StorageError(f"{what}: {exc}") from None
+                last = exc
+            if attempt + 1 < attempts:
+                _sleep(self.settings.storage_retry_base_s * 2**attempt)
+        raise TransientError(f"{what}: failed after {attempts} attempts: {last}")
+
+    def read(self, bucket: str, key: str) -> bytes:
+        def read() -> bytes:
+            # Reading the body inside the retried call: a stream can break halfway.
+            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return body
+
+        return self.call(f"get s3://{bucket}/{key}", read)
+
+    def read_uri(self, uri: str) -> bytes:
+        bucket, key = _split_s3_uri(uri)
+        try:
+            return self.read(bucket, key)
+        except StorageError as exc:
+            # The URI came from a job, so a refusal is the input's problem, not ours.
+            raise InputFetchFailed(exc.message) from None
+
+
+class S3Storage:
+    """An S3 bucket (or any S3-compatible server) under an optional key prefix."""
+
+    def __init__(self, bucket: str, prefix: str, settings: Settings) -> None:
+        if not bucket:
+            raise ValueError("S3Storage needs a bucket")
+        self.bucket = bucket
+        stripped = prefix.strip("/")
+        self.prefix = stripped + "/" if stripped else ""
+        self.settings = settings
+        self._s3 = _S3Client(settings)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        full = self._key(key)
+        self._s3.call(
+            f"put {self.uri(key)}",
+            lambda: self._s3.client.put_object(
+                Bucket=self.bucket, Key=full, Body=data, ContentType=content_type
+            ),
+        )
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        return self._s3.read(self.bucket, self._key(key))
+
+    def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            self._s3.call(
+                f"head {self.uri(key)}",
+                lambda: self._s3.client.head_object(Bucket=self.bucket, Key=full),
+            )
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str) -> builtins.list[str]:
+        full = self.prefix + _check_prefix(prefix)
+
+        def listing() -> builtins.list[str]:
+            paginator = self._s3.client.get_paginator("list_objects_v2")
+            keys: builtins.list[str] = []
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(item["Key"][len(self.prefix) :] for item in page.get("Contents", []))
+            return keys
+
+        return sorted(self._s3.call(f"list s3://{self.bucket}/{full}", listing))
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        self._s3.call(
+            f"delete {self.uri(key)}",
+            lambda: self._s3.client.delete_object(Bucket=self.bucket, Key=full),
+        )
+
+    def public_url(self, key: str) -> str | None:
+        # Signed locally: no request reaches the server.
+        url: str = self._s3.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=min(self.settings.presign_ttl_s, MAX_PRESIGN_TTL_S),
+        )
+        return url
+
+    def read_uri(self, uri: str) -> bytes:
+        if uri[:5].lower() != "s3://":
+            raise ForbiddenUrl(f"S3 storage reads only s3:// URIs, not {uri[:16]!r}…")
+        return self._s3.read_uri(uri)
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage ``settings.storage_url`` names."""
+    url = settings.storage_url
+    if url[:7].lower() == "file://":
+        return LocalStorage(file_uri_path(url), settings)
+    if url[:5].lower() == "s3://":
+        bucket, _, prefix = url[5:].partition("/")
+        return S3Storage(bucket, prefix, settings)
+    raise ValueError(f"IMAGEQ_STORAGE_URL must be file://... or s3://bucket/prefix, not {url!r}")
