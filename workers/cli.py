@@ -30,6 +30,18 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(tiny=args.tiny, timeout_s=args.timeout_s)
 
 
+def _delegate(target: str) -> object:
+    """Subcommands whose options their own module parses (``module:function``)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        module_name, func = target.split(":")
+        return int(getattr(importlib.import_module(module_name), func)(args.rest))
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imageq")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout-s", type=float, default=600)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("fleet", help="one worker per GPU from a config file", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_delegate("workers.fleet:main"))
+
+    p = sub.add_parser("flower", help="Flower on the imageq app, behind basic auth", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_delegate("workers.flower:main"))
     return parser
 
 
