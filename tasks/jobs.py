@@ -7,13 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from workers.webhooks import WebhookEvent
 
 from api_client.errors import ImageqError, InternalError
 from api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
 from api_client.schemas import KINDS
 from tasks.state import WorkerState
 from workers.lifecycle import Deferred
+from workers.webhooks import WebhookEvent
 
 log = logging.getLogger(__name__)
 

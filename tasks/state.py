@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from celery import Celery
-from workers.webhooks import WebhookEvent
 
 from api_client.celery_config import celery_config
 from api_client.names import WEBHOOK_QUEUE, WEBHOOK_TASK, queue_name
 from api_client.settings import Settings
 from workers.runtime import Runtime, build_runtime
+from workers.webhooks import WebhookEvent
 
 
 class WorkerState:
