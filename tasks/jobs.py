@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from api_client.errors import ImageqError, InternalError
+from api_client.errors import ImageqError, InternalError, InvalidInput
 from api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
 from api_client.schemas import KINDS
 from tasks.state import WorkerState
@@ -27,8 +27,21 @@ TASK_OPTIONS: dict[str, Any] = {
 
 
 def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
-    def run(task: Task, job: Any) -> dict[str, Any] | None:
+    def run(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        # A raw message may carry any arguments; anything but one document is invalid
+        # input with a record of its own, never a crash in Celery's argument check.
         runtime = state.require()
+        if len(args) != 1 or kwargs:
+            runtime.runner.refuse(
+                args[0] if args else {},
+                str(task.request.id),
+                InvalidInput(
+                    "document: a job message carries exactly one argument, the job document; "
+                    f"got {len(args)} positional and {len(kwargs)} keyword arguments"
+                ),
+            )
+            return None
+        job = args[0]
         try:
             record = runtime.runner.execute(job, fallback_id=str(task.request.id))
         except Deferred as deferred:

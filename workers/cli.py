@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from api_client.names import WORKER_KINDS
 from api_client.settings import Settings, process_environment
@@ -30,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(tiny=args.tiny, timeout_s=args.timeout_s)
 
 
-def _delegate(target: str) -> object:
+def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
     """Subcommands whose options their own module parses (``module:function``)."""
 
     def run(args: argparse.Namespace) -> int:
@@ -75,5 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # argparse.REMAINDER refuses a leading "--option" after a subcommand, so the
+    # delegated commands get their arguments untouched.
+    if argv and argv[0] in ("fleet", "flower"):
+        return int(_delegate(f"workers.{argv[0]}:main")(argparse.Namespace(rest=argv[1:])))
+    args = build_parser().parse_args(argv)
     return int(args.func(args))

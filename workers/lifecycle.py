@@ -108,7 +108,7 @@ class JobRunner:
         try:
             job = parse_job(raw)
         except InvalidInput as exc:
-            self._fail_invalid(raw, fallback_id, exc)
+            self.refuse(raw, fallback_id, exc)
             return None
         document = job.model_dump(mode="json", exclude_none=True)
         # A raw Celery message by task name has no record yet: create it now.
@@ -117,7 +117,8 @@ class JobRunner:
             self.store.save_document(job.id, document)
         return job
 
-    def _fail_invalid(self, raw: Any, fallback_id: str, exc: InvalidInput) -> None:
+    def refuse(self, raw: Any, fallback_id: str, exc: InvalidInput) -> None:
+        """Fail a message that is not a valid job, with a record of its own."""
         doc: Record = raw if isinstance(raw, dict) else {}
         job_id = doc.get("id") if isinstance(doc.get("id"), str) else None
         job_id = job_id if job_id and len(job_id) <= 64 else fallback_id

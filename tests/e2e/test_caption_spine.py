@@ -194,3 +194,22 @@ def test_cancel_of_a_queued_job(
     assert after.status == "canceled" and after.attempt == 0 and after.output is None
     time.sleep(0.5)
     assert len(receiver.for_job(job.id)) == 1
+
+
+def test_raw_message_with_wrong_arguments_fails_cleanly(stack: Stack) -> None:
+    app = Celery("other-backend", broker=stack.settings.broker_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    job_id = "bare-celery-args-1"
+    app.send_task(
+        "imageq.caption",
+        args=[{"id": job_id}, "extra"],
+        kwargs={"x": 1},
+        task_id=job_id,
+        queue=stack.settings.queue_prefix + "caption",
+    )
+    wait_until(lambda: (stack.store.get(job_id) or {}).get("status") == "failed", 30, "failure")
+    record = stack.client.get(job_id)
+    assert record.error is not None and record.error.code == "invalid_input"
+    assert "exactly one argument" in record.error.message
+    assert stack.workers[-1].alive()
+    app.close()
