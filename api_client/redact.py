@@ -7,17 +7,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 
 def redact_ref(ref: str) -> str:
-    """Inline images become a size note; URLs lose their query (it may hold a token)."""
-    if ref.startswith("data:"):
-        head = ref.split(",", 1)[0]
-        return f"{head},...({len(ref)} chars)"
-    if ref.startswith(("http://", "https://")):
+    """A reference safe and short enough for logs and Flower: no payloads, queries or passwords."""
+    if ref[:5].lower() == "data:":
+        header, comma, payload = ref.partition(",")
+        if not comma:
+            return "data:…(malformed)"
+        compact = "".join(payload.split())
+        size = len(compact) * 3 // 4 - compact[-2:].count("=")
+        return f"{header[:64]},…({max(size, 0)} bytes)"
+    try:
         parts = urlsplit(ref)
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    return ref
+    except ValueError:
+        return ref[:120] + ("…" if len(ref) > 120 else "")
+    if not parts.scheme:
+        return ref[:120] + ("…" if len(ref) > 120 else "")
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def redact_value(value: Any) -> Any:

@@ -28,6 +28,14 @@ FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled")
 IMAGE_SCHEMES = ("s3://", "https://", "http://", "data:image/", "file://")
 SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "default")
+# The display names (AUTOMATIC1111's, diffusers') are accepted too, in any case.
+SCHEDULER_ALIASES = {
+    "euler a": "euler_ancestral",
+    "euler_a": "euler_ancestral",
+    "dpm-solver++": "dpmpp_2m",
+    "dpm++ 2m": "dpmpp_2m",
+    "plms": "pndm",
+}
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f5bd2-4b8e-4d64-8f0f-2a3c86d5a4e1")
 
 
@@ -126,6 +134,14 @@ class _DiffusionCommon(_Strict):
         "default"
     )
     adapters: list[AdapterRef] = Field(default_factory=list, max_length=8)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            name = value.strip().lower()
+            return SCHEDULER_ALIASES.get(name, name)
+        return value
 
 
 class GenerateInput(_DiffusionCommon):

@@ -50,10 +50,24 @@ class Settings:
     ip_adapter: str = ""
     queue_prefix: str = ""
     metrics_port: int = 0
+    # All interfaces so Prometheus can reach a container; tests use 127.0.0.1.
+    metrics_address: str = "0.0.0.0"
     flower_basic_auth: str = ""
     result_ttl_s: int = 7 * 24 * 3600
     visibility_timeout_s: int = 3600
     finetune_visibility_timeout_s: int = 7 * 24 * 3600
+    # Finetune: where a job unpacks its dataset; empty: a temporary folder.
+    finetune_work_dir: str = ""
+    # Finetune datasets: download cap (archive or prefix), unpacked cap, most files,
+    # and the deadline of one archive download.
+    max_dataset_bytes: int = 2 * 1024**3
+    max_dataset_unpacked_bytes: int = 8 * 1024**3
+    max_dataset_files: int = 100_000
+    dataset_fetch_timeout_s: float = 900.0
+    # Finetune: complete checkpoints kept per job (older ones are deleted).
+    finetune_keep_checkpoints: int = 2
+    # Finetune auto_caption: how long to wait for the caption jobs it enqueues.
+    auto_caption_timeout_s: float = 3600.0
     max_attempts: int = 3
     lease_ttl_s: float = 30.0
     heartbeat_interval_s: float = 5.0
@@ -78,7 +92,22 @@ class Settings:
     device: str = "auto"
     worker_name: str = ""
     half_precision: bool = True
+    # Caption and match models: auto (fp16 on CUDA when half_precision, else fp32),
+    # fp32, fp16 or bf16; channels-last pixels and torch.compile of the vision encoder.
+    dtype: str = "auto"
+    channels_last: bool = False
+    torch_compile: bool = False
     safety_checker: bool = False
+    # Diffusion: the largest output (width x height), checked before any GPU work.
+    max_output_pixels: int = 1024 * 1024
+    # Diffusion: images in one batched pipeline call (compatible generate jobs summed).
+    max_diffusion_batch_images: int = 8
+    # Diffusion and inpaint workers: jobs in flight (waiting ones can join a batch).
+    diffusion_concurrency: int = 4
+    # LoRA adapters kept loaded in a diffusion worker's pipeline (an LRU).
+    max_loaded_adapters: int = 4
+    # Where workers keep downloaded adapters; empty: a temporary folder per worker.
+    adapter_cache_dir: str = ""
     log_level: str = "INFO"
 
     @classmethod

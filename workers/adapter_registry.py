@@ -67,7 +67,8 @@ class AdapterRegistry:
         entry = {
             **info,
             "name": name,
-            "uri": self.storage.uri(prefix),
+            # Storage keys have no empty segment: name the folder, then mark it one.
+            "uri": self.storage.uri(prefix.rstrip("/")) + "/",
             "files": sorted(files),
             "version": version,
             "created_at": version,

@@ -109,7 +109,10 @@ class LeaseKeeper:
     def _beat(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                if not self.store.renew_lease(self.job_id, self.token):
+                renewed = self.store.renew_lease(self.job_id, self.token)
+                # Expired but free (Redis was away longer than the TTL): take it back, or
+                # an hours-long job would run on unprotected from a redelivered copy.
+                if not renewed and not self.store.acquire_lease(self.job_id, self.token):
                     self.lost = True
                     log.warning("job %s: lease lost (stalled past its TTL?)", self.job_id)
             except Exception as exc:  # Redis restarting: keep trying, the job goes on.

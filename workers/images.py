@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import suppress
 from io import BytesIO
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,6 +28,7 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.util.connection import create_connection
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from api_client.redact import redact_ref
 from api_client.settings import Settings
 from workers.storage import Storage, file_uri_path, open_storage
 
@@ -423,22 +424,3 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
 def load_image(ref: str, settings: Settings, storage: Storage | None = None) -> Image.Image:
     """Fetch and decode one image reference."""
     return decode_image(fetch_bytes(ref, settings, storage), settings)
-
-
-def redact_ref(ref: str) -> str:
-    """A reference safe and short enough for logs and Flower: no payloads, queries or passwords."""
-    if ref[:5].lower() == "data:":
-        header, comma, payload = ref.partition(",")
-        if not comma:
-            return "data:…(malformed)"
-        compact = "".join(payload.split())
-        size = len(compact) * 3 // 4 - compact[-2:].count("=")
-        return f"{header[:64]},…({max(size, 0)} bytes)"
-    try:
-        parts = urlsplit(ref)
-    except ValueError:
-        return ref[:120] + ("…" if len(ref) > 120 else "")
-    if not parts.scheme:
-        return ref[:120] + ("…" if len(ref) > 120 else "")
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

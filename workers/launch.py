@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from api_client.names import WORKER_QUEUES, queue_name
 from api_client.settings import Settings
+from workers.devices import is_cuda, node_suffix, pin_cuda
 
 # Jobs in flight per worker: batching kinds need many to fill a batch; GPU-bound kinds
 # that do not batch take one at a time so a deploy never strands more than one.
@@ -40,9 +41,9 @@ class WorkerSpec:
             return self.name
         if self.kind == "webhooks":
             return "webhooks@%h"
-        if self.device.startswith("cuda"):
-            index = self.device.split(":", 1)[1] if ":" in self.device else "0"
-            return f"{self.kind}@gpu{index}"
+        if is_cuda(self.device):
+            # The operator's numbering, also when CUDA_VISIBLE_DEVICES renumbers it inside.
+            return f"{self.kind}@{node_suffix(self.device)}"
         return f"{self.kind}@%h"
 
     def queue_names(self, settings: Settings) -> list[str]:
@@ -56,6 +57,10 @@ class WorkerSpec:
             return max(2, settings.max_batch_images)
         if self.kind == "webhooks":
             return 8
+        if self.kind in ("diffusion", "inpaint"):
+            # One pipeline call at a time runs; the others fetch their images meanwhile
+            # and wait, so compatible generate jobs can share the next call.
+            return max(2, settings.diffusion_concurrency)
         return 1
 
 
@@ -86,10 +91,15 @@ def celery_argv(spec: WorkerSpec, settings: Settings) -> list[str]:
 
 
 def worker_env(spec: WorkerSpec, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of the Celery process: what it is, on which device."""
-    env = dict(base)
+    """The environment of the Celery process: what it is, on which device.
+
+    A ``cuda:N`` worker sees only that GPU (``CUDA_VISIBLE_DEVICES``), as ``cuda:0``, so
+    no library in it can open a context on another worker's GPU. ``ValueError`` if N is
+    not a GPU this process may use.
+    """
+    device, env = pin_cuda(spec.device, base)
     env["IMAGEQ_WORKER_KIND"] = spec.kind
-    env["IMAGEQ_DEVICE"] = spec.device
+    env["IMAGEQ_DEVICE"] = device
     env["IMAGEQ_WORKER_NAME"] = spec.node_name().replace("%h", _hostname())
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -106,4 +116,8 @@ def exec_worker(spec: WorkerSpec, settings: Settings, base_env: Mapping[str, str
     if spec.kind not in WORKER_QUEUES:
         raise SystemExit(f"imageq: unknown worker kind {spec.kind!r}")
     argv = celery_argv(spec, settings)
-    os.execve(sys.executable, argv, worker_env(spec, base_env))
+    try:
+        env = worker_env(spec, base_env)
+    except ValueError as exc:
+        raise SystemExit(f"imageq: {exc}") from None
+    os.execve(sys.executable, argv, env)

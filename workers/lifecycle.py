@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from workers.storage import Storage
 from workers.webhooks import WebhookEvent
 
 log = logging.getLogger(__name__)
+_SAFE_ID = re.compile(r"[A-Za-z0-9-]{1,64}\Z")
 
 Record = dict[str, Any]
 
@@ -120,8 +122,12 @@ class JobRunner:
     def refuse(self, raw: Any, fallback_id: str, exc: InvalidInput) -> None:
         """Fail a message that is not a valid job, with a record of its own."""
         doc: Record = raw if isinstance(raw, dict) else {}
-        job_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-        job_id = job_id if job_id and len(job_id) <= 64 else fallback_id
+        # An id the schema refused may be a path ("../.."), and so may a raw message's
+        # task id: neither may name a record or a storage key unless it is a valid id.
+        job_id = next(
+            (i for i in (doc.get("id"), fallback_id) if isinstance(i, str) and _SAFE_ID.match(i)),
+            str(uuid.uuid5(uuid.NAMESPACE_URL, str(fallback_id))),
+        )
         kind = doc.get("kind") if isinstance(doc.get("kind"), str) else "unknown"
         partial: Record = {"id": job_id, "kind": kind, "input": {}}
         metadata = doc.get("metadata")

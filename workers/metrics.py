@@ -1,10 +1,18 @@
-"""Prometheus metrics of one worker, served on ``IMAGEQ_METRICS_PORT`` when it is set."""
+"""Prometheus metrics of one worker, served on ``IMAGEQ_METRICS_PORT`` when it is set.
+
+Counters and histograms move as jobs end on this worker (``job_done``, called from the
+``task_postrun`` signal). Queue depths and GPU memory are read at scrape time, so they
+are current even when the worker is idle. Every worker reports every queue's depth:
+aggregate with ``max by (queue)``, not ``sum``.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
 from typing import Any
+
+import redis
 
 from api_client.names import WORKER_QUEUES, queue_name
 from api_client.queues import queue_depth
@@ -14,11 +22,14 @@ from workers.runtime import Runtime
 log = logging.getLogger(__name__)
 
 _BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# A scrape must not hang on a Redis that is away: Prometheus would mark the target down.
+_SCRAPE_REDIS_TIMEOUT_S = 2.0
 
 
 class Metrics:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
         self.settings = settings
         self.runtime = runtime
@@ -26,7 +37,7 @@ class Metrics:
         r = self.registry
         self.jobs = Counter(
             "imageq_jobs",
-            "Jobs that ended here, by kind and final status",
+            "Jobs that ended on this worker, by kind and final status",
             ["kind", "status"],
             registry=r,
         )
@@ -46,34 +57,62 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "imageq_batch_size",
-            "Items per forward pass",
+            "Items in the forward pass each finished job ran in (observed once per job)",
             ["kind"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
-        self.images = Counter("imageq_images", "Images processed", ["kind"], registry=r)
+        # A counter, not a rate: rate(imageq_images_total[1m]) is images per second.
+        self.images = Counter(
+            "imageq_images", "Images processed by finished jobs", ["kind"], registry=r
+        )
         load = Gauge("imageq_model_load_seconds", "Model load and warm-up time", registry=r)
         load.set(runtime.model_load_s)
+        info = Info("imageq_worker", "What this worker is and where it runs", registry=r)
+        info.info(
+            {
+                "name": runtime.ctx.worker_name,
+                "kind": settings.worker_kind,
+                "device": runtime.device,
+                "model": runtime.ctx.model_id,
+            }
+        )
         r.register(_LiveCollector(settings, runtime))
 
     @classmethod
     def maybe_start(cls, settings: Settings, runtime: Runtime) -> Metrics | None:
+        """Serve metrics if ``IMAGEQ_METRICS_PORT`` is set; a busy port is logged, not fatal."""
         if not settings.metrics_port:
             return None
         from prometheus_client import start_http_server
 
         metrics = cls(settings, runtime)
-        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.registry)
-        log.info("metrics on :%d/metrics", settings.metrics_port)
+        try:
+            start_http_server(
+                settings.metrics_port, addr=settings.metrics_address, registry=metrics.registry
+            )
+        except OSError as exc:
+            # The worker is worth more than its metrics: keep serving jobs, say why loudly.
+            log.error(
+                "metrics: cannot listen on %s:%d (%s); running without metrics",
+                settings.metrics_address,
+                settings.metrics_port,
+                exc,
+            )
+            return None
+        log.info("metrics on %s:%d/metrics", settings.metrics_address, settings.metrics_port)
         return metrics
 
     def job_done(self, job_id: str, summary: dict[str, Any], task_s: float | None) -> None:
+        """Count a job that ended here; ``summary`` is the task's return value."""
         kind, status = str(summary.get("kind")), str(summary.get("status"))
         metrics = summary.get("metrics") or {}
         self.jobs.labels(kind, status).inc()
         if metrics.get("queue_s") is not None:
             self.queue_wait.labels(kind).observe(float(metrics["queue_s"]))
-        run_s = metrics.get("run_s", task_s)
+        run_s = metrics.get("run_s")
+        if run_s is None:
+            run_s = task_s
         if run_s is not None:
             self.run_time.labels(kind).observe(float(run_s))
         if metrics.get("batch_size"):
@@ -82,29 +121,64 @@ class Metrics:
             self.images.labels(kind).inc(float(metrics["images"]))
 
 
+def _scrape_connection(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=_SCRAPE_REDIS_TIMEOUT_S,
+        socket_connect_timeout=_SCRAPE_REDIS_TIMEOUT_S,
+    )
+
+
+def broker_queues(settings: Settings) -> dict[str, list[str]]:
+    """Queue names by the broker URL that holds them (finetune may have its own)."""
+    out: dict[str, list[str]] = {}
+    for base in sorted({q for qs in WORKER_QUEUES.values() for q in qs}):
+        url = settings.long_broker_url if base == "finetune" else settings.broker_url
+        out.setdefault(url, []).append(queue_name(base, settings.queue_prefix))
+    return out
+
+
 class _LiveCollector:
     """Read at scrape time: queue depths (which Flower lacks) and GPU memory."""
 
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self.settings = settings
         self.runtime = runtime
+        # The broker, not the records store: a deployment may keep them apart.
+        self._brokers = {url: _scrape_connection(url) for url in broker_queues(settings)}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        depth = GaugeMetricFamily("imageq_queue_depth", "Messages waiting", labels=["queue"])
-        redis = self.runtime.ctx.store.redis
-        for base in sorted({q for qs in WORKER_QUEUES.values() for q in qs}):
-            name = queue_name(base, self.settings.queue_prefix)
-            try:
-                depth.add_metric([name], queue_depth(redis, name))
-            except Exception as exc:  # Redis away: report nothing rather than fail the scrape
-                log.debug("queue depth: %s", exc)
+        depth = GaugeMetricFamily(
+            "imageq_queue_depth", "Messages waiting in the broker, all priorities", labels=["queue"]
+        )
+        for url, names in broker_queues(self.settings).items():
+            for name in names:
+                try:
+                    depth.add_metric([name], queue_depth(self._brokers[url], name))
+                except redis.RedisError as exc:  # Redis away: leave the series out
+                    log.debug("queue depth of %s: %s", name, exc)
         yield depth
-        gpu = GaugeMetricFamily("imageq_gpu_memory_bytes", "CUDA memory", labels=["state"])
-        if self.runtime.device.startswith("cuda"):
-            import torch
+        yield self._gpu_memory(GaugeMetricFamily)
 
-            gpu.add_metric(["allocated"], torch.cuda.memory_allocated(self.runtime.device))
-            gpu.add_metric(["reserved"], torch.cuda.memory_reserved(self.runtime.device))
-        yield gpu
+    def _gpu_memory(self, family: Any) -> Any:
+        gpu = family(
+            "imageq_gpu_memory_bytes",
+            "CUDA memory of this worker's device: allocated (in use by tensors), "
+            "reserved (held by the caching allocator), total (the device's)",
+            labels=["device", "state"],
+        )
+        device = self.runtime.device
+        if not device.startswith("cuda"):
+            return gpu
+        import torch
+
+        try:
+            gpu.add_metric([device, "allocated"], torch.cuda.memory_allocated(device))
+            gpu.add_metric([device, "reserved"], torch.cuda.memory_reserved(device))
+            gpu.add_metric([device, "total"], torch.cuda.get_device_properties(device).total_memory)
+        except RuntimeError as exc:  # a device in a bad state: the scrape still answers
+            log.warning("gpu memory: %s", exc)
+        return gpu

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import redis
 
@@ -40,18 +41,56 @@ def wait_until(
     raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS redis-server: its certificate and key, and the CA clients trust."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 @dataclass
 class RedisServer:
-    """A redis-server this process started; ``restart`` keeps its data (AOF on)."""
+    """A redis-server this process started; ``restart`` keeps its data (AOF on).
+
+    ``password`` turns on ``requirepass``; ``tls`` serves TLS only (no plain port), so
+    ``url`` is then a ``rediss://`` URL that verifies the server against ``tls.ca``.
+    """
 
     directory: Path
     port: int = field(default_factory=free_port)
     appendonly: bool = True
     process: subprocess.Popen[bytes] | None = None
+    password: str = ""
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        query = urlencode({"ssl_cert_reqs": "required", "ssl_ca_certs": str(self.tls.ca)})
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?{query}"
+
+    def _security_args(self) -> list[str]:
+        args = ["--requirepass", self.password] if self.password else []
+        if self.tls is not None:
+            args += [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(self.tls.cert),
+                "--tls-key-file",
+                str(self.tls.key),
+                "--tls-ca-cert-file",
+                str(self.tls.ca),
+                "--tls-auth-clients",
+                "no",
+            ]
+        return args
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -75,11 +114,13 @@ class RedisServer:
                 "always",
                 "--protected-mode",
                 "yes",
+                # Later options win, so TLS moves the plain port to 0 (off).
+                *self._security_args(),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
         wait_until(lambda: _pings(client), 10, f"redis-server on port {self.port}")
         client.close()
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from api_client.errors import ModelError, OutOfMemory
+from workers.batching import Batcher
 from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
 
 TEXTS = [
@@ -184,3 +186,34 @@ def test_cuda_oom_becomes_out_of_memory(
     monkeypatch.setattr(predictor.model.text_encoder, "forward", oom)
     with pytest.raises(OutOfMemory):
         predictor.predict([MatchItem(IMAGES[0], TEXTS)])
+
+
+def test_text_token_counts_before_truncation(predictor: MatchPredictor) -> None:
+    limit = predictor.max_text_tokens
+    counts = predictor.text_token_counts(["a dog", "\u200b", "\x00\x01", "a " * (limit + 5)])
+    # Zero-width and control characters vanish in the tokenizer: such a text is empty.
+    assert counts == [2, 0, 0, limit + 5]
+    assert predictor.text_token_counts([]) == []
+    with pytest.raises(ModelError, match="not loaded"):
+        MatchPredictor("unused").text_token_counts(["a dog"])
+
+
+def test_batcher_fails_only_the_bad_item(predictor: MatchPredictor) -> None:
+    """One broken item in a micro-batch: the batch reruns item by item, the rest succeed."""
+    batcher = Batcher(predictor, max_batch=8, max_wait_ms=200)
+    batcher.start()
+    try:
+        broken = MatchItem(cast(Image.Image, object()), TEXTS[:2])
+        items = [MatchItem(IMAGES[0], TEXTS[:2]), broken, MatchItem(IMAGES[1], TEXTS[:2])]
+        futures = batcher.submit(items)
+        good = [futures[0].result(30), futures[2].result(30)]
+        with pytest.raises(ModelError, match="match"):
+            futures[1].result(30)
+    finally:
+        batcher.stop()
+    alone = predictor.predict([items[0], items[2]])
+    for (result, size), expected in zip(good, alone, strict=True):
+        # Rerun alone after the batch failed, with the same scores.
+        assert size == 1
+        assert result.itm == pytest.approx(expected.itm, abs=1e-5)
+        assert result.cosine == pytest.approx(expected.cosine, abs=1e-5)

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import threading
+from pathlib import Path
 from typing import Any
 
-from api_client.errors import ImageqError
+from api_client.errors import ImageqError, InvalidInput
 from api_client.schemas import CaptionInput, JobDocument
+from workers.adapter_registry import AdapterRegistry
 from workers.batching import Batcher, Ticket
 from workers.control import JobControl
+from workers.devices import SpeedOptions
 from workers.images import load_image
 from workers.lifecycle import Built, WorkerContext
-from workers.predictors.caption import CaptionItem, CaptionResult
+from workers.predictors.adapters import peft_adapter_name
+from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
 
 
 def load_images(refs: list[str], ctx: WorkerContext) -> list[Any]:
@@ -25,17 +32,61 @@ def load_images(refs: list[str], ctx: WorkerContext) -> list[Any]:
     return images
 
 
+class CaptionAdapters:
+    """Loads registry adapters into the warm predictor: on first use, and again when the
+    registry holds a newer version (a re-published name), so no restart is needed."""
+
+    def __init__(self, registry: AdapterRegistry, predictor: CaptionPredictor) -> None:
+        self.registry = registry
+        self.predictor = predictor
+        self._versions: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def ensure(self, name: str) -> str:
+        """Load ``name`` if needed; returns the name the predictor knows it by."""
+        entry = self.registry.get(name)
+        if entry is None:
+            raise InvalidInput(f"input.adapter: no adapter named {name!r} in the registry")
+        target = entry.get("target", "caption")
+        if target != "caption":
+            raise InvalidInput(f"input.adapter: {name!r} is a {target} adapter, not a caption one")
+        version = str(entry.get("version"))
+        # Registry names may hold "." and "-", which peft cannot use in module keys.
+        loaded = peft_adapter_name(name)
+        with self._lock:
+            if self._versions.get(name) == version and loaded in self.predictor.adapters:
+                return loaded
+            # load_adapter waits for a running batch and replaces an older version.
+            self.predictor.load_adapter(loaded, self.registry.local_dir(name))
+            self._versions[name] = version
+        return loaded
+
+
 class CaptionHandler:
-    def __init__(self, ctx: WorkerContext, batcher: Batcher) -> None:
+    def __init__(
+        self, ctx: WorkerContext, batcher: Batcher, adapters: CaptionAdapters | None = None
+    ) -> None:
         self.ctx = ctx
         self.batcher = batcher
+        self.adapters = adapters
 
     def handle(self, job: JobDocument, inp: CaptionInput, control: JobControl) -> dict[str, Any]:
+        adapter = None
+        if inp.adapter is not None:
+            # Before joining a batch: a download must not hold a forming batch open.
+            if self.adapters is None:
+                raise InvalidInput("input.adapter: this worker has no adapter registry")
+            adapter = self.adapters.ensure(inp.adapter)
         with self.batcher.incoming() as ticket:
-            return self._handle(job, inp, control, ticket)
+            return self._handle(job, inp, control, ticket, adapter)
 
     def _handle(
-        self, job: JobDocument, inp: CaptionInput, control: JobControl, ticket: Ticket
+        self,
+        job: JobDocument,
+        inp: CaptionInput,
+        control: JobControl,
+        ticket: Ticket,
+        adapter: str | None = None,
     ) -> dict[str, Any]:
         images = load_images(inp.images, self.ctx)
         control.check()
@@ -44,7 +95,7 @@ class CaptionHandler:
                 image=image,
                 prompt=inp.prompt,
                 generation=inp.generation,
-                adapter=inp.adapter,
+                adapter=adapter,
                 attention=inp.attention,
             )
             for image in images
@@ -73,31 +124,57 @@ class CaptionHandler:
     def _attention(
         self, job_id: str, index: int, image: Any, payload: dict[str, Any]
     ) -> dict[str, Any]:
-        from workers.predictors.caption import overlay_png
+        """Store the grids (JSON) and the overlay (PNG); return refs and a small summary.
+
+        See docs/match-and-attention.md for both files and the summary's fields.
+        """
+        from workers.predictors.attention import (
+            OVERLAY_MAX_PIXELS,
+            OVERLAY_MAX_SIDE,
+            overlay_png,
+            panel_size,
+            peak_cell,
+        )
 
         put = self.ctx.put_output
-        grid_ref = put(
-            job_id, f"attention-{index}.json", json.dumps(payload).encode(), "application/json"
+        tokens = payload.get("tokens") or []
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        grid_ref = put(job_id, f"attention-{index}.json", data, "application/json")
+        # Panels keep the input's size; only a huge photo or a long caption shrinks them.
+        limits = {"max_side": OVERLAY_MAX_SIDE, "max_pixels": OVERLAY_MAX_PIXELS}
+        width, height = panel_size(image.size, len(tokens), **limits)
+        overlay_ref = put(
+            job_id, f"attention-{index}.png", overlay_png(image, payload, **limits), "image/png"
         )
-        overlay = overlay_png(image, payload)
-        overlay_ref = put(job_id, f"attention-{index}.png", overlay, "image/png")
-        # The per-token mean grids are small enough to inline; per-layer grids stay in storage.
-        mean = [{"token": t["token"], "grid": t["mean"]} for t in payload.get("tokens", [])]
+        # The grids stay in storage: inlined, 512 images x 30 tokens x 576 cells would put
+        # tens of megabytes into the record and every webhook. The peak cell says where
+        # each token looked at a glance.
+        summary = [{"token": t["token"], "peak": peak_cell(t["mean"])} for t in tokens]
         return {
             "grid": payload.get("grid"),
-            "tokens": mean,
+            "layers": len(tokens[0]["layers"]) if tokens else 0,
+            "tokens": summary,
             "json": grid_ref,
             "overlay": overlay_ref,
+            "panel": [width, height],
         }
 
 
 def build(ctx: WorkerContext, device: str) -> Built:
     """The caption worker: one warm BLIP behind a micro-batcher."""
-    from workers.predictors.caption import CaptionPredictor
-
     settings = ctx.settings
-    predictor = CaptionPredictor(settings.model_caption, half_precision=settings.half_precision)
+    predictor = CaptionPredictor(settings.model_caption, speed=SpeedOptions.from_settings(settings))
     predictor.setup(device)
+    if settings.adapter_cache_dir:
+        cache, owned = Path(settings.adapter_cache_dir), False
+    else:
+        cache, owned = Path(tempfile.mkdtemp(prefix="imageq-caption-adapters-")), True
+    adapters = CaptionAdapters(AdapterRegistry(ctx.store, ctx.storage, cache), predictor)
     batcher = Batcher(predictor, settings.max_batch_images, settings.max_batch_wait_ms)
     batcher.start()
-    return {"caption": CaptionHandler(ctx, batcher)}, [batcher.stop]
+
+    def remove_cache() -> None:
+        if owned:
+            shutil.rmtree(cache, ignore_errors=True)
+
+    return {"caption": CaptionHandler(ctx, batcher, adapters)}, [batcher.stop, remove_cache]

@@ -70,8 +70,9 @@ def peft_adapter_name(name: str) -> str:
 @dataclass
 class _Loaded:
     peft_name: str
-    # (mtime_ns, size) of the weights file, so a re-published adapter is reloaded.
-    fingerprint: tuple[int, int]
+    # (path, mtime_ns, size) of the weights file, so a re-published adapter (a new
+    # version folder, or the file replaced in place) is reloaded.
+    fingerprint: tuple[str, int, int]
 
 
 class LoraAdapters:
@@ -149,7 +150,7 @@ class LoraAdapters:
     def _ensure_loaded(self, name: str) -> str:
         weights = self._weights_file(name)
         stat = weights.stat()
-        fingerprint = (stat.st_mtime_ns, stat.st_size)
+        fingerprint = (str(weights), stat.st_mtime_ns, stat.st_size)
         entry = self._loaded.get(name)
         if entry is not None and entry.fingerprint == fingerprint:
             self._loaded.move_to_end(name)
@@ -158,8 +159,13 @@ class LoraAdapters:
             self._unload(name)
         peft_name = peft_adapter_name(name)
         try:
+            # safetensors only: a pickled checkpoint could run code in the worker.
             self._pipe.load_lora_weights(
-                str(weights.parent), weight_name=LORA_WEIGHT_NAME, adapter_name=peft_name
+                str(weights.parent),
+                weight_name=LORA_WEIGHT_NAME,
+                adapter_name=peft_name,
+                use_safetensors=True,
+                local_files_only=True,
             )
         except Exception as exc:
             # A half-injected adapter would otherwise shadow the next load of this name.

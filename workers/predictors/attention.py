@@ -21,7 +21,7 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 if TYPE_CHECKING:
     import torch
@@ -100,9 +100,27 @@ def attention_payload(
     return {"grid": [rows, cols], "text": text, "tokens": entries}
 
 
-# A perceptual blue -> cyan -> yellow -> red ramp; dark blue for "no attention" keeps the
-# photo visible underneath while hot spots stand out.
-_RAMP = ((0.0, (48, 18, 120)), (0.35, (40, 150, 230)), (0.65, (250, 220, 40)), (1.0, (220, 30, 20)))
+def peak_cell(grid: list[list[float]]) -> list[int]:
+    """[row, column] of the grid's largest cell (the first one on a tie)."""
+    cells = [(r, c) for r, row in enumerate(grid) for c in range(len(row))]
+    row, col = max(cells, key=lambda rc: grid[rc[0]][rc[1]])
+    return [row, col]
+
+
+# The photo under the heat is desaturated and dimmed, so that colour on a panel always
+# means attention and never the photo's own reds and yellows.
+_BACKDROP_COLOUR = 0.0
+_BACKDROP_BRIGHTNESS = 0.85
+# A dark purple -> crimson -> orange -> yellow ramp (after matplotlib's "inferno"):
+# brighter means more attention, readable without a legend.
+_RAMP = ((0.0, (40, 10, 90)), (0.4, (190, 30, 60)), (0.7, (250, 120, 20)), (1.0, (255, 240, 80)))
+# Panels stay at the input image's size up to this longer side (BLIP itself sees
+# 384 px); a 6000 px photo would otherwise make a sheet of gigapixels.
+OVERLAY_MAX_SIDE = 1024
+# The whole sheet's pixel budget: eight 1024 x 768 panels fit; a longer caption over a
+# large photo shrinks its panels rather than grow the PNG (zlib encoding dominates the
+# cost, several seconds per 10 Mpx of a detailed photo on one core).
+OVERLAY_MAX_PIXELS = 8_000_000
 
 
 def _ramp_lut() -> list[int]:
@@ -136,22 +154,64 @@ def _heat(grid: list[list[float]], size: tuple[int, int]) -> Image.Image:
     return small.resize(size, Image.Resampling.BILINEAR)
 
 
+def _backdrop(base: Image.Image) -> Image.Image:
+    muted = ImageEnhance.Color(base).enhance(_BACKDROP_COLOUR)
+    return ImageEnhance.Brightness(muted).enhance(_BACKDROP_BRIGHTNESS)
+
+
 def _panel(
-    base: Image.Image, grid: list[list[float]], label: str, alpha: float, lut: list[int]
+    backdrop: Image.Image, grid: list[list[float]], label: str, opacity: int, lut: list[int]
 ) -> Image.Image:
-    heat = _heat(grid, base.size)
+    heat = _heat(grid, backdrop.size)
     colour = heat.convert("RGB").point(lut)
-    # Low attention tints lightly and high attention covers most of the photo.
-    mask = heat.point(lambda v: round(255 * alpha * (0.3 + 0.7 * v / 255)))
-    panel = Image.composite(colour, base, mask)
+    # Opacity grows with attention: ignored patches show the photo, the peak is covered
+    # to ``opacity`` (0-255).
+    mask = heat.point(lambda v: round(opacity * (v / 255) ** 1.5))
+    panel = Image.composite(colour, backdrop, mask)
     draw = ImageDraw.Draw(panel, "RGBA")
-    size = max(10, min(base.height // 8, base.width // 5, 48))
+    width, height = panel.size
+    if min(width, height) >= 32:
+        # A hairline on the right and bottom edges separates neighbouring panels.
+        draw.line((width - 1, 0, width - 1, height - 1), fill=(0, 0, 0, 255))
+        draw.line((0, height - 1, width - 1, height - 1), fill=(0, 0, 0, 255))
+    size = max(10, min(height // 8, width // 5, 48))
     font = _font(size)
     pad = max(2, size // 4)
     box = draw.textbbox((pad, pad), label, font=font)
-    draw.rectangle((0, 0, box[2] + pad, box[3] + pad), fill=(0, 0, 0, 170))
+    draw.rectangle((0, 0, box[2] + pad, box[3] + pad), fill=(0, 0, 0, 190))
     draw.text((pad, pad), label, fill=(255, 255, 255, 255), font=font)
     return panel
+
+
+def panel_size(
+    image_size: tuple[int, int],
+    n_panels: int,
+    *,
+    columns: int = 4,
+    max_height: int | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[int, int]:
+    """(width, height) of each panel: the input's size unless a limit asks for less.
+
+    The aspect ratio is kept; every limit only ever scales down.
+    """
+    width, height = image_size
+    scale = 1.0
+    if max_height is not None and height > max_height:
+        scale = min(scale, max_height / height)
+    if max_side is not None and max(width, height) > max_side:
+        scale = min(scale, max_side / max(width, height))
+    if max_pixels is not None:
+        n = max(1, n_panels)
+        cols = max(1, min(columns, n))
+        sheet = cols * -(-n // cols) * width * height
+        if sheet * scale * scale > max_pixels:
+            scale = min(scale, (max_pixels / sheet) ** 0.5)
+    if scale >= 1.0:
+        return width, height
+    # Round down (never past a limit), forgiving float error: 144 * (20 / 144) is 20.
+    return max(1, int(width * scale + 1e-6)), max(1, int(height * scale + 1e-6))
 
 
 def overlay_png(
@@ -159,24 +219,38 @@ def overlay_png(
     payload: dict[str, Any],
     *,
     columns: int = 4,
-    alpha: float = 0.6,
+    alpha: float = 0.75,
     max_height: int | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = None,
 ) -> bytes:
     """A PNG with one heatmap panel per generated token over the original image.
 
-    Each panel is the input image at its own size (scaled down to ``max_height`` when
-    given) with that token's mean grid upsampled over it and the token written in its
-    top-left corner. Panels fill rows of ``columns``, left to right then top to bottom, so
-    the PNG is ``min(n, columns)`` panels wide and ``ceil(n / columns)`` panels high. A
-    caption with no tokens gives one unmarked panel of the image.
+    Each panel is the input image at its own size (scaled down, aspect kept, only as far
+    as ``max_height``, ``max_side`` and the sheet's ``max_pixels`` require; see
+    ``panel_size``), muted to grey, with that token's mean grid upsampled over it in
+    colour (opacity up to ``alpha`` at the panel's peak) and the token written in its
+    top-left corner. Panels fill rows of ``columns``, left to right then top to bottom,
+    so the PNG is ``min(n, columns)`` panels wide and ``ceil(n / columns)`` panels high.
+    A caption with no tokens gives one unmarked panel of the image itself.
     """
     base = image.convert("RGB")
-    if max_height is not None and base.height > max_height:
-        width = max(1, round(base.width * max_height / base.height))
-        base = base.resize((width, max_height), Image.Resampling.BILINEAR)
-    lut = _ramp_lut()
     entries = payload.get("tokens") or []
-    panels = [_panel(base, e["mean"], str(e["token"]), alpha, lut) for e in entries] or [base]
+    size = panel_size(
+        base.size,
+        len(entries),
+        columns=columns,
+        max_height=max_height,
+        max_side=max_side,
+        max_pixels=max_pixels,
+    )
+    if size != base.size:
+        base = base.resize(size, Image.Resampling.BILINEAR)
+    lut = _ramp_lut()
+    backdrop = _backdrop(base)
+    opacity = round(255 * min(1.0, max(0.0, alpha)))
+    panels = [_panel(backdrop, e["mean"], str(e["token"]), opacity, lut) for e in entries]
+    panels = panels or [base]
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
     sheet = Image.new("RGB", (columns * base.width, rows * base.height), (0, 0, 0))

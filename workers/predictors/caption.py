@@ -24,6 +24,7 @@ from PIL import Image
 
 from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
 from api_client.schemas import GenerationOptions
+from workers.devices import SpeedOptions
 from workers.predictors.attention import (
     attention_payload,
     overlay_png,
@@ -117,9 +118,12 @@ def load_checked(model_class: Any, model_id: str, dtype: torch.dtype) -> Any:
 class CaptionPredictor:
     """Holds one BLIP captioning model; nothing loads before ``setup``."""
 
-    def __init__(self, model_id: str, *, half_precision: bool = True) -> None:
+    def __init__(
+        self, model_id: str, *, half_precision: bool = True, speed: SpeedOptions | None = None
+    ) -> None:
         self.model_id = model_id
         self.half_precision = half_precision
+        self.speed = speed or SpeedOptions(half_precision=half_precision)
         self.device = "cpu"
         self.model: Any = None
         self.processor: Any = None
@@ -129,7 +133,6 @@ class CaptionPredictor:
 
     # -- lifecycle ----------------------------------------------------------------------
     def setup(self, device: str) -> None:
-        import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         from workers.devices import resolve_device
@@ -137,13 +140,11 @@ class CaptionPredictor:
         try:
             check_local_model(self.model_id)
             self.device = resolve_device(device)
-            dtype = (
-                torch.float16
-                if self.half_precision and self.device.startswith("cuda")
-                else torch.float32
-            )
+            dtype = self.speed.torch_dtype(self.device)
             model = load_checked(BlipForConditionalGeneration, self.model_id, dtype)
             self.model = model.to(self.device).eval()
+            # Before the warm-up pass below, which is where torch.compile compiles.
+            self.speed.apply_to_vision(self.model.vision_model)
             self.processor = BlipProcessor.from_pretrained(self.model_id)
             self.predict([CaptionItem(Image.new("RGB", (64, 64)), None, GenerationOptions())])
         except Exception as exc:

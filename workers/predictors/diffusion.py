@@ -14,16 +14,13 @@ UNet sees at least 4 rows; the VAE always decodes one image at a time for that r
 
 from __future__ import annotations
 
-import io
 import secrets
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
 from api_client.schemas import GenerateInput, InpaintInput, StyleInput
@@ -36,9 +33,18 @@ from workers.predictors.adapters import (
     sampler_name,
 )
 from workers.predictors.base import StepCallback
+from workers.predictors.diffusion_png import (
+    check_pixels,
+    check_strength,
+    display_name,
+    encode_png,
+    fit_mask,
+    fit_size,
+    resized,
+)
 
 SEED_RANGE = 2**32
-MIN_SIDE, MAX_SIDE = 64, 2048
+NO_IP_ADAPTER = "style_image: this worker has no IP-Adapter (set IMAGEQ_IP_ADAPTER)"
 
 
 @dataclass(frozen=True)
@@ -71,57 +77,6 @@ class _CallbackRaised(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def a1111_parameters(p: dict[str, Any]) -> str:
-    """The ``parameters`` text AUTOMATIC1111 writes into its PNGs (other tools read it)."""
-    negative = f"\nNegative prompt: {p['negative_prompt']}" if p.get("negative_prompt") else ""
-    items: dict[str, Any] = {
-        "Steps": p["steps"],
-        "Sampler": p["sampler"],
-        "CFG scale": p["guidance_scale"],
-        "Seed": p["seed"],
-        "Size": f"{p['width']}x{p['height']}",
-        "Model": p["model"],
-        "Denoising strength": p.get("strength"),
-        "IP-Adapter scale": p.get("style_scale"),
-    }
-    if p.get("adapters"):  # A1111 quotes values that hold commas
-        items["Adapters"] = (
-            '"' + ", ".join(f"{a['name']}:{a['scale']}" for a in p["adapters"]) + '"'
-        )
-    listed = ", ".join(f"{key}: {value}" for key, value in items.items() if value is not None)
-    return f"{p.get('prompt', '')}{negative}\n{listed}"
-
-
-def fit_size(width: int, height: int) -> tuple[int, int]:
-    """The output size for an input image: scaled down to at most 2048 px a side, then
-    rounded down to multiples of 8 (the VAE's downsampling factor)."""
-    scale = min(1.0, MAX_SIDE / max(width, height))
-    w, h = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
-    if w < MIN_SIDE or h < MIN_SIDE:
-        raise InvalidInput(f"image: {width}x{height} is too small (at least 64x64)")
-    return w, h
-
-
-def fit_mask(mask: Image.Image, image_size: tuple[int, int], size: tuple[int, int]) -> Image.Image:
-    """A grey mask of ``size``; one of another size is accepted if its aspect ratio matches."""
-    if mask.size != image_size:
-        (mw, mh), (iw, ih) = mask.size, image_size
-        if abs((mw / mh) / (iw / ih) - 1.0) > 0.01:
-            raise InvalidInput(
-                f"mask: {mw}x{mh} does not fit the {iw}x{ih} image (aspect ratios differ)"
-            )
-    # NEAREST keeps a hard mask hard; the pipeline binarises at 50% grey anyway.
-    return mask.convert("L").resize(size, Image.Resampling.NEAREST)
-
-
-def _png(image: Image.Image, text: str) -> bytes:
-    info = PngInfo()
-    info.add_text("parameters", text)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 class DiffusionPredictor:
@@ -258,9 +213,10 @@ class DiffusionPredictor:
         self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback], batched: bool
     ) -> list[list[GeneratedImage]]:
         self._require_full_pipeline()
+        first = inps[0]
+        check_pixels(first.width, first.height, self.settings.max_output_pixels)
         seeds = [self._seeds(inp.seed, inp.num_images) for inp in inps]
         args = _text_args(inps, [inp.prompt for inp in inps])
-        first = inps[0]
         args.update(height=first.height, width=first.width)
         flat = [seed for job in seeds for seed in job]
         images = self._call(self._pipe, first, flat, args, on_steps, batched)
@@ -276,15 +232,15 @@ class DiffusionPredictor:
         self, inp: InpaintInput, image: Image.Image, mask: Image.Image, on_step: StepCallback
     ) -> list[GeneratedImage]:
         """Repaint the white part of ``mask``; the output size is ``fit_size(image.size)``."""
-        size = fit_size(*image.size)
+        size = fit_size(*image.size, self.settings.max_output_pixels)
         mask = fit_mask(mask, image.size, size)
-        _check_strength(inp.steps, inp.strength)
+        check_strength(inp.steps, inp.strength)
         seeds = self._seeds(inp.seed, inp.num_images)
         # One copy per image: the pipeline then encodes image i with generator i, so
         # image i depends on its own seed alone.
         args = _text_args([inp], [inp.prompt])
         args.update(
-            image=[_resized(image, size)] * inp.num_images,
+            image=[resized(image, size)] * inp.num_images,
             mask_image=[mask] * inp.num_images,
             width=size[0],
             height=size[1],
@@ -304,13 +260,13 @@ class DiffusionPredictor:
         and ``style_image`` through the IP-Adapter at ``style_scale``."""
         self._require_full_pipeline()
         if style_image is not None and self._ip is None:
-            raise InvalidInput("style_image: this worker has no IP-Adapter (set IMAGEQ_IP_ADAPTER)")
-        size = fit_size(*image.size)
-        _check_strength(inp.steps, inp.strength)
+            raise InvalidInput(NO_IP_ADAPTER)
+        size = fit_size(*image.size, self.settings.max_output_pixels)
+        check_strength(inp.steps, inp.strength)
         seeds = self._seeds(inp.seed, inp.num_images)
         prompt = inp.style_prompt or inp.prompt
         args = _text_args([inp], [prompt])
-        args.update(image=_resized(image, size), strength=inp.strength)
+        args.update(image=resized(image, size), strength=inp.strength)
         extra: dict[str, Any] = {"prompt": prompt, "strength": inp.strength}
         ip: AbstractContextManager[None] = nullcontext()
         if style_image is not None and self._ip is not None:
@@ -415,11 +371,11 @@ class DiffusionPredictor:
                 "seed": seed,
                 "width": image.width,
                 "height": image.height,
-                "model": _display_name(self.model_id),
+                "model": display_name(self.model_id),
                 "adapters": [{"name": a.name, "scale": a.scale} for a in inp.adapters],
                 **extra,
             }
-            png = _png(image, a1111_parameters(params))
+            png = encode_png(image, params)
             results.append(GeneratedImage(png, seed, image.width, image.height, params, nsfw))
         return results
 
@@ -433,25 +389,6 @@ def _text_args(inps: Sequence[Any], prompts: list[str]) -> dict[str, Any]:
         "num_inference_steps": inps[0].steps,
         "guidance_scale": inps[0].guidance_scale,
     }
-
-
-def _check_strength(steps: int, strength: float) -> None:
-    # The pipelines run int(steps * strength) steps and fail on zero.
-    if int(steps * strength) < 1:
-        raise InvalidInput(
-            f"strength: {steps} steps at strength {strength} leave no step to run; "
-            "raise steps or strength"
-        )
-
-
-def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    image = image.convert("RGB")
-    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
-
-
-def _display_name(model_id: str) -> str:
-    # A hub id or a directory's name: never the worker's filesystem layout.
-    return Path(model_id.rstrip("/")).name or model_id
 
 
 def _no_progress(step: int, total: int, info: dict[str, Any]) -> None:

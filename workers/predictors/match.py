@@ -11,6 +11,7 @@ embeddings then serve every text. Scores equal ``BlipForImageTextRetrieval.forwa
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from api_client.errors import ImageqError, ModelError
+from workers.devices import SpeedOptions
 from workers.predictors.caption import check_local_model, load_checked, model_errors
 
 if TYPE_CHECKING:
@@ -48,19 +50,28 @@ class MatchPredictor:
     """Holds one BLIP retrieval model; nothing loads before ``setup``."""
 
     def __init__(
-        self, model_id: str, *, half_precision: bool = True, max_pairs_per_pass: int = 256
+        self,
+        model_id: str,
+        *,
+        half_precision: bool = True,
+        max_pairs_per_pass: int = 256,
+        speed: SpeedOptions | None = None,
     ) -> None:
         self.model_id = model_id
         self.half_precision = half_precision
+        self.speed = speed or SpeedOptions(half_precision=half_precision)
         # Bounds the memory of the ITM pass: images x texts pairs can reach 512 x 64.
         self.max_pairs_per_pass = max(1, max_pairs_per_pass)
         self.device = "cpu"
         self.model: Any = None
         self.processor: Any = None
         self._lock = threading.Lock()
+        # A second tokenizer for the job threads' checks: a fast tokenizer's truncation
+        # settings are mutable state, so one instance must not serve two threads at once.
+        self._check_tokenizer: Any = None
+        self._check_lock = threading.Lock()
 
     def setup(self, device: str) -> None:
-        import torch
         from transformers import BlipForImageTextRetrieval, BlipProcessor
 
         from workers.devices import resolve_device
@@ -68,17 +79,16 @@ class MatchPredictor:
         try:
             check_local_model(self.model_id)
             self.device = resolve_device(device)
-            dtype = (
-                torch.float16
-                if self.half_precision and self.device.startswith("cuda")
-                else torch.float32
-            )
+            dtype = self.speed.torch_dtype(self.device)
             model = load_checked(BlipForImageTextRetrieval, self.model_id, dtype)
             self.model = model.to(self.device).eval()
+            self.speed.apply_to_vision(self.model.vision_model)
             self.processor = BlipProcessor.from_pretrained(self.model_id)
+            self._check_tokenizer = copy.deepcopy(self.processor.tokenizer)
             self.predict([MatchItem(Image.new("RGB", (64, 64)), ["a photo"])])
         except Exception as exc:
             self.model = None
+            self._check_tokenizer = None
             reason = exc.message if isinstance(exc, ImageqError) else f"{type(exc).__name__}: {exc}"
             raise ModelError(f"cannot load match model {self.model_id!r}: {reason}") from exc
 
@@ -87,6 +97,24 @@ class MatchPredictor:
         """Texts are cut to this many tokens: the tokenizer's and the model's limit."""
         positions = int(self.model.config.text_config.max_position_embeddings)
         return min(int(self.processor.tokenizer.model_max_length), positions)
+
+    def text_token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens in each text before truncation, without [CLS] and [SEP].
+
+        A job thread calls this before its items join a batch: a text with no tokens
+        (only control or zero-width characters) is refused as bad input, and one over
+        ``max_text_tokens - 2`` is reported as truncated. Safe to call while a batch runs.
+        """
+        if self._check_tokenizer is None:
+            raise ModelError("match model is not loaded: call setup() first")
+        if not texts:
+            return []
+        with self._check_lock:
+            # verbose=False: counting a text over the limit is the point, not a mistake.
+            ids = self._check_tokenizer(list(texts), add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]
+        return [len(row) for row in ids]
 
     def batch_key(self, item: MatchItem) -> Hashable:
         # Every item can share a pass: texts are encoded per pair anyway.

@@ -1,0 +1,662 @@
+"""A corpus of hostile and malformed jobs against ONE long-lived caption worker.
+
+Every case goes in twice: through the Client (which either accepts it or refuses it
+with ``InvalidInput`` naming the field) and as a raw Celery message by task name, as a
+backend in another language could send it. Each must end with its error code while the
+worker survives (same pid, same registry entry) and its warm model serves the next good
+job. The worker runs with the URL guard ON (``IMAGEQ_ALLOW_PRIVATE_URLS=0``).
+
+The worker's network is simulated by a ``sitecustomize`` module on its PYTHONPATH: the
+name ``images.example`` resolves to a public address that is routed to this module's
+loopback image server, ``mixed.example`` resolves to that public address AND a private
+one, and every other connection to a non-loopback address is refused and written to a
+log. The guard has to refuse before connecting: the tests assert that log stays empty.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu import Connection, Producer
+from PIL import Image
+
+from api_client.errors import InvalidInput
+from api_client.names import task_name
+from tests.fixtures.services import Stack
+from tests.helpers import bomb_png, data_uri, png_bytes, png_uri
+from workers.services import WorkerProcess, wait_until
+
+PUBLIC_IP = "93.184.215.14"  # example.com's: global, so the guard lets it pass
+PRIVATE_IP = "10.0.0.7"
+WORKER = "caption-corpus@test"
+
+NETSIM = '''
+"""Test-only network for one worker process (written by test_bad_input_corpus.py)."""
+import ipaddress
+import json
+import os
+import socket
+
+_CONFIG = json.loads(os.environ.get("NETSIM_CONFIG", "{}"))
+_HOSTS = {k.lower(): v for k, v in _CONFIG.get("hosts", {}).items()}
+_ROUTES = _CONFIG.get("routes", {})
+_LOG = _CONFIG.get("log", "")
+_real_getaddrinfo = socket.getaddrinfo
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _note(line):
+    if _LOG:
+        with open(_LOG, "a") as sink:
+            sink.write(line + "\\n")
+
+
+def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+    name = host.decode() if isinstance(host, bytes) else host
+    if isinstance(name, str) and name.lower() in _HOSTS:
+        found = []
+        for address in _HOSTS[name.lower()]:
+            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+            if family in (0, fam):
+                where = (address, int(port or 0)) + ((0, 0) if ":" in address else ())
+                found.append((fam, socket.SOCK_STREAM, 6, "", where))
+        return found
+    return _real_getaddrinfo(host, port, family, type, proto, flags)
+
+
+def _loopback(host):
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        infos = _real_getaddrinfo(host, None)
+        return bool(infos) and all(_loopback(str(info[4][0])) for info in infos)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _target(sock, address):
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
+        return address
+    host = str(address[0])
+    if host in _ROUTES:
+        _note("routed %s:%s" % (host, address[1]))
+        return (_ROUTES[host],) + tuple(address[1:2])
+    if _loopback(host):
+        return address
+    _note("REFUSED %s:%s" % (host, address[1]))
+    raise ConnectionRefusedError("netsim: no connections to non-loopback addresses")
+
+
+def connect(self, address):
+    return _real_connect(self, _target(self, address))
+
+
+def connect_ex(self, address):
+    return _real_connect_ex(self, _target(self, address))
+
+
+socket.getaddrinfo = getaddrinfo
+socket.socket.connect = connect
+socket.socket.connect_ex = connect_ex
+'''
+
+
+# --- the hostile files ---------------------------------------------------------------
+
+
+def _encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def _noise() -> Image.Image:
+    # Noise does not compress, so a cut really lands in the pixel data.
+    return Image.effect_noise((96, 96), 80).convert("RGB")
+
+
+def truncated_jpeg() -> bytes:
+    return _encode(_noise(), "JPEG")[:1500]
+
+
+def corrupt_png() -> bytes:
+    data = bytearray(_encode(_noise(), "PNG"))
+    start = data.index(b"IDAT") + 4
+    data[start + 100 : start + 110] = b"\xff" * 10
+    return bytes(data)
+
+
+def gif_with_frames(count: int) -> bytes:
+    colors = [(250, 10, 10), (10, 250, 10), (10, 10, 250)]
+    frames = [Image.new("RGB", (16, 16), colors[i % 3]) for i in range(count)]
+    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=20)
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A valid PNG header for a big image with almost no pixel data behind it."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        body = kind + payload
+        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nshowpage\n%%EOF\n"
+PDF = b"%PDF-1.4\n1 0 obj<< /Type /Catalog >>endobj\ntrailer<< /Root 1 0 R >>\n%%EOF\n"
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>'
+
+
+# --- a loopback image server: files, redirects, a body that never ends --------------
+
+
+class ImageHost:
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
+        self.endless: set[str] = set()
+        self.hits: dict[str, int] = {}
+        self._lock = threading.Lock()
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with host._lock:
+                    host.hits[self.path] = host.hits.get(self.path, 0) + 1
+                if self.path in host.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", host.redirects[self.path])
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                elif self.path in host.endless:
+                    self._trickle()
+                elif self.path in host.files:
+                    body = host.files[self.path]
+                    self.send_response(200)
+                    self.send_header("content-type", "image/png")
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+
+            def _trickle(self) -> None:
+                # One byte at a time, never the whole body: only a total deadline ends it.
+                self.send_response(200)
+                self.send_header("content-length", "1000000")
+                self.end_headers()
+                for _ in range(200):
+                    try:
+                        self.wfile.write(b"\x89")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(0.2)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+
+    def total_hits(self) -> int:
+        with self._lock:
+            return sum(self.hits.values())
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[ImageHost]:
+    srv = ImageHost()
+    srv.files.update(
+        {
+            "/good.png": png_bytes((20, 140, 60)),
+            "/truncated.jpg": truncated_jpeg(),
+            "/corrupt.png": corrupt_png(),
+            "/zero.png": b"",
+            "/bomb.png": bomb_png(),
+            "/big.png": png_of_size(8000, 8000),
+            "/eps.png": EPS,
+            "/pdf.png": PDF,
+            "/svg.png": SVG,
+            "/frames.gif": gif_with_frames(3000),
+        }
+    )
+    srv.redirects["/to-metadata"] = "http://169.254.169.254/latest/meta-data/iam/"
+    srv.redirects["/to-localhost"] = f"http://localhost:{srv.port}/good.png"
+    srv.redirects["/to-private"] = f"http://{PRIVATE_IP}/good.png"
+    srv.endless.add("/endless.png")
+    thread = threading.Thread(target=srv.httpd.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+@dataclass
+class Corpus:
+    stack: Stack
+    worker: WorkerProcess
+    netlog: Path
+    celery: Celery
+    registry: dict[str, Any] = field(default_factory=dict)
+
+    def registry_entry(self) -> dict[str, Any]:
+        raw = self.stack.redis.get(self.stack.store.key("worker", WORKER))
+        assert raw is not None, "the worker left the registry"
+        entry: dict[str, Any] = json.loads(raw)
+        return entry
+
+    def refused_connections(self) -> list[str]:
+        if not self.netlog.exists():
+            return []
+        return [line for line in self.netlog.read_text().splitlines() if "REFUSED" in line]
+
+
+@pytest.fixture(scope="module")
+def corpus(
+    make_stack: Callable[..., Stack],
+    tiny_caption_model: Path,
+    host: ImageHost,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Corpus]:
+    shim = tmp_path_factory.mktemp("netsim")
+    (shim / "sitecustomize.py").write_text(NETSIM)
+    netlog = shim / "connections.log"
+    config = {
+        "hosts": {"images.example": [PUBLIC_IP], "mixed.example": [PUBLIC_IP, PRIVATE_IP]},
+        "routes": {PUBLIC_IP: "127.0.0.1"},
+        "log": str(netlog),
+    }
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    stack = make_stack(
+        IMAGEQ_MODEL_CAPTION=str(tiny_caption_model),
+        IMAGEQ_ALLOW_PRIVATE_URLS="0",
+        IMAGEQ_FETCH_TIMEOUT_S="2",
+        PYTHONPATH=path,
+        NETSIM_CONFIG=json.dumps(config),
+    )
+    worker = stack.worker("caption", WORKER)
+    app = Celery("corpus-backend", broker=stack.settings.broker_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    found = Corpus(stack, worker, netlog, app)
+    found.registry = found.registry_entry()
+    yield found
+    app.close()
+
+
+# --- the table -----------------------------------------------------------------------
+
+IMG = "http://images.example:{port}"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    # The final status's error code, or "succeeded" for input that is merely odd.
+    code: str
+    input: Any
+    # The field the Client's InvalidInput names; None when the Client accepts the job.
+    refused: str | None = None
+    kind: str = "caption"
+    # Document-level fields beside id/kind/input (priority, timeout_s, unknown ones).
+    doc: dict[str, Any] = field(default_factory=dict)
+    # The field the worker's error message names (defaults to ``refused``).
+    names: str | None = None
+    # False where the Client cannot even express the document (raw message only).
+    via_client: bool = True
+
+
+def _img(path: str) -> dict[str, Any]:
+    return {"image": IMG + path}
+
+
+OVER_CAP = data_uri(os.urandom(300 * 1024))
+STRICT_MAX = {"max_new_tokens": 4, "min_new_tokens": 0}
+
+CASES = [
+    # files that are not what they claim
+    Case("truncated-jpeg", "invalid_input", _img("/truncated.jpg"), names="input.images[0]"),
+    Case("corrupt-png", "invalid_input", _img("/corrupt.png"), names="input.images[0]"),
+    Case("zero-bytes", "invalid_input", _img("/zero.png"), names="input.images[0]"),
+    Case("zero-bytes-data-uri", "invalid_input", {"image": "data:image/png;base64,"}),
+    Case("decompression-bomb", "invalid_input", _img("/bomb.png"), names="input.images[0]"),
+    Case("over-pixel-cap", "invalid_input", _img("/big.png"), names="input.images[0]"),
+    Case("eps-as-png", "invalid_input", _img("/eps.png"), names="input.images[0]"),
+    Case("pdf-as-png", "invalid_input", _img("/pdf.png"), names="input.images[0]"),
+    Case("svg-as-png", "invalid_input", _img("/svg.png"), names="input.images[0]"),
+    Case("svg-data-uri", "invalid_input", {"image": data_uri(SVG, "image/svg+xml")}),
+    Case("gif-3000-frames", "succeeded", _img("/frames.gif")),
+    Case("data-uri-over-cap", "invalid_input", {"image": OVER_CAP}, names="input.images[0]"),
+    Case("data-uri-not-base64", "invalid_input", {"image": "data:image/png;base64,@@@@"}),
+    Case("data-uri-not-image", "invalid_input", {"image": "data:text/html,<b>"}, "input.images"),
+    Case("never-finishes", "input_fetch_failed", _img("/endless.png"), names="deadline"),
+    # wrong types, unknown fields, out-of-range values, empty lists
+    Case("document-not-object", "invalid_input", "a string", "input", names="document"),
+    Case("image-a-number", "invalid_input", {"image": 42}, refused="input.images[0]"),
+    Case("images-a-string", "invalid_input", {"images": IMG + "/good.png"}, "input.images"),
+    Case("attention-a-list", "invalid_input", {**_img("/good.png"), "attention": [1]}, "attention"),
+    Case(
+        "generation-a-string",
+        "invalid_input",
+        {**_img("/good.png"), "generation": "fast"},
+        "input.generation",
+    ),
+    Case(
+        "priority-a-string",
+        "invalid_input",
+        _img("/good.png"),
+        doc={"priority": "high"},
+        refused="priority",
+    ),
+    Case("unknown-input-field", "invalid_input", {**_img("/good.png"), "colour": "red"}, "colour"),
+    Case(
+        "unknown-generation-field",
+        "invalid_input",
+        {**_img("/good.png"), "generation": {"beam_width": 3}},
+        refused="input.generation.beam_width",
+    ),
+    Case(
+        "unknown-document-field",
+        "invalid_input",
+        _img("/good.png"),
+        doc={"callback": "http://evil.example/"},
+        refused="callback",
+        via_client=False,
+    ),
+    Case(
+        "id-path-traversal",
+        "invalid_input",
+        _img("/good.png"),
+        doc={"id": "../../../etc/cron.d/x"},
+        refused="id",
+        via_client=False,
+    ),
+    Case("kind-unknown", "invalid_input", _img("/good.png"), kind="transmogrify", refused="kind"),
+    Case(
+        "num-beams-99",
+        "invalid_input",
+        {**_img("/good.png"), "generation": {"num_beams": 99}},
+        refused="input.generation.num_beams",
+    ),
+    Case(
+        "max-new-tokens-0",
+        "invalid_input",
+        {**_img("/good.png"), "generation": {"max_new_tokens": 0}},
+        refused="input.generation.max_new_tokens",
+    ),
+    Case(
+        "temperature-nan",
+        "invalid_input",
+        {**_img("/good.png"), "generation": {"temperature": float("nan")}},
+        refused="input.generation.temperature",
+    ),
+    Case(
+        "return-sequences-over-beams",
+        "invalid_input",
+        {**_img("/good.png"), "generation": {**STRICT_MAX, "num_return_sequences": 4}},
+        refused="input.generation",
+    ),
+    Case(
+        "priority-42", "invalid_input", _img("/good.png"), doc={"priority": 42}, refused="priority"
+    ),
+    Case(
+        "timeout-negative",
+        "invalid_input",
+        _img("/good.png"),
+        doc={"timeout_s": -1},
+        refused="timeout_s",
+    ),
+    Case(
+        "metadata-too-big",
+        "invalid_input",
+        _img("/good.png"),
+        doc={"metadata": {"blob": "x" * 5000}},
+        refused="metadata",
+    ),
+    Case("prompt-too-long", "invalid_input", {**_img("/good.png"), "prompt": "a" * 600}, "prompt"),
+    Case("images-empty", "invalid_input", {"images": []}, refused="input.images"),
+    Case("too-many-images", "invalid_input", {"images": [IMG + "/good.png"] * 513}, "images"),
+    Case("url-too-long", "invalid_input", {"image": IMG + "/" + "a" * 5000}, "input.images[0]"),
+    Case(
+        "texts-empty",
+        "invalid_input",
+        {**_img("/good.png"), "texts": []},
+        kind="match",
+        refused="input.texts",
+    ),
+    Case(
+        "texts-blank",
+        "invalid_input",
+        {**_img("/good.png"), "texts": ["   "]},
+        kind="match",
+        refused="input.texts",
+    ),
+    # addresses the guard refuses before it connects
+    Case("loopback-v4", "forbidden_url", {"image": "http://127.0.0.1:{port}/good.png"}),
+    Case("loopback-v6", "forbidden_url", {"image": "http://[::1]:{port}/good.png"}),
+    Case("v4-mapped-v6", "forbidden_url", {"image": "http://[::ffff:127.0.0.1]:{port}/good.png"}),
+    Case("decimal-loopback", "forbidden_url", {"image": "http://2130706433:{port}/good.png"}),
+    Case("name-localhost", "forbidden_url", {"image": "http://localhost:{port}/good.png"}),
+    Case("private-10", "forbidden_url", {"image": "http://10.1.2.3/good.png"}),
+    Case("private-172-16", "forbidden_url", {"image": "http://172.20.0.5/good.png"}),
+    Case("private-192-168", "forbidden_url", {"image": "http://192.168.1.1/good.png"}),
+    Case("metadata", "forbidden_url", {"image": "http://169.254.169.254/latest/meta-data/"}),
+    Case("redirect-to-metadata", "forbidden_url", _img("/to-metadata"), names="169.254.169.254"),
+    Case("redirect-to-localhost", "forbidden_url", _img("/to-localhost"), names="localhost"),
+    Case("redirect-to-private", "forbidden_url", _img("/to-private"), names=PRIVATE_IP),
+    Case(
+        "name-with-a-private-address",
+        "forbidden_url",
+        {"image": "http://mixed.example:{port}/good.png"},
+        names=PRIVATE_IP,
+    ),
+    Case("file-url", "forbidden_url", {"image": "file:///etc/passwd"}, names="file://"),
+    Case("gopher-url", "invalid_input", {"image": "gopher://images.example/1"}, "input.images[0]"),
+    Case("ftp-url", "invalid_input", {"image": "ftp://images.example/a.png"}, "input.images[0]"),
+]
+
+
+def _fill(value: Any, port: int) -> Any:
+    if isinstance(value, str):
+        return value.replace("{port}", str(port))
+    if isinstance(value, list):
+        return [_fill(v, port) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, port) for k, v in value.items()}
+    return value
+
+
+def _final(stack: Stack, job_id: str, timeout_s: float = 60) -> Any:
+    wait_until(lambda: stack.store.get(job_id) is not None, timeout_s, f"record of {job_id}")
+    return stack.client.wait(job_id, timeout_s)
+
+
+def _check_worker_unchanged(corpus: Corpus) -> None:
+    """Same process, same registry entry (no restart, no model reload), a good job runs."""
+    assert corpus.worker.alive()
+    entry = corpus.registry_entry()
+    for key in ("pid", "started_at", "model_load_s"):
+        assert entry[key] == corpus.registry[key], key
+    assert entry["pid"] == corpus.worker.pid
+    good = corpus.stack.client.caption(
+        image=png_uri((30, 90, 200)), generation={"max_new_tokens": 4}
+    )
+    assert corpus.stack.client.wait(good.id, 60).status == "succeeded"
+
+
+def test_the_corpus_is_big_enough() -> None:
+    assert len(CASES) >= 30
+    assert len({case.id for case in CASES}) == len(CASES)
+
+
+def _first_hop(case: Case, inp: Any) -> str | None:
+    """The image-host path a worker fetches for this case, if it gets that far."""
+    if case.refused is not None or not isinstance(inp, dict):
+        return None
+    refs = [inp["image"]] if "image" in inp else inp.get("images", [])
+    prefix = IMG.replace("{port}", "")
+    for ref in refs:
+        if isinstance(ref, str) and ref.startswith(prefix):
+            return "/" + ref[len(prefix) :].split("/", 1)[1]
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case: Case, corpus: Corpus, host: ImageHost) -> None:
+    stack = corpus.stack
+    inp = _fill(case.input, host.port)
+    hits_before = dict(host.hits)
+    jobs: list[str] = []
+
+    # 1. through the Client
+    options = {k: v for k, v in case.doc.items() if k in ("priority", "timeout_s", "metadata")}
+    if case.via_client:
+        if case.refused is not None:
+            with pytest.raises(InvalidInput) as refused:
+                stack.client.submit(case.kind, inp, **options)
+            assert case.refused in refused.value.message, refused.value.message
+        else:
+            jobs.append(stack.client.submit(case.kind, inp, **options).id)
+
+    # 2. as a raw Celery message by task name (kind may be a lie: the worker checks)
+    raw_id = f"raw-{uuid.uuid4().hex[:16]}"
+    document: Any = (
+        {"id": raw_id, "kind": case.kind, "input": inp, **case.doc}
+        if isinstance(inp, dict)
+        else inp
+    )
+    task = task_name(case.kind if case.kind in ("caption", "match") else "caption")
+    corpus.celery.send_task(
+        task, args=[document], task_id=raw_id, queue=stack.settings.queue_prefix + "caption"
+    )
+    jobs.append(raw_id)
+
+    for job_id in jobs:
+        record = _final(stack, job_id)
+        if case.code == "succeeded":
+            assert record.status == "succeeded", record.error
+            continue
+        assert record.status == "failed", record
+        assert record.error is not None and record.error.code == case.code, record.error
+        named = case.names or case.refused
+        if named:
+            assert named in record.error.message, record.error.message
+        assert stack.storage_path("jobs", job_id, "result.json").is_file()
+
+    # Only the first hop on the (simulated public) image host was ever requested, once
+    # per job: refused addresses, redirect targets and the private half of a name never.
+    hop = _first_hop(case, inp)
+    fetched = {p: n - hits_before.get(p, 0) for p, n in host.hits.items()}
+    assert {p: n for p, n in fetched.items() if n} == ({hop: len(jobs)} if hop else {})
+    assert corpus.refused_connections() == [], "a connection to a non-loopback address"
+    _check_worker_unchanged(corpus)
+
+
+class _Marker:
+    """Unpickling this calls ``open(path, "w")``: the file appears if a pickle ever runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def test_pickled_messages_are_refused_and_never_run(corpus: Corpus, tmp_path: Path) -> None:
+    stack = corpus.stack
+    queue = stack.settings.queue_prefix + "caption"
+    marker = tmp_path / "pickle-ran"
+    payload = pickle.dumps(([_Marker(marker)], {}, {}), protocol=4)
+    # The payload is live: unpickled here (with a control path) it makes its file.
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Marker(control))).close()
+    assert control.exists()
+
+    task_id = f"pickle-{uuid.uuid4().hex[:12]}"
+    headers = {
+        "lang": "py",
+        "task": task_name("caption"),
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "argsrepr": "()",
+        "kwargsrepr": "{}",
+        "origin": "attacker",
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+    }
+    with Connection(stack.settings.broker_url) as conn:
+        producer = Producer(conn.default_channel)
+        # Protocol 2 (task in the headers) and protocol 1 (everything in the pickle).
+        producer.publish(
+            payload,
+            routing_key=queue,
+            exchange="",
+            headers=headers,
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            serializer=None,
+        )
+        legacy = pickle.dumps(
+            {"task": task_name("caption"), "id": task_id + "-v1", "args": [_Marker(marker)]}
+        )
+        producer.publish(
+            legacy,
+            routing_key=queue,
+            exchange="",
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            serializer=None,
+        )
+    # Both leave the queue (refused and acknowledged, not stuck or redelivered) ...
+    wait_until(lambda: stack.redis.llen(queue) == 0, 30, "the queue to drain")
+    _check_worker_unchanged(corpus)
+    # ... without running, without a record, and without a crash.
+    assert not marker.exists()
+    assert stack.store.get(task_id) is None
+    assert task_id not in json.dumps(stack.redis.hvals("unacked"))
+    log = corpus.worker.log_path.read_text(errors="replace")
+    assert log.count("untrusted content") >= 2, log[-3000:]
+
+
+def test_a_task_id_that_is_a_path_never_names_a_record_or_a_file(corpus: Corpus) -> None:
+    stack = corpus.stack
+    task_id = "../../../tmp/evil"
+    corpus.celery.send_task(
+        task_name("caption"),
+        args=["not a job"],
+        task_id=task_id,
+        queue=stack.settings.queue_prefix + "caption",
+    )
+    # The record takes an id derived from the task id instead.
+    derived = str(uuid.uuid5(uuid.NAMESPACE_URL, task_id))
+    record = _final(stack, derived)
+    assert record.status == "failed"
+    assert record.error is not None and record.error.code == "invalid_input"
+    assert stack.store.get(task_id) is None
+    assert stack.storage_path("jobs", derived, "result.json").is_file()
+    _check_worker_unchanged(corpus)

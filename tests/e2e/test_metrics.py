@@ -1,0 +1,104 @@
+"""A live caption worker's Prometheus endpoint: the numbers move as jobs run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.services import Stack
+from tests.helpers import png_uri
+from workers.services import free_port, wait_until
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack: Callable[..., Stack], tiny_caption_model: Path) -> Stack:
+    s = make_stack(IMAGEQ_MODEL_CAPTION=str(tiny_caption_model))
+    port = free_port()
+    s.worker(
+        "caption",
+        "caption-metrics@test",
+        IMAGEQ_METRICS_PORT=str(port),
+        IMAGEQ_METRICS_ADDRESS="127.0.0.1",
+    )
+    s.extra["metrics_url"] = f"http://127.0.0.1:{port}/metrics"
+    return s
+
+
+def scrape(stack: Stack) -> Samples:
+    text = requests.get(stack.extra["metrics_url"], timeout=10).text
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(samples: Samples, metric: str, /, **labels: str) -> float:
+    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_worker_identity_and_model_load(stack: Stack) -> None:
+    samples = scrape(stack)
+    info = value(
+        samples,
+        "imageq_worker_info",
+        name="caption-metrics@test",
+        kind="caption",
+        device="cpu",
+        model=stack.settings.model_caption,
+    )
+    assert info == 1.0
+    assert value(samples, "imageq_model_load_seconds") > 0
+    # A CPU worker has no GPU memory to report, and says nothing rather than zeros.
+    assert not [key for key in samples if key[0] == "imageq_gpu_memory_bytes"]
+
+
+def test_job_counters_and_histograms_move(stack: Stack) -> None:
+    before = scrape(stack)
+    ok_a = stack.client.caption(images=[png_uri((200, 0, 0)), png_uri((0, 200, 0))])
+    ok_b = stack.client.caption(image=png_uri((0, 0, 200)))
+    # Valid for the schema, undecodable for the worker: fails as invalid_input.
+    bad = stack.client.caption(image="data:image/png;base64,bm90IGFuIGltYWdl")
+    assert stack.client.wait(ok_a.id, 60).status == "succeeded"
+    assert stack.client.wait(ok_b.id, 60).status == "succeeded"
+    assert stack.client.wait(bad.id, 60).status == "failed"
+
+    def delta(metric: str, /, **labels: str) -> float:
+        return value(scrape(stack), metric, **labels) - value(before, metric, **labels)
+
+    # The counters move in task_postrun, just after the final record is written.
+    wait_until(
+        lambda: delta("imageq_jobs_total", kind="caption", status="failed") == 1,
+        10,
+        "the failed job counted",
+    )
+    assert delta("imageq_jobs_total", kind="caption", status="succeeded") == 2
+    assert delta("imageq_images_total", kind="caption") == 3
+    assert delta("imageq_queue_wait_seconds_count", kind="caption") == 3
+    assert delta("imageq_run_seconds_count", kind="caption") == 3
+    assert delta("imageq_run_seconds_sum", kind="caption") > 0
+    assert delta("imageq_batch_size_count", kind="caption") == 2
+    assert delta("imageq_batch_size_sum", kind="caption") >= 3
+
+
+def test_queue_depth_counts_every_priority(stack: Stack) -> None:
+    prefix = stack.settings.queue_prefix
+    samples = scrape(stack)
+    assert value(samples, "imageq_queue_depth", queue=prefix + "caption") == 0
+    assert value(samples, "imageq_queue_depth", queue=prefix + "match") == 0
+    # No match worker runs here: the jobs wait, spread over kombu's priority sub-lists.
+    for priority in (0, 5, 9):
+        stack.client.submit(
+            "match", {"image": png_uri(), "texts": ["a red square"]}, priority=priority
+        )
+    samples = scrape(stack)
+    assert value(samples, "imageq_queue_depth", queue=prefix + "match") == 3
+    assert value(samples, "imageq_queue_depth", queue=prefix + "generate") == 0
+    queues = {dict(labels)["queue"] for name, labels in samples if name == "imageq_queue_depth"}
+    assert {prefix + q for q in ("caption", "match", "generate", "finetune", "webhooks")} <= queues

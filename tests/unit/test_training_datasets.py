@@ -1,0 +1,242 @@
+"""Finetune datasets: archives and prefixes in, validated examples out, bad ones named."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api_client.errors import ForbiddenUrl, InvalidInput
+from api_client.settings import Settings
+from tests.helpers import ImageServer, bomb_png, image_server, png_bytes
+from workers.storage import LocalStorage
+from workers.training.datasets import load_dataset, safe_name
+
+GOOD = {
+    "a.png": png_bytes((200, 10, 10)),
+    "b.png": png_bytes((10, 200, 10)),
+}
+
+
+def metadata(*lines: object) -> bytes:
+    return "\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines).encode()
+
+
+def good_files(folder: str = "") -> dict[str, bytes]:
+    files = {folder + name: data for name, data in GOOD.items()}
+    files[folder + "metadata.jsonl"] = metadata(
+        {"file_name": "a.png", "text": "un chat rouge"},
+        "",
+        {"file_name": "b.png", "text": "un chien vert"},
+    )
+    return files
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def tar_bytes(files: dict[str, bytes], mode: str = "w:gz", link: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            archive.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "storage")
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(allow_private_urls=True)
+
+
+def load(
+    ref: str, settings: Settings, storage: LocalStorage, tmp_path: Path, missing: bool = False
+) -> list[tuple[str, str | None]]:
+    dataset = load_dataset(ref, tmp_path / "work", settings, storage, allow_missing_text=missing)
+    return [(e.file_name, e.text) for e in dataset.examples]
+
+
+EXPECTED = [("a.png", "un chat rouge"), ("b.png", "un chien vert")]
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("ds.zip", zip_bytes(good_files())),
+        ("folder.zip", zip_bytes(good_files("photos/"))),
+        ("ds.tar.gz", tar_bytes(good_files())),
+        ("ds.tar", tar_bytes(good_files("x/"), mode="w")),
+    ],
+)
+def test_archives_in_storage(
+    name: str, data: bytes, settings: Settings, storage: LocalStorage, tmp_path: Path
+) -> None:
+    uri = storage.put(f"datasets/{name}", data, "application/octet-stream")
+    assert load(uri, settings, storage, tmp_path) == EXPECTED
+
+
+def test_storage_prefix_and_local_folder(
+    settings: Settings, storage: LocalStorage, tmp_path: Path
+) -> None:
+    for name, data in good_files().items():
+        storage.put(f"datasets/pets/{name}", data, "application/octet-stream")
+    prefix = storage.uri("datasets/pets/x")[: -len("x")]
+    assert load(prefix, settings, storage, tmp_path) == EXPECTED
+
+    folder = tmp_path / "local"
+    folder.mkdir()
+    for name, data in good_files().items():
+        (folder / name).write_bytes(data)
+    with pytest.raises(ForbiddenUrl, match="not allowed"):
+        load(folder.as_uri(), settings, storage, tmp_path / "1")
+    local = settings.with_(allow_local_files=True)
+    assert load(folder.as_uri(), local, storage, tmp_path / "2") == EXPECTED
+
+
+@pytest.fixture
+def http() -> Iterator[ImageServer]:
+    with image_server() as server:
+        yield server
+
+
+def test_http_archive_with_its_own_byte_cap(
+    http: ImageServer, settings: Settings, storage: LocalStorage, tmp_path: Path
+) -> None:
+    data = zip_bytes(good_files())
+    http.files["/ds.zip"] = data
+    # The image cap does not apply to a dataset; the dataset cap does.
+    small_images = settings.with_(max_image_bytes=len(data) - 1)
+    assert load(http.url("/ds.zip"), small_images, storage, tmp_path / "1") == EXPECTED
+    capped = settings.with_(max_dataset_bytes=len(data) - 1)
+    with pytest.raises(InvalidInput, match="dataset: .*larger than"):
+        load(http.url("/ds.zip"), capped, storage, tmp_path / "2")
+    guarded = settings.with_(allow_private_urls=False)
+    with pytest.raises(ForbiddenUrl, match="loopback"):
+        load(http.url("/ds.zip"), guarded, storage, tmp_path / "3")
+    with pytest.raises(InvalidInput, match="must be a zip or tar"):
+        load(http.url("/folder/"), settings, storage, tmp_path / "4")
+
+
+@pytest.mark.parametrize(
+    "files, problem",
+    [
+        ({**good_files(), "b.png": b""}, r"b\.png: unreadable image"),
+        ({**good_files(), "b.png": b"GIF89a not really"}, r"b\.png: unreadable image"),
+        ({**good_files(), "b.png": bomb_png()}, r"b\.png: unreadable image: .*pixels"),
+        ({k: v for k, v in good_files().items() if k != "b.png"}, r"b\.png: file missing"),
+        (
+            {**GOOD, "metadata.jsonl": metadata({"file_name": "a.png", "text": " "})},
+            r"a\.png: empty text",
+        ),
+        (
+            {**GOOD, "metadata.jsonl": metadata({"file_name": "a.png"})},
+            r"a\.png: empty text",
+        ),
+        (
+            {**GOOD, "metadata.jsonl": metadata({"file_name": "../a.png", "text": "x"})},
+            r"\.\./a\.png: not a relative path",
+        ),
+        ({**GOOD, "metadata.jsonl": b"{not json"}, "line 1: not valid JSON"),
+        ({**GOOD, "metadata.jsonl": metadata({"text": "x"})}, "line 1: .*file_name"),
+        (GOOD, "no metadata.jsonl"),
+        ({"metadata.jsonl": b""}, "no examples"),
+    ],
+)
+def test_bad_datasets_name_the_file(
+    files: dict[str, bytes],
+    problem: str,
+    settings: Settings,
+    storage: LocalStorage,
+    tmp_path: Path,
+) -> None:
+    uri = storage.put("datasets/bad.zip", zip_bytes(files), "application/zip")
+    with pytest.raises(InvalidInput, match="dataset: .*" + problem):
+        load(uri, settings, storage, tmp_path)
+
+
+def test_every_problem_is_reported(
+    settings: Settings, storage: LocalStorage, tmp_path: Path
+) -> None:
+    files = {
+        "a.png": b"junk",
+        "metadata.jsonl": metadata(
+            {"file_name": "a.png", "text": "x"}, {"file_name": "gone.png", "text": "y"}
+        ),
+    }
+    uri = storage.put("datasets/bad.zip", zip_bytes(files), "application/zip")
+    with pytest.raises(InvalidInput) as caught:
+        load(uri, settings, storage, tmp_path)
+    assert "a.png: unreadable image" in caught.value.message
+    assert "gone.png: file missing" in caught.value.message
+
+
+def test_hostile_entries_never_leave_the_folder(
+    settings: Settings, storage: LocalStorage, tmp_path: Path
+) -> None:
+    files = {**good_files(), "../escape.png": GOOD["a.png"], ".hidden/x.png": GOOD["a.png"]}
+    uri = storage.put("datasets/evil.tar.gz", tar_bytes(files, link="link.png"), "x")
+    assert load(uri, settings, storage, tmp_path) == EXPECTED
+    assert not (tmp_path / "escape.png").exists()
+    assert not (tmp_path / "work" / "link.png").exists()
+    assert not (tmp_path / "work" / ".hidden").exists()
+    for bad in ("/etc/passwd", "a/../../b", "c\\d", "", "./.git/config"):
+        assert safe_name(bad) is None, bad
+    assert str(safe_name("./photos//a.png")) == "photos/a.png"
+
+
+def test_size_and_count_caps(settings: Settings, storage: LocalStorage, tmp_path: Path) -> None:
+    # Compresses to almost nothing, unpacks to 10 MB: the cap counts what is read.
+    big = {**good_files(), "padding.bin": b"\0" * 10_000_000}
+    uri = storage.put("datasets/bomb.zip", zip_bytes(big), "application/zip")
+    capped = settings.with_(max_dataset_unpacked_bytes=1_000_000)
+    with pytest.raises(InvalidInput, match="unpacks to more than 1000000 bytes"):
+        load(uri, capped, storage, tmp_path / "1")
+    few = settings.with_(max_dataset_files=2)
+    uri = storage.put("datasets/ok.zip", zip_bytes(good_files()), "application/zip")
+    with pytest.raises(InvalidInput, match="more than 2 files"):
+        load(uri, few, storage, tmp_path / "2")
+    uri = storage.put("datasets/not.zip", b"just some bytes", "application/zip")
+    with pytest.raises(InvalidInput, match="not a zip or tar archive"):
+        load(uri, settings, storage, tmp_path / "3")
+
+
+def test_auto_caption_accepts_missing_texts_and_unlisted_images(
+    settings: Settings, storage: LocalStorage, tmp_path: Path
+) -> None:
+    files = {
+        **GOOD,
+        "c.png": png_bytes((1, 2, 3)),
+        "metadata.jsonl": metadata({"file_name": "a.png", "text": "x"}, {"file_name": "b.png"}),
+    }
+    uri = storage.put("datasets/partial.zip", zip_bytes(files), "application/zip")
+    assert load(uri, settings, storage, tmp_path, missing=True) == [
+        ("a.png", "x"),
+        ("b.png", None),
+        ("c.png", None),
+    ]
+    only_images = storage.put("datasets/bare.zip", zip_bytes(GOOD), "application/zip")
+    assert load(only_images, settings, storage, tmp_path / "2", missing=True) == [
+        ("a.png", None),
+        ("b.png", None),
+    ]

@@ -1,0 +1,101 @@
+"""Match jobs: every image against every text, ITM probability and ITC cosine.
+
+The output document (see docs/match-and-attention.md)::
+
+    {"texts": [...],                       # the job's texts, in order
+     "scores": [{"index": i,               # one entry per image, in order
+                 "itm": [p_0, ...],        # per text, in [0, 1]
+                 "cosine": [c_0, ...],     # per text, in [-1, 1]
+                 "best": {"text_index": j, "text": "...", "itm": p_j, "cosine": c_j}}],
+     "truncated": [j, ...],                # texts cut to the model's token limit
+     "max_text_tokens": n}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api_client.errors import InvalidInput
+from api_client.schemas import JobDocument, MatchInput
+from workers.batching import Batcher, Ticket
+from workers.control import JobControl
+from workers.devices import SpeedOptions
+from workers.kinds.caption import load_images
+from workers.lifecycle import Built, WorkerContext
+from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
+
+# Six decimals: far below any meaningful difference between two scores, and the output
+# of a full 512 x 64 job stays well under a megabyte in the record and the webhook.
+DECIMALS = 6
+
+
+class MatchHandler:
+    def __init__(self, ctx: WorkerContext, predictor: MatchPredictor, batcher: Batcher) -> None:
+        self.ctx = ctx
+        self.predictor = predictor
+        self.batcher = batcher
+
+    def handle(self, job: JobDocument, inp: MatchInput, control: JobControl) -> dict[str, Any]:
+        with self.batcher.incoming() as ticket:
+            return self._handle(inp, control, ticket)
+
+    def _handle(self, inp: MatchInput, control: JobControl, ticket: Ticket) -> dict[str, Any]:
+        truncated = self._check_texts(inp.texts)
+        images = load_images(inp.images, self.ctx)
+        control.check()
+        # One item per image: the batcher's size limit counts images, as for captions,
+        # and the predictor runs the vision encoder once per image for all its texts.
+        items = [MatchItem(image=image, texts=list(inp.texts)) for image in images]
+        results, batch_size = self.batcher.run(items, control.is_canceled, ticket)
+        control.metrics.update(
+            batch_size=batch_size,
+            images=len(items),
+            texts=len(inp.texts),
+            pairs=len(items) * len(inp.texts),
+        )
+        return {
+            "texts": list(inp.texts),
+            "scores": [self._scores(i, r, inp.texts) for i, r in enumerate(results)],
+            "truncated": truncated,
+            "max_text_tokens": self.predictor.max_text_tokens,
+        }
+
+    def _check_texts(self, texts: list[str]) -> list[int]:
+        """Refuse texts the tokenizer reduces to nothing; return those it must cut."""
+        counts = self.predictor.text_token_counts(texts)
+        for j, count in enumerate(counts):
+            if count == 0:
+                raise InvalidInput(
+                    f"input.texts[{j}]: the text has no tokens (only control or "
+                    "zero-width characters)"
+                )
+        # [CLS] and [SEP] take two of the model's positions.
+        room = self.predictor.max_text_tokens - 2
+        return [j for j, count in enumerate(counts) if count > room]
+
+    @staticmethod
+    def _scores(index: int, result: MatchResult, texts: list[str]) -> dict[str, Any]:
+        itm = [round(s, DECIMALS) for s in result.itm]
+        cosine = [round(s, DECIMALS) for s in result.cosine]
+        best = result.best
+        return {
+            "index": index,
+            "itm": itm,
+            "cosine": cosine,
+            "best": {
+                "text_index": best,
+                "text": texts[best],
+                "itm": itm[best],
+                "cosine": cosine[best],
+            },
+        }
+
+
+def build(ctx: WorkerContext, device: str) -> Built:
+    """The match worker: one warm BLIP-ITM behind a micro-batcher."""
+    settings = ctx.settings
+    predictor = MatchPredictor(settings.model_match, speed=SpeedOptions.from_settings(settings))
+    predictor.setup(device)
+    batcher = Batcher(predictor, settings.max_batch_images, settings.max_batch_wait_ms)
+    batcher.start()
+    return {"match": MatchHandler(ctx, predictor, batcher)}, [batcher.stop]
