@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
@@ -171,9 +172,9 @@ def run(jobs: int, concurrency: int) -> None:
         redis_server.stop()
 
 
-def _try(fn: object) -> bool:
+def _try(fn: Callable[[], object]) -> bool:
     try:
-        fn()  # type: ignore[operator]
+        fn()
         return True
     except Exception:
         return False

@@ -47,6 +47,8 @@ def check_basic_auth(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imageq flower",
+        # Flower's own options pass through: never let a prefix of one match ours.
+        allow_abbrev=False,
         description="Flower on the imageq app, behind basic auth (IMAGEQ_FLOWER_BASIC_AUTH). "
         "Options not listed here pass through to Flower (e.g. --purge_offline_workers=600).",
     )

@@ -54,7 +54,10 @@ class WorkerSpec:
         if self.concurrency:
             return self.concurrency
         if self.kind in ("caption", "match"):
-            return max(2, settings.max_batch_images)
+            # Two batches' worth: one in the model, the next one fetching its images and
+            # waiting in the batcher, so a full batch is ready the moment the model frees
+            # up (docs/performance.md). Prefetch stays 1: no job waits unstarted here.
+            return 2 * max(1, settings.max_batch_images)
         if self.kind == "webhooks":
             return 8
         if self.kind in ("diffusion", "inpaint"):
@@ -115,8 +118,8 @@ def exec_worker(spec: WorkerSpec, settings: Settings, base_env: Mapping[str, str
     """Replace this process with the Celery worker (signals then reach Celery directly)."""
     if spec.kind not in WORKER_QUEUES:
         raise SystemExit(f"imageq: unknown worker kind {spec.kind!r}")
-    argv = celery_argv(spec, settings)
     try:
+        argv = celery_argv(spec, settings)
         env = worker_env(spec, base_env)
     except ValueError as exc:
         raise SystemExit(f"imageq: {exc}") from None

@@ -261,10 +261,14 @@ class JobRunner:
 
             record, _ = self.store.update(job_id, mutate)
             assert record is not None
-        if not self.store.done_once(job_id, "result.json"):
-            self.ctx.storage.put(key, json.dumps(record, indent=2).encode(), "application/json")
-            self.store.claim_once(job_id, "result.json")
-        self.emit(job_id, "job." + record["status"], record)
+        try:
+            if not self.store.done_once(job_id, "result.json"):
+                self.ctx.storage.put(key, json.dumps(record, indent=2).encode(), "application/json")
+                self.store.claim_once(job_id, "result.json")
+        finally:
+            # Storage that stays down (the job failed for it) must not also swallow the
+            # final event: the record in Redis is final either way.
+            self.emit(job_id, "job." + record["status"], record)
 
     def emit(self, job_id: str, event_type: str, record: Record, seq: int = 0) -> None:
         document = self.store.get_document(job_id) or {}

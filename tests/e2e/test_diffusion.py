@@ -183,9 +183,12 @@ def test_timeout_stops_a_running_job(sd: Stack) -> None:
     assert job_files(sd, final.id) == ["result.json"]
 
 
-def test_compatible_jobs_share_a_call_and_get_exactly_their_own_images(sd: Stack) -> None:
-    # Two images per job: the CPU kernels are batch-invariant from 4 UNet rows on
-    # (2 images x classifier-free guidance), so alone and batched match to the byte.
+def rgb(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_compatible_jobs_share_a_call_and_get_their_own_images(sd: Stack) -> None:
     jobs = [
         {"prompt": "a cat", "seed": 10, "num_images": 2, "negative_prompt": "ugly"},
         {"prompt": "the dog", "seed": 20, "num_images": 2},
@@ -204,8 +207,15 @@ def test_compatible_jobs_share_a_call_and_get_exactly_their_own_images(sd: Stack
     assert succeeded(sd, blocker).metrics["batch_jobs"] == 1
     assert [r.metrics["batch_jobs"] for r in batched] == [3, 3, 3]
     assert all(r.metrics["batch_size"] == 6 for r in batched)
-    assert [stored(sd, r) for r in batched] == alone
     assert [r.output["seeds"] for r in batched if r.output] == [[10, 11], [20, 21], [30, 31]]
+    # Each job drew its own noise: the same images as alone, up to the CPU kernels'
+    # rounding, which depends on the batch's size and the job's place in it (the
+    # predictor's docstring); the parameters text is the same to the byte.
+    for lone_pngs, record in zip(alone, batched, strict=True):
+        for lone, png in zip(lone_pngs, stored(sd, record), strict=True):
+            assert read_parameters(png) == read_parameters(lone)
+            diff = np.abs(rgb(png) - rgb(lone))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import requests
 
+from api_client.settings import Settings
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
+from workers.flower import build_parser, flower_argv, flower_env
 from workers.services import free_port, wait_until
 
 AUTH = ("ops", "s3cret-flower")
@@ -84,6 +86,29 @@ def test_refuses_to_start_without_basic_auth(stack: Stack) -> None:
     assert "only-a-password" not in bad.stderr
 
 
+def test_credentials_travel_in_the_environment_not_argv() -> None:
+    settings = Settings.from_env({"IMAGEQ_FLOWER_BASIC_AUTH": "ops:pw1, dev:pw2"})
+    base = {"FLOWER_UNAUTHENTICATED_API": "true", "PATH": "/bin"}
+    env = flower_env(settings, base, finetune=False)
+    assert env["FLOWER_BASIC_AUTH"] == "ops:pw1,dev:pw2"
+    assert "FLOWER_UNAUTHENTICATED_API" not in env
+    args, rest = build_parser().parse_known_args(["--port", "7000", "--purge_offline_workers=60"])
+    argv = flower_argv(args, rest)
+    assert argv[-1] == "--purge_offline_workers=60" and "--port=7000" in argv
+    assert "--address=127.0.0.1" in argv
+    assert not [a for a in argv if "pw1" in a]
+    assert flower_env(settings, base, finetune=True)["IMAGEQ_WORKER_KIND"] == "finetune"
+
+
+def test_finetune_flower_needs_the_finetune_broker(stack: Stack) -> None:
+    env = {**stack.env, "IMAGEQ_FLOWER_BASIC_AUTH": ":".join(AUTH)}
+    env.pop("IMAGEQ_FINETUNE_BROKER_URL", None)
+    done = subprocess.run(
+        flower_command("--finetune"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "IMAGEQ_FINETUNE_BROKER_URL" in done.stderr
+
+
 def test_basic_auth_required(flower: str) -> None:
     for path in ("/", "/tasks", "/api/tasks", "/api/workers"):
         assert requests.get(flower + path, timeout=10).status_code == 401, path
@@ -91,6 +116,8 @@ def test_basic_auth_required(flower: str) -> None:
     assert wrong.status_code == 401
     assert requests.get(flower + "/api/tasks", auth=AUTH, timeout=10).status_code == 200
     assert requests.get(flower + "/tasks", auth=AUTH, timeout=10).status_code == 200
+    # Flower leaves its health check open by design (container health checks use it).
+    assert requests.get(flower + "/healthcheck", timeout=10).text == "OK"
 
 
 def test_job_listed_by_id_with_kind_task_name(stack: Stack, flower: str) -> None:

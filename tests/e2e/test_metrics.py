@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import requests
@@ -102,3 +104,44 @@ def test_queue_depth_counts_every_priority(stack: Stack) -> None:
     assert value(samples, "imageq_queue_depth", queue=prefix + "generate") == 0
     queues = {dict(labels)["queue"] for name, labels in samples if name == "imageq_queue_depth"}
     assert {prefix + q for q in ("caption", "match", "generate", "finetune", "webhooks")} <= queues
+
+
+def test_gpu_memory_and_a_redis_that_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: torch.cuda's counters are stubbed to check what a CUDA worker exports,
+    against a broker nobody listens on (the scrape still answers)."""
+    import torch
+    from prometheus_client import generate_latest
+
+    from api_client.settings import Settings
+    from workers.metrics import Metrics
+    from workers.runtime import Runtime
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * gib)
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device=None: SimpleNamespace(total_memory=80 * gib),
+    )
+    settings = Settings.from_env(
+        {
+            "IMAGEQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "IMAGEQ_WORKER_KIND": "diffusion",
+        }
+    )
+    runtime = SimpleNamespace(
+        device="cuda:1",
+        model_load_s=12.5,
+        ctx=SimpleNamespace(worker_name="diffusion-gpu1@host", model_id="sd15"),
+    )
+    metrics = Metrics(settings, cast(Runtime, runtime))
+    samples: Samples = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert value(samples, "imageq_gpu_memory_bytes", device="cuda:1", state="allocated") == 3 * gib
+    assert value(samples, "imageq_gpu_memory_bytes", device="cuda:1", state="reserved") == 5 * gib
+    assert value(samples, "imageq_gpu_memory_bytes", device="cuda:1", state="total") == 80 * gib
+    assert value(samples, "imageq_model_load_seconds") == 12.5
+    assert not [key for key in samples if key[0] == "imageq_queue_depth"]

@@ -24,7 +24,7 @@ GOOD = {
 
 
 def metadata(*lines: object) -> bytes:
-    return "\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines).encode()
+    return "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines).encode()
 
 
 def good_files(folder: str = "") -> dict[str, bytes]:
@@ -129,7 +129,7 @@ def test_http_archive_with_its_own_byte_cap(
     small_images = settings.with_(max_image_bytes=len(data) - 1)
     assert load(http.url("/ds.zip"), small_images, storage, tmp_path / "1") == EXPECTED
     capped = settings.with_(max_dataset_bytes=len(data) - 1)
-    with pytest.raises(InvalidInput, match="dataset: .*larger than"):
+    with pytest.raises(InvalidInput, match=r"dataset: .*larger than"):
         load(http.url("/ds.zip"), capped, storage, tmp_path / "2")
     guarded = settings.with_(allow_private_urls=False)
     with pytest.raises(ForbiddenUrl, match="loopback"):

@@ -147,6 +147,8 @@ class FinetuneHandler:
             control.metrics["last_checkpoint"] = uri
 
         result = run_training(trainer, config, checkpoints, control, on_checkpoint)
+        # What storage still holds (older ones are pruned), not every step ever saved.
+        result.checkpoints = checkpoints.steps()
         control.metrics.update(
             resumed_from_step=result.resumed_from_step,
             steps_run=result.steps_run,
@@ -188,7 +190,8 @@ class FinetuneHandler:
         own = (self.registry.get(inp.name) or {}).get("job_id") == job_id
         entry = self.registry.publish(inp.name, files, info, overwrite=inp.overwrite or own)
         log.info("job %s published adapter %s (%s)", job_id, inp.name, entry["uri"])
-        store = f"jobs/{job_id}/checkpoints/"
+        # A storage URI names a key, so the folder's URI is its key's plus the slash.
+        store = self.ctx.storage.uri(f"jobs/{job_id}/checkpoints") + "/"
         return {
             "name": inp.name,
             "uri": entry["uri"],
@@ -201,7 +204,7 @@ class FinetuneHandler:
             "loss_curve": result.curve,
             "resumed_from_step": result.resumed_from_step,
             "checkpoints": {
-                "uri": self.ctx.storage.uri(store),
+                "uri": store,
                 "steps": result.checkpoints,
             },
         }

@@ -8,8 +8,11 @@ checkpoint (9-channel UNet) instead and serves inpaint alone.
 Reproducibility: image ``i`` of a job uses seed ``seed + i`` (mod 2**32) with its own CPU
 ``torch.Generator``, so a seed gives the same PNG bytes on the same hardware whatever
 else runs, and a job batched with others draws exactly the noise it would alone. Its
-pixels then match as far as the kernels are batch-invariant (on CPU that holds once the
-UNet sees at least 4 rows; the VAE always decodes one image at a time for that reason).
+pixels then match as far as the kernels are batch-invariant, which they only nearly are:
+on CPU, GEMMs change below 4 rows and convolutions with the batch's size and a sample's
+place in it, so a batched image can differ from the lone one by a level in a few pixels
+(deterministically, for a given batch layout). The VAE decodes one image at a time, so
+decoding at least is batch-invariant.
 """
 
 from __future__ import annotations

@@ -1,0 +1,121 @@
+"""What the queue adds to a diffusion image: imageq's worker against the bare pipeline.
+
+The same tiny SD checkpoint, on CPU, one thread each: a bare ``StableDiffusionPipeline``
+call in this process against a generate job through Redis and a real diffusion worker
+(submit -> final record seen by the client, PNG written to storage). Prints the time
+per image of each, one job at a time and interleaved so drift hits both alike, their
+ratio, and the throughput of many jobs submitted at once (which the worker batches).
+
+    python bench/diffusion_overhead.py [--jobs 20] [--steps 10] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from api_client.client import Client
+from api_client.records import connect
+from api_client.settings import Settings, process_environment
+from workers.services import RedisServer, WorkerProcess
+from workers.tiny_diffusion import build_tiny_diffusion
+
+
+def bare_pipeline(model: Path) -> Any:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(1)  # as the worker runs (OMP_NUM_THREADS=1)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(jobs: int, steps: int, size: int) -> None:
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="imageq-diffusion-bench-"))
+    redis_server = RedisServer(tmp / "redis", appendonly=False).start()
+    model = build_tiny_diffusion(tmp / "tiny-sd")
+    env = process_environment()
+    env.update(
+        IMAGEQ_BROKER_URL=redis_server.url,
+        IMAGEQ_MODEL_DIFFUSION=str(model),
+        IMAGEQ_STORAGE_URL=f"file://{tmp / 'storage'}",
+        IMAGEQ_QUEUE_PREFIX="bench-",
+        OMP_NUM_THREADS="1",
+    )
+    settings = Settings.from_env(env)
+    client = Client(settings)
+    worker = WorkerProcess("diffusion", env, "diffusion@bench", tmp / "worker.log").start()
+    try:
+        pipe = bare_pipeline(model)
+        worker.wait_ready(connect(redis_server.url), client.store.key("worker", "diffusion@bench"))
+        fields: dict[str, Any] = {"width": size, "height": size, "steps": steps}
+
+        def bare_one(seed: int) -> float:
+            began = time.perf_counter()
+            pipe(
+                prompt=["a cat"],
+                num_inference_steps=steps,
+                height=size,
+                width=size,
+                generator=[torch.Generator().manual_seed(seed)],
+            )
+            return time.perf_counter() - began
+
+        def queue_one(seed: int) -> float:
+            began = time.perf_counter()
+            record = client.wait(client.generate("a cat", seed=seed, **fields).id, 120)
+            assert record.status == "succeeded", record.error
+            return time.perf_counter() - began
+
+        for seed in range(3):  # first calls pay for allocator growth and lazy imports
+            bare_one(seed)
+            queue_one(seed)
+        bare, queued = [], []
+        for seed in range(jobs):
+            bare.append(bare_one(seed))
+            queued.append(queue_one(seed))
+
+        began = time.perf_counter()
+        ids = [client.generate("a cat", seed=seed, **fields).id for seed in range(jobs)]
+        records = [client.wait(job_id, 300) for job_id in ids]
+        burst_s = time.perf_counter() - began
+        assert all(r.status == "succeeded" for r in records)
+        mean_batch = statistics.mean(r.metrics["batch_jobs"] for r in records)
+
+        b50, q50 = statistics.median(bare), statistics.median(queued)
+        print(
+            f"\ndiffusion overhead: tiny SD, {size}x{size}, {steps} steps, CPU, one thread; "
+            f"{jobs} jobs of 1 image each way"
+        )
+        print(f"{'':34}{'p50 ms/image':>14}{'mean ms/image':>15}")
+        print(f"{'bare pipeline call':34}{b50 * 1e3:14.1f}{statistics.mean(bare) * 1e3:15.1f}")
+        print(
+            f"{'imageq job (submit -> final)':34}{q50 * 1e3:14.1f}"
+            f"{statistics.mean(queued) * 1e3:15.1f}"
+        )
+        print(f"ratio imageq/bare (p50): {q50 / b50:.2f}x  (+{(q50 - b50) * 1e3:.1f} ms a job)")
+        print(
+            f"{jobs} jobs submitted at once: {burst_s / jobs * 1e3:.1f} ms/image, "
+            f"{jobs / burst_s:.1f} images/s, mean {mean_batch:.1f} jobs per pipeline call "
+            f"({b50 / (burst_s / jobs):.2f}x the bare one-at-a-time rate)"
+        )
+    finally:
+        client.close()
+        worker.stop()
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+    run(args.jobs, args.steps, args.size)

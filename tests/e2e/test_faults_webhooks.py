@@ -1,0 +1,166 @@
+"""Webhook receivers that are down, failing, gone or redirecting.
+
+Events come from a real flow that needs no model: jobs canceled while queued are
+finalized by the webhooks worker, which sends their ``job.canceled`` event. The
+receiver here can be stopped and started again on the same port.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from api_client.webhooks import verify
+from tests.fixtures.services import Stack
+from tests.helpers import png_uri
+from workers.services import free_port, wait_until
+
+
+@dataclass
+class Hit:
+    path: str
+    webhook_id: str
+    status: int
+    at: float
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """Answers ``status`` (per path, else ``default``); ``stop``/``start`` keep the port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.default = 200
+        self.status: dict[str, int] = {}
+        self.hits: list[Hit] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._lock = threading.Lock()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                status = receiver.status.get(self.path, receiver.default)
+                with receiver._lock:
+                    receiver.hits.append(
+                        Hit(
+                            self.path,
+                            self.headers.get("webhook-id", ""),
+                            status,
+                            time.monotonic(),
+                            {k.lower(): v for k, v in self.headers.items()},
+                            body,
+                        )
+                    )
+                self.send_response(status)
+                if status in (301, 302, 303, 307, 308):
+                    self.send_header("Location", receiver.url("/redirect-target"))
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def for_path(self, path: str) -> list[Hit]:
+        with self._lock:
+            return [h for h in self.hits if h.path == path]
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[Receiver]:
+    found = Receiver()
+    yield found
+    found.stop()
+
+
+def _canceled_jobs(stack: Stack, url: str, count: int) -> list[str]:
+    """Jobs no worker serves, canceled while queued: each ends with one final event."""
+    ids = []
+    for _ in range(count):
+        job = stack.client.caption(image=png_uri(), webhook=url)
+        assert stack.client.cancel(job.id).status == "canceled"
+        ids.append(job.id)
+    return ids
+
+
+def _done(stack: Stack, webhook_id: str) -> str | None:
+    value = stack.redis.get(stack.store.key("wh", webhook_id, "done"))
+    return None if value is None else str(value)
+
+
+def test_receiver_down_then_500_then_up_gets_each_event_once(
+    make_stack: Callable[..., Stack], hooks: Receiver, webhook_secret: str
+) -> None:
+    stack = make_stack(IMAGEQ_WEBHOOK_SCHEDULE_S="0,1,1,1,1,1,1,1,1,1")
+    stack.worker("webhooks", "webhooks@outage")
+    jobs = _canceled_jobs(stack, hooks.url("/outage"), 3)  # receiver down: refused
+    ids = {f"msg_{job_id}_canceled" for job_id in jobs}
+    wait_until(lambda: stack.redis.zcard(stack.store.key("wh", "due")) >= 3, 30, "retries")
+    time.sleep(1.5)
+    hooks.default = 500
+    hooks.start()  # up, but failing
+    wait_until(lambda: {h.webhook_id for h in hooks.for_path("/outage")} == ids, 30, "500s")
+    time.sleep(1.0)
+    hooks.default = 200  # recovered
+    wait_until(lambda: all(_done(stack, i) == "delivered" for i in ids), 30, "deliveries")
+    time.sleep(2.5)  # the schedule would have sent any duplicate by now
+
+    hits = hooks.for_path("/outage")
+    assert {h.webhook_id for h in hits} == ids
+    for webhook_id in ids:
+        mine = [h for h in hits if h.webhook_id == webhook_id]
+        assert [h.status for h in mine if h.status == 200] == [200], mine
+        assert mine[-1].status == 200 and any(h.status == 500 for h in mine)
+        payload = verify(mine[-1].headers, mine[-1].body, webhook_secret)
+        assert payload["type"] == "job.canceled"
+    assert stack.redis.zcard(stack.store.key("wh", "due")) == 0
+
+
+def test_410_stops_and_302_is_not_followed(
+    make_stack: Callable[..., Stack], hooks: Receiver
+) -> None:
+    if not hooks.running:
+        hooks.start()
+    hooks.status["/gone"] = 410
+    hooks.status["/moved"] = 302
+    stack = make_stack(IMAGEQ_WEBHOOK_SCHEDULE_S="0,0.4,0.4,0.4")
+    stack.worker("webhooks", "webhooks@gone")
+    gone = _canceled_jobs(stack, hooks.url("/gone"), 2)
+    moved = _canceled_jobs(stack, hooks.url("/moved"), 1)
+
+    for job_id in gone:
+        wait_until(lambda j=job_id: _done(stack, f"msg_{j}_canceled") == "gone", 30, "410")
+    webhook_id = f"msg_{moved[0]}_canceled"
+    # A redirect is an answer to retry, never a place to go: the schedule runs out.
+    wait_until(lambda: _done(stack, webhook_id) == "retry", 30, "302 retries spent")
+    time.sleep(1.5)
+
+    for job_id in gone:
+        assert len([h for h in hooks.for_path("/gone") if job_id in h.webhook_id]) == 1
+    assert [h.webhook_id for h in hooks.for_path("/moved")] == [webhook_id] * 4
+    assert hooks.for_path("/redirect-target") == []
