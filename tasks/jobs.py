@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ from celery import Celery, Task
 
 from api_client.errors import ImageqError, InternalError, InvalidInput
 from api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
+from api_client.redact import redact_document
 from api_client.schemas import KINDS
 from tasks.state import WorkerState
 from workers.lifecycle import Deferred
@@ -45,7 +47,7 @@ def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
         try:
             record = runtime.runner.execute(job, fallback_id=str(task.request.id))
         except Deferred as deferred:
-            raise task.retry(countdown=deferred.countdown_s) from None
+            raise _retry(task, job, deferred.countdown_s) from None
         except ImageqError as exc:
             if not exc.retryable:
                 raise
@@ -55,6 +57,13 @@ def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
         return {"kind": record["kind"], "status": record["status"], "metrics": record["metrics"]}
 
     return run
+
+
+def _retry(task: Task, job: Any, countdown_s: float) -> Exception:
+    # Celery does not carry argsrepr over to a retried message and would show (in
+    # Flower, in task events) the raw document: inline images, webhook URL tokens.
+    shown = json.dumps([redact_document(job)]) if isinstance(job, dict) else "[...]"
+    return task.retry(countdown=countdown_s, argsrepr=shown)
 
 
 def _retry_transient(
@@ -72,7 +81,7 @@ def _retry_transient(
         log.warning("job %s: %s; retry %d in %.1f s", job_id, exc.message, tries, delay)
         # The lease was released on the way out, so the retry may run anywhere.
         store.update(str(job_id), _back_to_queued)
-        raise task.retry(countdown=delay) from None
+        raise _retry(task, job, delay) from None
     runtime.runner.fail(str(job_id), InternalError(f"gave up after {tries} tries: {exc.message}"))
     return {"kind": job.get("kind"), "status": "failed"} if isinstance(job, dict) else None
 

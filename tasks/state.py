@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from celery import Celery
 
 from api_client.celery_config import celery_config
 from api_client.names import WEBHOOK_QUEUE, WEBHOOK_TASK, queue_name
+from api_client.redact import redact_ref
 from api_client.settings import Settings
 from workers.runtime import Runtime, build_runtime
 from workers.webhooks import WebhookEvent
@@ -42,8 +45,11 @@ class WorkerState:
         return self._webhook_app
 
     def send_webhook(self, event: WebhookEvent) -> None:
+        # Flower and task events show argsrepr: no URL token or password, no job record.
+        shown = {"webhook_id": event.webhook_id, "type": event.type, "url": redact_ref(event.url)}
         self._webhooks_producer().send_task(
             WEBHOOK_TASK,
             args=[event.to_dict()],
             queue=queue_name(WEBHOOK_QUEUE, self.settings.queue_prefix),
+            argsrepr=json.dumps([{**shown, "attempt": event.attempt}]),
         )

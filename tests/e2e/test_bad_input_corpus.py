@@ -44,6 +44,7 @@ from workers.services import WorkerProcess, wait_until
 PUBLIC_IP = "93.184.215.14"  # example.com's: global, so the guard lets it pass
 PRIVATE_IP = "10.0.0.7"
 WORKER = "caption-corpus@test"
+DIFFUSION_WORKER = "diffusion-corpus@test"
 
 NETSIM = '''
 """Test-only network for one worker process (written by test_bad_input_corpus.py)."""
@@ -256,14 +257,15 @@ def host() -> Iterator[ImageHost]:
 @dataclass
 class Corpus:
     stack: Stack
-    worker: WorkerProcess
+    workers: dict[str, WorkerProcess]
     netlog: Path
     celery: Celery
-    registry: dict[str, Any] = field(default_factory=dict)
+    # Each worker's registry entry when the corpus began: pid, start time, model load.
+    registry: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def registry_entry(self) -> dict[str, Any]:
-        raw = self.stack.redis.get(self.stack.store.key("worker", WORKER))
-        assert raw is not None, "the worker left the registry"
+    def registry_entry(self, name: str) -> dict[str, Any]:
+        raw = self.stack.redis.get(self.stack.store.key("worker", name))
+        assert raw is not None, f"{name} left the registry"
         entry: dict[str, Any] = json.loads(raw)
         return entry
 
@@ -277,6 +279,7 @@ class Corpus:
 def corpus(
     make_stack: Callable[..., Stack],
     tiny_caption_model: Path,
+    tiny_sd_model: Path,
     host: ImageHost,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Corpus]:
@@ -291,16 +294,23 @@ def corpus(
     path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
     stack = make_stack(
         IMAGEQ_MODEL_CAPTION=str(tiny_caption_model),
+        IMAGEQ_MODEL_DIFFUSION=str(tiny_sd_model),
         IMAGEQ_ALLOW_PRIVATE_URLS="0",
         IMAGEQ_FETCH_TIMEOUT_S="2",
         PYTHONPATH=path,
         NETSIM_CONFIG=json.dumps(config),
     )
-    worker = stack.worker("caption", WORKER)
+    # Started together, so that their model loads overlap.
+    workers = {
+        name: stack.worker(kind, name, ready=False)
+        for kind, name in (("caption", WORKER), ("diffusion", DIFFUSION_WORKER))
+    }
+    for name, worker in workers.items():
+        worker.wait_ready(stack.redis, stack.store.key("worker", name))
     app = Celery("corpus-backend", broker=stack.settings.broker_url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
-    found = Corpus(stack, worker, netlog, app)
-    found.registry = found.registry_entry()
+    found = Corpus(stack, workers, netlog, app)
+    found.registry = {name: found.registry_entry(name) for name in workers}
     yield found
     app.close()
 
@@ -492,17 +502,20 @@ def _final(stack: Stack, job_id: str, timeout_s: float = 60) -> Any:
     return stack.client.wait(job_id, timeout_s)
 
 
-def _check_worker_unchanged(corpus: Corpus) -> None:
+def _check_worker_unchanged(corpus: Corpus, name: str = WORKER) -> None:
     """Same process, same registry entry (no restart, no model reload), a good job runs."""
-    assert corpus.worker.alive()
-    entry = corpus.registry_entry()
+    worker = corpus.workers[name]
+    assert worker.alive()
+    entry = corpus.registry_entry(name)
     for key in ("pid", "started_at", "model_load_s"):
-        assert entry[key] == corpus.registry[key], key
-    assert entry["pid"] == corpus.worker.pid
-    good = corpus.stack.client.caption(
-        image=png_uri((30, 90, 200)), generation={"max_new_tokens": 4}
-    )
-    assert corpus.stack.client.wait(good.id, 60).status == "succeeded"
+        assert entry[key] == corpus.registry[name][key], key
+    assert entry["pid"] == worker.pid
+    client = corpus.stack.client
+    if name == WORKER:
+        good = client.caption(image=png_uri((30, 90, 200)), generation={"max_new_tokens": 4})
+    else:
+        good = client.generate("a boat", width=64, height=64, steps=2, seed=1)
+    assert client.wait(good.id, 60).status == "succeeded"
 
 
 def test_the_corpus_is_big_enough() -> None:
@@ -514,7 +527,7 @@ def _first_hop(case: Case, inp: Any) -> str | None:
     """The image-host path a worker fetches for this case, if it gets that far."""
     if case.refused is not None or not isinstance(inp, dict):
         return None
-    refs = [inp["image"]] if "image" in inp else inp.get("images", [])
+    refs = [inp.get(k) for k in ("image", "mask", "style_image")] + inp.get("images", [])
     prefix = IMG.replace("{port}", "")
     for ref in refs:
         if isinstance(ref, str) and ref.startswith(prefix):
@@ -522,8 +535,7 @@ def _first_hop(case: Case, inp: Any) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_input(case: Case, corpus: Corpus, host: ImageHost) -> None:
+def _run_case(case: Case, corpus: Corpus, host: ImageHost, worker: str) -> None:
     stack = corpus.stack
     inp = _fill(case.input, host.port)
     hits_before = dict(host.hits)
@@ -546,9 +558,13 @@ def test_bad_input(case: Case, corpus: Corpus, host: ImageHost) -> None:
         if isinstance(inp, dict)
         else inp
     )
-    task = task_name(case.kind if case.kind in ("caption", "match") else "caption")
+    if worker == WORKER:
+        task = task_name(case.kind if case.kind in ("caption", "match") else "caption")
+        queue = "caption"
+    else:
+        task, queue = task_name(case.kind), case.kind
     corpus.celery.send_task(
-        task, args=[document], task_id=raw_id, queue=stack.settings.queue_prefix + "caption"
+        task, args=[document], task_id=raw_id, queue=stack.settings.queue_prefix + queue
     )
     jobs.append(raw_id)
 
@@ -570,7 +586,84 @@ def test_bad_input(case: Case, corpus: Corpus, host: ImageHost) -> None:
     fetched = {p: n - hits_before.get(p, 0) for p, n in host.hits.items()}
     assert {p: n for p, n in fetched.items() if n} == ({hop: len(jobs)} if hop else {})
     assert corpus.refused_connections() == [], "a connection to a non-loopback address"
-    _check_worker_unchanged(corpus)
+    _check_worker_unchanged(corpus, worker)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case: Case, corpus: Corpus, host: ImageHost) -> None:
+    _run_case(case, corpus, host, WORKER)
+
+
+SQUARE = png_uri((120, 60, 30), (64, 64))
+MASK_WIDE = data_uri(_encode(Image.new("L", (64, 32), 255), "PNG"))
+DIFFUSION_CASES = [
+    Case(
+        "mask-of-the-wrong-size",
+        "invalid_input",
+        {"image": SQUARE, "mask": MASK_WIDE},
+        names="mask",
+        kind="inpaint",
+    ),
+    Case(
+        "mask-corrupt",
+        "invalid_input",
+        {"image": SQUARE, "mask": IMG + "/corrupt.png"},
+        names="input.mask",
+        kind="inpaint",
+    ),
+    Case(
+        "mask-from-metadata",
+        "forbidden_url",
+        {"image": SQUARE, "mask": "http://169.254.169.254/m.png"},
+        names="input.mask",
+        kind="inpaint",
+    ),
+    Case(
+        "inpaint-no-step-left",
+        "invalid_input",
+        {"image": SQUARE, "mask": SQUARE, "steps": 2, "strength": 0.2},
+        names="strength",
+        kind="inpaint",
+    ),
+    Case("width-not-multiple-of-8", "invalid_input", {"width": 65}, "input.width", kind="generate"),
+    Case("steps-0", "invalid_input", {"steps": 0}, "input.steps", kind="generate"),
+    Case("seed-negative", "invalid_input", {"seed": -1}, "input.seed", kind="generate"),
+    Case(
+        "over-output-pixel-cap",
+        "invalid_input",
+        {"width": 2048, "height": 2048},
+        kind="generate",
+        names="width, height",
+    ),
+    Case(
+        "unknown-adapter",
+        "invalid_input",
+        {"adapters": [{"name": "no-such-lora"}]},
+        kind="generate",
+        names="no-such-lora",
+    ),
+    Case(
+        "style-image-without-ip-adapter",
+        "invalid_input",
+        {"image": SQUARE, "style_image": SQUARE},
+        kind="style",
+        names="style_image",
+    ),
+]
+
+
+def _diffusion_input(case: Case) -> Case:
+    defaults: dict[str, Any] = {"prompt": "a boat", "steps": 2, "seed": 1}
+    if case.kind == "generate":
+        defaults.update(width=64, height=64)
+    return Case(**{**case.__dict__, "input": {**defaults, **case.input}})
+
+
+@pytest.mark.parametrize(
+    "case", [_diffusion_input(c) for c in DIFFUSION_CASES], ids=[c.id for c in DIFFUSION_CASES]
+)
+def test_bad_diffusion_input(case: Case, corpus: Corpus, host: ImageHost) -> None:
+    _run_case(case, corpus, host, DIFFUSION_WORKER)
 
 
 class _Marker:
@@ -639,7 +732,7 @@ def test_pickled_messages_are_refused_and_never_run(corpus: Corpus, tmp_path: Pa
     assert not marker.exists()
     assert stack.store.get(task_id) is None
     assert task_id not in json.dumps(stack.redis.hvals("unacked"))
-    log = corpus.worker.log_path.read_text(errors="replace")
+    log = corpus.workers[WORKER].log_path.read_text(errors="replace")
     assert log.count("untrusted content") >= 2, log[-3000:]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,9 @@ import redis
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
 from workers.services import RedisServer, WebhookReceiver, wait_until
+
+# Seconds to a minute each (worker restarts, outages): CI runs them too.
+pytestmark = pytest.mark.slow
 
 RECOVERY_S = 30.0
 _n = itertools.count()
@@ -50,6 +53,8 @@ def stack(
         webhook_secret,
         f"rr{next(_n)}-{os.getpid()}-",
         IMAGEQ_MODEL_CAPTION=str(tiny_caption_model),
+        # A small pool (a few batches' worth of job threads), so that jobs queue up.
+        IMAGEQ_MAX_BATCH_IMAGES="3",
     )
     found = Stack(env, tmp, own_redis)
     found.worker("webhooks", "webhooks@restart")
@@ -67,9 +72,13 @@ def _status(stack: Stack, job_id: str) -> str | None:
 
 
 def test_redis_restart_loses_nothing(
-    stack: Stack, own_redis: RedisServer, images: ImageServer, receiver: WebhookReceiver
+    stack: Stack,
+    own_redis: RedisServer,
+    images: ImageServer,
+    receiver: WebhookReceiver,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    # 12 slow jobs for 8 job threads: 8 running and 4 still queued in Redis at the restart.
+    # 12 slow jobs for fewer job threads: some running, the rest queued at the restart.
     jobs = []
     for i in range(12):
         path = f"/restart-{i}.png"
@@ -78,8 +87,12 @@ def test_redis_restart_loses_nothing(
         jobs.append(
             stack.client.caption(image=images.url(path), webhook=receiver.url("/restart")).id
         )
-    wait_until(lambda: sum(images.hits.values()) >= 8, 60, "eight jobs running")
-    assert sum(_status(stack, j) == "queued" for j in jobs) >= 4
+    wait_until(lambda: sum(images.hits.values()) >= 2, 60, "jobs running")
+    time.sleep(0.5)
+    statuses = [_status(stack, j) for j in jobs]
+    assert statuses.count("running") >= 2 and statuses.count("queued") >= 2, statuses
+    record_property("running_at_restart", statuses.count("running"))
+    record_property("queued_at_restart", statuses.count("queued"))
 
     own_redis.restart(down_s=2.0)
     back = time.monotonic()
@@ -87,7 +100,9 @@ def test_redis_restart_loses_nothing(
     # The fleet is back: a new job submitted now runs within the recovery bound.
     probe = stack.client.caption(image=png_uri((1, 2, 3)))
     assert stack.client.wait(probe.id, RECOVERY_S).status == "succeeded"
-    assert time.monotonic() - back < RECOVERY_S
+    recovered_s = time.monotonic() - back
+    record_property("restart_to_new_job_done_s", round(recovered_s, 1))
+    assert recovered_s < RECOVERY_S
     for name in ("webhooks@restart", "caption@restart"):
         assert stack.redis.exists(stack.store.key("worker", name))
     assert all(w.alive() for w in stack.workers)

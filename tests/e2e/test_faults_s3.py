@@ -30,6 +30,9 @@ from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes
 from workers.services import WebhookReceiver, free_port, wait_until
 
+# Seconds to a minute each (worker restarts, outages): CI runs them too.
+pytestmark = pytest.mark.slow
+
 STORAGE_RETRIES = 3  # per call 0.2 + 0.4 + 0.8 s, then 3 re-runs 0.4, 0.8, 1.6 s apart
 
 
@@ -164,16 +167,25 @@ def _submit_slow(stack: Stack, images: ImageServer, receiver: WebhookReceiver, n
 
 
 def test_short_outage_during_upload_is_retried_and_the_outputs_are_whole(
-    stack: Stack, relay: Relay, images: ImageServer, receiver: WebhookReceiver
+    stack: Stack,
+    relay: Relay,
+    images: ImageServer,
+    receiver: WebhookReceiver,
+    record_property: Callable[[str, object], None],
 ) -> None:
     job_id = _submit_slow(stack, images, receiver, "short-outage")
-    relay.down()  # before the job's first upload
-    time.sleep(2.5)
+    relay.down()  # before the job's first upload, for longer than one call's retries
+    time.sleep(4.0)
     assert stack.client.get(job_id).status in ("running", "queued")
     relay.up()
     record = stack.client.wait(job_id, 60)
     assert relay.dropped > 0, "the outage never met an upload"
     assert record.status == "succeeded", record.error
+    record_property("connections_reset", relay.dropped)
+    # Longer than one call's retries: the job was handed back and run again, whole.
+    log = stack.workers[-1].log_path.read_text()
+    assert f"job {job_id}: put s3://" in log and "retry 1 in" in log
+    assert images.hits["/short-outage.png"] >= 2
     stored = _objects(stack, job_id)
     assert set(stored) == {"attention-0.json", "attention-0.png", "result.json"}
     assert json.loads(stored["result.json"]) == record.model_dump(mode="json")
@@ -187,13 +199,19 @@ def test_short_outage_during_upload_is_retried_and_the_outputs_are_whole(
 
 
 def test_long_outage_fails_the_job_cleanly(
-    stack: Stack, relay: Relay, images: ImageServer, receiver: WebhookReceiver
+    stack: Stack,
+    relay: Relay,
+    images: ImageServer,
+    receiver: WebhookReceiver,
+    record_property: Callable[[str, object], None],
 ) -> None:
     # Down as the job's second upload starts: its first output is stored, the rest never.
     relay.down_at_put = relay.puts + 2
     job_id = _submit_slow(stack, images, receiver, "long-outage")
+    began = time.monotonic()
     try:
         record = stack.client.wait(job_id, 90)
+        record_property("outage_to_failed_s", round(time.monotonic() - began, 1))
         assert record.status == "failed"
         assert record.error is not None and record.error.code == "internal", record.error
         assert "gave up" in record.error.message

@@ -114,7 +114,10 @@ def _done(stack: Stack, webhook_id: str) -> str | None:
 
 
 def test_receiver_down_then_500_then_up_gets_each_event_once(
-    make_stack: Callable[..., Stack], hooks: Receiver, webhook_secret: str
+    make_stack: Callable[..., Stack],
+    hooks: Receiver,
+    webhook_secret: str,
+    record_property: Callable[[str, object], None],
 ) -> None:
     stack = make_stack(IMAGEQ_WEBHOOK_SCHEDULE_S="0,1,1,1,1,1,1,1,1,1")
     stack.worker("webhooks", "webhooks@outage")
@@ -136,6 +139,7 @@ def test_receiver_down_then_500_then_up_gets_each_event_once(
         mine = [h for h in hits if h.webhook_id == webhook_id]
         assert [h.status for h in mine if h.status == 200] == [200], mine
         assert mine[-1].status == 200 and any(h.status == 500 for h in mine)
+        record_property(f"posts_for_{webhook_id[-17:]}", len(mine))
         payload = verify(mine[-1].headers, mine[-1].body, webhook_secret)
         assert payload["type"] == "job.canceled"
     assert stack.redis.zcard(stack.store.key("wh", "due")) == 0
@@ -153,8 +157,8 @@ def test_410_stops_and_302_is_not_followed(
     gone = _canceled_jobs(stack, hooks.url("/gone"), 2)
     moved = _canceled_jobs(stack, hooks.url("/moved"), 1)
 
-    for job_id in gone:
-        wait_until(lambda j=job_id: _done(stack, f"msg_{j}_canceled") == "gone", 30, "410")
+    gone_ids = [f"msg_{job_id}_canceled" for job_id in gone]
+    wait_until(lambda: all(_done(stack, i) == "gone" for i in gone_ids), 30, "410s")
     webhook_id = f"msg_{moved[0]}_canceled"
     # A redirect is an answer to retry, never a place to go: the schedule runs out.
     wait_until(lambda: _done(stack, webhook_id) == "retry", 30, "302 retries spent")

@@ -28,6 +28,9 @@ from tests.fixtures.services import Stack
 from tests.helpers import png_bytes, png_uri
 from workers.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 
+# Seconds to a minute each (worker restarts, outages): CI runs them too.
+pytestmark = pytest.mark.slow
+
 VISIBILITY_S = 3
 MAX_ATTEMPTS = 2
 # A batch of 16 images with long beam searches: seconds of model time on the tiny BLIP.
@@ -160,7 +163,9 @@ def _outputs(stack: Stack, job_id: str) -> set[str]:
     return {p.name for p in stack.storage_path("jobs", job_id).iterdir()}
 
 
-def test_sigkill_mid_batch_redelivers_every_job_once(fleet: Fleet) -> None:
+def test_sigkill_mid_batch_redelivers_every_job_once(
+    fleet: Fleet, record_property: Callable[[str, object], None]
+) -> None:
     stack, host = fleet.stack, fleet.host
     first = fleet.caption()
     jobs = []
@@ -181,6 +186,7 @@ def test_sigkill_mid_batch_redelivers_every_job_once(fleet: Fleet) -> None:
     records = [stack.client.get(j) for j in jobs]
     assert all(r.status == "running" and r.attempt == 1 for r in records), records
     first.kill()
+    killed = time.monotonic()
     second = fleet.start()
 
     for job_id in jobs:
@@ -193,6 +199,8 @@ def test_sigkill_mid_batch_redelivers_every_job_once(fleet: Fleet) -> None:
         assert record.metrics["run_s"] > KILL_AFTER_S
         names = {f"attention-{i}.{ext}" for i in range(4) for ext in ("json", "png")}
         assert _outputs(stack, job_id) == names | {"result.json"}
+    record_property("kill_to_all_succeeded_s", round(time.monotonic() - killed, 1))
+    record_property("redelivered_batch_size", record.metrics["batch_size"])
     # Each image was fetched by the killed run and by the one that succeeded: no third.
     assert host.count("/batch/") == 32
     for job_id in jobs:
@@ -203,7 +211,9 @@ def test_sigkill_mid_batch_redelivers_every_job_once(fleet: Fleet) -> None:
         assert fleet.deliveries(job_id)[0].json()["data"]["attempt"] == 2
 
 
-def test_a_job_that_kills_every_worker_ends_worker_lost(fleet: Fleet) -> None:
+def test_a_job_that_kills_every_worker_ends_worker_lost(
+    fleet: Fleet, record_property: Callable[[str, object], None]
+) -> None:
     stack, host = fleet.stack, fleet.host
     victim = fleet.caption()
     assert fleet.live_pids() == [victim.pid]
@@ -219,6 +229,7 @@ def test_a_job_that_kills_every_worker_ends_worker_lost(fleet: Fleet) -> None:
     record = _final(stack, job.id)
     assert record.status == "failed"
     assert record.error is not None and record.error.code == "worker_lost", record.error
+    record_property("workers_killed", host.kills)
     assert record.attempt == MAX_ATTEMPTS
     # Bounded: one fetch (and one dead worker) per allowed attempt, then never again.
     assert host.kills == MAX_ATTEMPTS and host.count("/poison") == MAX_ATTEMPTS
@@ -229,7 +240,9 @@ def test_a_job_that_kills_every_worker_ends_worker_lost(fleet: Fleet) -> None:
     assert host.count("/poison") == MAX_ATTEMPTS
 
 
-def test_sigterm_during_jobs_finishes_them_once(fleet: Fleet) -> None:
+def test_sigterm_during_jobs_finishes_them_once(
+    fleet: Fleet, record_property: Callable[[str, object], None]
+) -> None:
     stack, host = fleet.stack, fleet.host
     leaving = fleet.caption()
     jobs = []
@@ -243,13 +256,16 @@ def test_sigterm_during_jobs_finishes_them_once(fleet: Fleet) -> None:
     wait_until(lambda: host.count("/deploy/") == 3, 60, "jobs running")
     assert leaving.process is not None
     leaving.process.send_signal(signal.SIGTERM)  # a deploy: warm shutdown
+    terminated = time.monotonic()
     arriving = fleet.start()
     assert leaving.process.wait(60) == 0
+    record_property("sigterm_to_exit_s", round(time.monotonic() - terminated, 1))
     for job_id in jobs:
         record = _final(stack, job_id)
         assert record.status == "succeeded", record.error
         # Finished by the leaving worker, or handed back and run once by the new one.
         assert (record.worker, record.attempt) in {(leaving.name, 1), (arriving.name, 2)}
+        record_property(f"job_{jobs.index(job_id)}_finished_by", record.worker or "")
         fleet.assert_one_final_webhook(job_id, "job.succeeded", settle_s=0)
     assert host.count("/deploy/") <= 6
     time.sleep(1.5)
@@ -258,7 +274,7 @@ def test_sigterm_during_jobs_finishes_them_once(fleet: Fleet) -> None:
 
 
 def test_a_job_longer_than_the_visibility_timeout_never_runs_twice_at_once(
-    fleet: Fleet,
+    fleet: Fleet, record_property: Callable[[str, object], None]
 ) -> None:
     stack, host = fleet.stack, fleet.host
     worker = fleet.caption()
@@ -274,4 +290,6 @@ def test_a_job_longer_than_the_visibility_timeout_never_runs_twice_at_once(
     fleet.assert_one_final_webhook(job.id, "job.succeeded")
     # Not vacuous: the broker really did hand the running message out again.
     log = worker.log_path.read_text()
-    assert log.count(f"imageq.caption[{job.id}] received") >= 2
+    deliveries = log.count(f"imageq.caption[{job.id}] received")
+    record_property("deliveries_of_the_message", deliveries)
+    assert deliveries >= 2

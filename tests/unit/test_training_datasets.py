@@ -103,6 +103,9 @@ def test_storage_prefix_and_local_folder(
         storage.put(f"datasets/pets/{name}", data, "application/octet-stream")
     prefix = storage.uri("datasets/pets/x")[: -len("x")]
     assert load(prefix, settings, storage, tmp_path) == EXPECTED
+    small = settings.with_(max_dataset_bytes=len(GOOD["a.png"]) + 1)
+    with pytest.raises(InvalidInput, match="add up to more than"):
+        load(prefix, small, storage, tmp_path / "0")
 
     folder = tmp_path / "local"
     folder.mkdir()

@@ -10,6 +10,7 @@ the adapter to ``adapters/{name}/`` and the registry, and return what it publish
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import tempfile
@@ -51,14 +52,26 @@ class FinetuneHandler:
         work = work_root(self.settings) / job.id
         remove_tree(work)  # a crashed attempt's leftovers
         try:
-            dataset = self._dataset(job.id, inp, control, work)
-            control(0, inp.max_steps, {"stage": "preparing"})
-            trainer = self._trainer(inp, dataset)
-            result = self._train(job.id, inp, dataset, trainer, control)
-            control(inp.max_steps, inp.max_steps, {"stage": "publishing"})
-            return self._publish(job.id, inp, dataset, trainer, result)
+            return self._run(job.id, inp, control, work)
         finally:
             remove_tree(work)
+            # The models went with _run's frame; hand their cached blocks back too, so an
+            # idle finetune worker holds no GPU memory.
+            if self.device.startswith("cuda"):
+                import torch
+
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    def _run(
+        self, job_id: str, inp: FinetuneInput, control: JobControl, work: Path
+    ) -> dict[str, Any]:
+        dataset = self._dataset(job_id, inp, control, work)
+        control(0, inp.max_steps, {"stage": "preparing"})
+        trainer = self._trainer(inp, dataset)
+        result = self._train(job_id, inp, dataset, trainer, control)
+        control(inp.max_steps, inp.max_steps, {"stage": "publishing"})
+        return self._publish(job_id, inp, dataset, trainer, result)
 
     # -- before training ----------------------------------------------------------------
     def check_name(self, job_id: str, inp: FinetuneInput) -> None:

@@ -146,10 +146,17 @@ def _download_prefix(
         source, prefix = LocalStorage(file_uri_path(ref), settings), ""
     keys = source.list(prefix)
     writer = _Writer(dest, settings)
+    fetched = 0
     for key in keys:
         name = key[len(prefix) :]
         if writer.accepts(name):
-            writer.write(name, BytesIO(source.get(key)))
+            data = source.get(key)
+            fetched += len(data)
+            if fetched > settings.max_dataset_bytes:
+                raise InvalidInput(
+                    f"the files add up to more than {settings.max_dataset_bytes} bytes"
+                )
+            writer.write(name, BytesIO(data))
     if not writer.files:
         raise InvalidInput("no files under this prefix")
 
