@@ -36,7 +36,7 @@ WORK=$(mktemp -d /tmp/imageq-gpu-bench.XXXXXX)
 WHEELS="celery kombu billiard vine amqp click-didyoumean click-repl click-plugins
 prompt-toolkit wcwidth tzlocal redis pydantic pydantic-core annotated-types
 typing-inspection typing-extensions boto3 botocore s3transfer jmespath transformers
-diffusers peft importlib-metadata"
+diffusers peft importlib-metadata regex"
 if [ "$FETCH" = 1 ]; then
   specs=$("$PY" - $WHEELS <<'EOF'
 import sys
@@ -63,8 +63,10 @@ EOF
   exit 0
 fi
 
-if [ -n "${OUT:-}" ]; then
-  exec > >(tee -a "$OUT/gpu-bench.log") 2>&1
+if [ -n "${OUT:-}" ] && [ -z "${IMAGEQ_GPU_BENCH_TEED:-}" ]; then
+  # Everything printed also lands in $OUT (what comes back from the device machine).
+  IMAGEQ_GPU_BENCH_TEED=1 bash "$0" "$@" 2>&1 | tee -a "$OUT/gpu-bench.log"
+  exit "${PIPESTATUS[0]}"
 fi
 section() { printf '\n== %s\n' "$*"; }
 

@@ -79,7 +79,8 @@ class Fleet:
         self.members = [Member(m) for m in config.members]
         self._stopping = False
         self._signals = 0
-        self._logs: list[IO[bytes]] = []
+        # One log file per worker, kept open across its restarts.
+        self._logs: dict[str, IO[bytes]] = {}
 
     # -- signals ----------------------------------------------------------------------
     def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
@@ -103,7 +104,7 @@ class Fleet:
                 time.sleep(poll_s)
         finally:
             self.stop()
-            for handle in self._logs:
+            for handle in self._logs.values():
                 handle.close()
         given_up = [m.config.name for m in self.members if m.given_up]
         if given_up:
@@ -158,19 +159,20 @@ class Fleet:
             member.given_up = True
             log.error("giving up on %s: %s", config.name, exc)
             return
-        stdout: IO[bytes] | int | None = None
+        stdout: IO[bytes] | None = None
         if self.config.log_dir:
-            directory = Path(self.config.log_dir)
-            directory.mkdir(parents=True, exist_ok=True)
-            stdout = (directory / f"{config.name}.log").open("ab")
-            self._logs.append(stdout)
+            stdout = self._logs.get(config.name)
+            if stdout is None:
+                directory = Path(self.config.log_dir)
+                directory.mkdir(parents=True, exist_ok=True)
+                stdout = self._logs[config.name] = (directory / f"{config.name}.log").open("ab")
         member.process = subprocess.Popen(
             config.argv(self.config.loglevel),
             env=env,
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
             # Own process group: a terminal's Ctrl-C reaches only the fleet, which then
-            # sends each worker exactly one SIGTERM (two signals make Celery cold-stop).
+            # sends each worker one SIGTERM (a second signal can make Celery cold-stop).
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )

@@ -1,4 +1,5 @@
-"""A corpus of hostile and malformed jobs against ONE long-lived caption worker.
+"""A corpus of hostile and malformed jobs against one long-lived worker per kind (a
+caption worker, and a diffusion worker for the generate/inpaint/style cases).
 
 Every case goes in twice: through the Client (which either accepts it or refuses it
 with ``InvalidInput`` naming the field) and as a raw Celery message by task name, as a
@@ -318,6 +319,7 @@ def corpus(
 # --- the table -----------------------------------------------------------------------
 
 IMG = "http://images.example:{port}"
+MIXED = "http://mixed.example:{port}/good.png"
 
 
 @dataclass(frozen=True)
@@ -341,149 +343,77 @@ def _img(path: str) -> dict[str, Any]:
     return {"image": IMG + path}
 
 
+def good(**fields: Any) -> dict[str, Any]:
+    """A valid caption input with ``fields`` added (or replaced)."""
+    return {**_img("/good.png"), **fields}
+
+
+def gen(**options: Any) -> dict[str, Any]:
+    return good(generation=options)
+
+
+INV, FORBIDDEN, I0 = "invalid_input", "forbidden_url", "input.images[0]"
 OVER_CAP = data_uri(os.urandom(300 * 1024))
-STRICT_MAX = {"max_new_tokens": 4, "min_new_tokens": 0}
 
 CASES = [
     # files that are not what they claim
-    Case("truncated-jpeg", "invalid_input", _img("/truncated.jpg"), names="input.images[0]"),
-    Case("corrupt-png", "invalid_input", _img("/corrupt.png"), names="input.images[0]"),
-    Case("zero-bytes", "invalid_input", _img("/zero.png"), names="input.images[0]"),
-    Case("zero-bytes-data-uri", "invalid_input", {"image": "data:image/png;base64,"}),
-    Case("decompression-bomb", "invalid_input", _img("/bomb.png"), names="input.images[0]"),
-    Case("over-pixel-cap", "invalid_input", _img("/big.png"), names="input.images[0]"),
-    Case("eps-as-png", "invalid_input", _img("/eps.png"), names="input.images[0]"),
-    Case("pdf-as-png", "invalid_input", _img("/pdf.png"), names="input.images[0]"),
-    Case("svg-as-png", "invalid_input", _img("/svg.png"), names="input.images[0]"),
-    Case("svg-data-uri", "invalid_input", {"image": data_uri(SVG, "image/svg+xml")}),
+    Case("truncated-jpeg", INV, _img("/truncated.jpg"), names=I0),
+    Case("corrupt-png", INV, _img("/corrupt.png"), names=I0),
+    Case("zero-bytes", INV, _img("/zero.png"), names=I0),
+    Case("zero-bytes-data-uri", INV, {"image": "data:image/png;base64,"}, names=I0),
+    Case("decompression-bomb", INV, _img("/bomb.png"), names=I0),
+    Case("over-pixel-cap", INV, _img("/big.png"), names=I0),
+    Case("eps-as-png", INV, _img("/eps.png"), names=I0),
+    Case("pdf-as-png", INV, _img("/pdf.png"), names=I0),
+    Case("svg-as-png", INV, _img("/svg.png"), names=I0),
+    Case("svg-data-uri", INV, {"image": data_uri(SVG, "image/svg+xml")}, names=I0),
     Case("gif-3000-frames", "succeeded", _img("/frames.gif")),
-    Case("data-uri-over-cap", "invalid_input", {"image": OVER_CAP}, names="input.images[0]"),
-    Case("data-uri-not-base64", "invalid_input", {"image": "data:image/png;base64,@@@@"}),
-    Case("data-uri-not-image", "invalid_input", {"image": "data:text/html,<b>"}, "input.images"),
+    Case("data-uri-over-cap", INV, {"image": OVER_CAP}, names=I0),
+    Case("data-uri-not-base64", INV, {"image": "data:image/png;base64,@@@@"}, names=I0),
+    Case("data-uri-not-image", INV, {"image": "data:text/html,<b>"}, I0),
     Case("never-finishes", "input_fetch_failed", _img("/endless.png"), names="deadline"),
     # wrong types, unknown fields, out-of-range values, empty lists
-    Case("document-not-object", "invalid_input", "a string", "input", names="document"),
-    Case("image-a-number", "invalid_input", {"image": 42}, refused="input.images[0]"),
-    Case("images-a-string", "invalid_input", {"images": IMG + "/good.png"}, "input.images"),
-    Case("attention-a-list", "invalid_input", {**_img("/good.png"), "attention": [1]}, "attention"),
-    Case(
-        "generation-a-string",
-        "invalid_input",
-        {**_img("/good.png"), "generation": "fast"},
-        "input.generation",
-    ),
-    Case(
-        "priority-a-string",
-        "invalid_input",
-        _img("/good.png"),
-        doc={"priority": "high"},
-        refused="priority",
-    ),
-    Case("unknown-input-field", "invalid_input", {**_img("/good.png"), "colour": "red"}, "colour"),
-    Case(
-        "unknown-generation-field",
-        "invalid_input",
-        {**_img("/good.png"), "generation": {"beam_width": 3}},
-        refused="input.generation.beam_width",
-    ),
-    Case(
-        "unknown-document-field",
-        "invalid_input",
-        _img("/good.png"),
-        doc={"callback": "http://evil.example/"},
-        refused="callback",
-        via_client=False,
-    ),
-    Case(
-        "id-path-traversal",
-        "invalid_input",
-        _img("/good.png"),
-        doc={"id": "../../../etc/cron.d/x"},
-        refused="id",
-        via_client=False,
-    ),
-    Case("kind-unknown", "invalid_input", _img("/good.png"), kind="transmogrify", refused="kind"),
-    Case(
-        "num-beams-99",
-        "invalid_input",
-        {**_img("/good.png"), "generation": {"num_beams": 99}},
-        refused="input.generation.num_beams",
-    ),
-    Case(
-        "max-new-tokens-0",
-        "invalid_input",
-        {**_img("/good.png"), "generation": {"max_new_tokens": 0}},
-        refused="input.generation.max_new_tokens",
-    ),
-    Case(
-        "temperature-nan",
-        "invalid_input",
-        {**_img("/good.png"), "generation": {"temperature": float("nan")}},
-        refused="input.generation.temperature",
-    ),
-    Case(
-        "return-sequences-over-beams",
-        "invalid_input",
-        {**_img("/good.png"), "generation": {**STRICT_MAX, "num_return_sequences": 4}},
-        refused="input.generation",
-    ),
-    Case(
-        "priority-42", "invalid_input", _img("/good.png"), doc={"priority": 42}, refused="priority"
-    ),
-    Case(
-        "timeout-negative",
-        "invalid_input",
-        _img("/good.png"),
-        doc={"timeout_s": -1},
-        refused="timeout_s",
-    ),
-    Case(
-        "metadata-too-big",
-        "invalid_input",
-        _img("/good.png"),
-        doc={"metadata": {"blob": "x" * 5000}},
-        refused="metadata",
-    ),
-    Case("prompt-too-long", "invalid_input", {**_img("/good.png"), "prompt": "a" * 600}, "prompt"),
-    Case("images-empty", "invalid_input", {"images": []}, refused="input.images"),
-    Case("too-many-images", "invalid_input", {"images": [IMG + "/good.png"] * 513}, "images"),
-    Case("url-too-long", "invalid_input", {"image": IMG + "/" + "a" * 5000}, "input.images[0]"),
-    Case(
-        "texts-empty",
-        "invalid_input",
-        {**_img("/good.png"), "texts": []},
-        kind="match",
-        refused="input.texts",
-    ),
-    Case(
-        "texts-blank",
-        "invalid_input",
-        {**_img("/good.png"), "texts": ["   "]},
-        kind="match",
-        refused="input.texts",
-    ),
+    Case("document-not-object", INV, "a string", "input", names="document"),
+    Case("image-a-number", INV, {"image": 42}, I0),
+    Case("images-a-string", INV, {"images": IMG + "/good.png"}, "input.images"),
+    Case("attention-a-list", INV, good(attention=[1]), "input.attention"),
+    Case("generation-a-string", INV, good(generation="fast"), "input.generation"),
+    Case("priority-a-string", INV, good(), "priority", doc={"priority": "high"}),
+    Case("unknown-input-field", INV, good(colour="red"), "input.colour"),
+    Case("unknown-generation-field", INV, gen(beam_width=3), "input.generation.beam_width"),
+    Case("unknown-document-field", INV, good(), "callback", doc={"callback": 1}, via_client=False),
+    Case("id-path-traversal", INV, good(), "id", doc={"id": "../../x"}, via_client=False),
+    Case("kind-unknown", INV, good(), "kind", kind="transmogrify"),
+    Case("num-beams-99", INV, gen(num_beams=99), "input.generation.num_beams"),
+    Case("max-new-tokens-0", INV, gen(max_new_tokens=0), "input.generation.max_new_tokens"),
+    Case("temperature-nan", INV, gen(temperature=float("nan")), "input.generation.temperature"),
+    Case("return-sequences-over-beams", INV, gen(num_return_sequences=4), "input.generation"),
+    Case("priority-42", INV, good(), "priority", doc={"priority": 42}),
+    Case("timeout-negative", INV, good(), "timeout_s", doc={"timeout_s": -1}),
+    Case("metadata-too-big", INV, good(), "metadata", doc={"metadata": {"x": "x" * 5000}}),
+    Case("prompt-too-long", INV, good(prompt="a" * 600), "input.prompt"),
+    Case("images-empty", INV, {"images": []}, "input.images"),
+    Case("too-many-images", INV, {"images": [IMG + "/good.png"] * 513}, "input.images"),
+    Case("url-too-long", INV, {"image": IMG + "/" + "a" * 5000}, I0),
+    Case("texts-empty", INV, good(texts=[]), "input.texts", kind="match"),
+    Case("texts-blank", INV, good(texts=["   "]), "input.texts", kind="match"),
     # addresses the guard refuses before it connects
-    Case("loopback-v4", "forbidden_url", {"image": "http://127.0.0.1:{port}/good.png"}),
-    Case("loopback-v6", "forbidden_url", {"image": "http://[::1]:{port}/good.png"}),
-    Case("v4-mapped-v6", "forbidden_url", {"image": "http://[::ffff:127.0.0.1]:{port}/good.png"}),
-    Case("decimal-loopback", "forbidden_url", {"image": "http://2130706433:{port}/good.png"}),
-    Case("name-localhost", "forbidden_url", {"image": "http://localhost:{port}/good.png"}),
-    Case("private-10", "forbidden_url", {"image": "http://10.1.2.3/good.png"}),
-    Case("private-172-16", "forbidden_url", {"image": "http://172.20.0.5/good.png"}),
-    Case("private-192-168", "forbidden_url", {"image": "http://192.168.1.1/good.png"}),
-    Case("metadata", "forbidden_url", {"image": "http://169.254.169.254/latest/meta-data/"}),
-    Case("redirect-to-metadata", "forbidden_url", _img("/to-metadata"), names="169.254.169.254"),
-    Case("redirect-to-localhost", "forbidden_url", _img("/to-localhost"), names="localhost"),
-    Case("redirect-to-private", "forbidden_url", _img("/to-private"), names=PRIVATE_IP),
-    Case(
-        "name-with-a-private-address",
-        "forbidden_url",
-        {"image": "http://mixed.example:{port}/good.png"},
-        names=PRIVATE_IP,
-    ),
-    Case("file-url", "forbidden_url", {"image": "file:///etc/passwd"}, names="file://"),
-    Case("gopher-url", "invalid_input", {"image": "gopher://images.example/1"}, "input.images[0]"),
-    Case("ftp-url", "invalid_input", {"image": "ftp://images.example/a.png"}, "input.images[0]"),
+    Case("loopback-v4", FORBIDDEN, {"image": "http://127.0.0.1:{port}/good.png"}),
+    Case("loopback-v6", FORBIDDEN, {"image": "http://[::1]:{port}/good.png"}),
+    Case("v4-mapped-v6", FORBIDDEN, {"image": "http://[::ffff:127.0.0.1]:{port}/good.png"}),
+    Case("decimal-loopback", FORBIDDEN, {"image": "http://2130706433:{port}/good.png"}),
+    Case("name-localhost", FORBIDDEN, {"image": "http://localhost:{port}/good.png"}),
+    Case("private-10", FORBIDDEN, {"image": "http://10.1.2.3/good.png"}, names="10.1.2.3"),
+    Case("private-172-16", FORBIDDEN, {"image": "http://172.20.0.5/a.png"}, names="172.20.0.5"),
+    Case("private-192-168", FORBIDDEN, {"image": "http://192.168.1.1/a.png"}, names="192.168"),
+    Case("metadata", FORBIDDEN, {"image": "http://169.254.169.254/latest/meta-data/"}),
+    Case("redirect-to-metadata", FORBIDDEN, _img("/to-metadata"), names="169.254.169.254"),
+    Case("redirect-to-localhost", FORBIDDEN, _img("/to-localhost"), names="localhost"),
+    Case("redirect-to-private", FORBIDDEN, _img("/to-private"), names=PRIVATE_IP),
+    Case("name-with-a-private-address", FORBIDDEN, {"image": MIXED}, names=PRIVATE_IP),
+    Case("file-url", FORBIDDEN, {"image": "file:///etc/passwd"}, names="file://"),
+    Case("gopher-url", INV, {"image": "gopher://images.example/1"}, I0),
+    Case("ftp-url", INV, {"image": "ftp://images.example/a.png"}, I0),
 ]
 
 
@@ -596,58 +526,45 @@ def test_bad_input(case: Case, corpus: Corpus, host: ImageHost) -> None:
 
 SQUARE = png_uri((120, 60, 30), (64, 64))
 MASK_WIDE = data_uri(_encode(Image.new("L", (64, 32), 255), "PNG"))
+
+
+def paint(**fields: Any) -> dict[str, Any]:
+    """A valid inpaint input (before ``_diffusion_input``'s defaults) with ``fields``."""
+    return {"image": SQUARE, "mask": SQUARE, **fields}
+
+
+METADATA_PNG = "http://169.254.169.254/m.png"
+ADAPTERS = {"adapters": [{"name": "no-such-lora"}]}
 DIFFUSION_CASES = [
-    Case(
-        "mask-of-the-wrong-size",
-        "invalid_input",
-        {"image": SQUARE, "mask": MASK_WIDE},
-        names="mask",
-        kind="inpaint",
-    ),
-    Case(
-        "mask-corrupt",
-        "invalid_input",
-        {"image": SQUARE, "mask": IMG + "/corrupt.png"},
-        names="input.mask",
-        kind="inpaint",
-    ),
+    Case("mask-of-the-wrong-size", INV, paint(mask=MASK_WIDE), names="mask", kind="inpaint"),
+    Case("mask-corrupt", INV, paint(mask=IMG + "/corrupt.png"), names="input.mask", kind="inpaint"),
     Case(
         "mask-from-metadata",
-        "forbidden_url",
-        {"image": SQUARE, "mask": "http://169.254.169.254/m.png"},
+        FORBIDDEN,
+        paint(mask=METADATA_PNG),
         names="input.mask",
         kind="inpaint",
     ),
     Case(
-        "inpaint-no-step-left",
-        "invalid_input",
-        {"image": SQUARE, "mask": SQUARE, "steps": 2, "strength": 0.2},
-        names="strength",
-        kind="inpaint",
+        "inpaint-no-step-left", INV, paint(steps=2, strength=0.2), names="strength", kind="inpaint"
     ),
-    Case("width-not-multiple-of-8", "invalid_input", {"width": 65}, "input.width", kind="generate"),
-    Case("steps-0", "invalid_input", {"steps": 0}, "input.steps", kind="generate"),
-    Case("seed-negative", "invalid_input", {"seed": -1}, "input.seed", kind="generate"),
+    Case("width-not-multiple-of-8", INV, {"width": 65}, "input.width", kind="generate"),
+    Case("steps-0", INV, {"steps": 0}, "input.steps", kind="generate"),
+    Case("seed-negative", INV, {"seed": -1}, "input.seed", kind="generate"),
     Case(
         "over-output-pixel-cap",
-        "invalid_input",
+        INV,
         {"width": 2048, "height": 2048},
+        names="2048x2048",
         kind="generate",
-        names="width, height",
     ),
+    Case("unknown-adapter", INV, ADAPTERS, names="no-such-lora", kind="generate"),
     Case(
-        "unknown-adapter",
-        "invalid_input",
-        {"adapters": [{"name": "no-such-lora"}]},
-        kind="generate",
-        names="no-such-lora",
-    ),
-    Case(
-        "style-image-without-ip-adapter",
-        "invalid_input",
+        "style-without-ip-adapter",
+        INV,
         {"image": SQUARE, "style_image": SQUARE},
-        kind="style",
         names="style_image",
+        kind="style",
     ),
 ]
 
