@@ -136,12 +136,12 @@ step() {  # step LIMIT_S command...: run one part; a failure is reported and the
 # Most wanted first: if the machine's time runs out, the figures that matter are printed.
 if [ "$SMOKE" = 1 ]; then
   section "caption, tiny model on CPU: through the queue and bare"
-  step 300 "$PY" bench/batching.py --model tiny --device cpu --batches 1,4 --dtypes fp32,bf16 \
-    --rounds 2 --min-images 4 --tokens 5 --repeats 1
+  step 300 "$PY" -m bench.batching --model tiny --device cpu --batches 1,4 --dtypes fp32,bf16 \
+    --rounds 2 --tokens 5
 else
   section "BLIP-base captioning: through the queue and bare (images/s)"
-  step 240 "$PY" bench/batching.py --model base --device cuda:0 --batches 1,32,128 \
-    --dtypes bf16,fp16 --rounds 4 --min-images 32 --threads 4 --repeats 1
+  step 240 "$PY" -m bench.batching --model base --device cuda:0 --batches 1,32,128 \
+    --dtypes bf16,fp16 --rounds 3 --round-batches 2 --min-round-images 16 --threads 4
 fi
 
 section "Stable Diffusion 1.5, 512x512, 25 steps"
@@ -159,12 +159,12 @@ fi
 
 if [ "$SMOKE" = 1 ]; then
   section "caption speed options, tiny model on CPU (bare)"
-  step 300 "$PY" bench/batching.py --model tiny --device cpu --speed-options --batches 4 \
-    --rounds 2 --tokens 5 --repeats 1
+  step 300 "$PY" -m bench.batching --model tiny --device cpu --speed-options --batches 4 \
+    --rounds 2 --tokens 5
 else
   section "BLIP-base speed options (bare, batch 32)"
-  step 120 "$PY" bench/batching.py --model base --device cuda:0 --speed-options --batches 32 \
-    --rounds 4 --threads 4 --repeats 1
+  step 120 "$PY" -m bench.batching --model base --device cuda:0 --speed-options --batches 32 \
+    --rounds 3 --round-batches 2 --threads 4
 fi
 
 rm -rf "$WORK"

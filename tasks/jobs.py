@@ -82,7 +82,13 @@ def _retry_transient(
         # The lease was released on the way out, so the retry may run anywhere.
         store.update(str(job_id), _back_to_queued)
         raise _retry(task, job, delay) from None
-    runtime.runner.fail(str(job_id), InternalError(f"gave up after {tries} tries: {exc.message}"))
+    try:
+        runtime.runner.fail(
+            str(job_id), InternalError(f"gave up after {tries} tries: {exc.message}")
+        )
+    except ImageqError as still_down:
+        # The record and the final event are out; only result.json waits for storage.
+        log.warning("job %s failed; result.json not written: %s", job_id, still_down.message)
     return {"kind": job.get("kind"), "status": "failed"} if isinstance(job, dict) else None
 
 

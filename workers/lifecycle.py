@@ -140,8 +140,7 @@ class JobRunner:
             pass
         self.store.create(new_record(partial), partial)
         log.warning("job %s refused: %s", job_id, exc.message)
-        self.store.finish(job_id, "failed", error=exc.to_record())
-        self.finalize(job_id)
+        self._end(job_id, exc)
 
     # -- running ----------------------------------------------------------------------
     def _run(self, job: JobDocument) -> Record | None:
@@ -203,17 +202,18 @@ class JobRunner:
 
     def _end(
         self,
-        job: JobDocument,
+        job: JobDocument | str,
         error: ImageqError | None,
         metrics: Record | None = None,
         output: Record | None = None,
     ) -> Record | None:
         """Record the final status; result.json is written first, so a client that sees
         the final status can always read it."""
-        key = f"jobs/{job.id}/result.json"
-        current = self.store.get(job.id)
+        job_id = job if isinstance(job, str) else job.id
+        key = f"jobs/{job_id}/result.json"
+        current = self.store.get(job_id)
         if current is None or current["status"] in FINAL_STATUSES:
-            self.finalize(job.id)
+            self.finalize(job_id)
             return None
         extra: Record = {"result_uri": self.ctx.storage.uri(key)}
         result_url = self.ctx.storage.public_url(key)
@@ -225,7 +225,7 @@ class JobRunner:
             status = "succeeded"
         else:
             status = "canceled" if isinstance(error, Canceled) else "failed"
-            log.info("job %s %s: %s", job.id, status, error)
+            log.info("job %s %s: %s", job_id, status, error)
         final = final_record(
             current,
             status,
@@ -234,10 +234,10 @@ class JobRunner:
             extra=extra,
         )
         self.ctx.storage.put(key, json.dumps(final, indent=2).encode(), "application/json")
-        record, changed = self.store.replace_unless_final(job.id, final)
+        record, changed = self.store.replace_unless_final(job_id, final)
         if changed:
-            self.store.claim_once(job.id, "result.json")
-        self.finalize(job.id)
+            self.store.claim_once(job_id, "result.json")
+        self.finalize(job_id)
         return record if changed else None
 
     # -- side effects, once -----------------------------------------------------------

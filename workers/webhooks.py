@@ -18,9 +18,10 @@ from typing import Any
 import requests
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed
+from api_client.redact import redact_ref
 from api_client.settings import Settings
 from api_client.webhooks import sign
-from workers.images import Deadline, check_url, redact_ref, safe_session
+from workers.netguard import Deadline, check_url, safe_session
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
 from api_client.settings import Settings
-from workers import images
+from workers import netguard
 from workers.images import fetch_bytes, load_image
 
 LOOSE = Settings(allow_private_urls=True, fetch_timeout_s=5.0)
@@ -149,12 +149,12 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def loopback_is_public(monkeypatch: pytest.MonkeyPatch) -> None:
     """Treat exactly 127.0.0.1 as a public address, so the strict guard can be exercised
     against the loopback test server; every other address keeps the real policy."""
-    real = images._refusal
+    real = netguard._refusal
 
     def refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         return None if str(address) == "127.0.0.1" else real(address)
 
-    monkeypatch.setattr(images, "_refusal", refusal)
+    monkeypatch.setattr(netguard, "_refusal", refusal)
 
 
 def fake_resolver(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> dict[str, int]:
@@ -169,7 +169,7 @@ def fake_resolver(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]
         address = answers[host][min(seen, len(answers[host]) - 1)]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port or 80))]
 
-    monkeypatch.setattr(images, "_getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(netguard, "_getaddrinfo", getaddrinfo)
     return calls
 
 

@@ -19,9 +19,10 @@ import pytest
 from PIL import GifImagePlugin, Image
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from api_client.redact import redact_ref
 from api_client.settings import Settings
-from workers import images
-from workers.images import check_url, decode_image, fetch_bytes, load_image, redact_ref
+from workers import netguard
+from workers.images import check_url, decode_image, fetch_bytes, load_image
 from workers.storage import LocalStorage
 
 STRICT = Settings()
@@ -49,7 +50,7 @@ def fake_getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> list[An
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images, "_getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(netguard, "_getaddrinfo", fake_getaddrinfo)
 
     def refuse(self: socket.socket, address: Any) -> None:
         raise AssertionError(f"unit test tried to connect to {address}")

@@ -28,8 +28,9 @@ from typing import IO
 from PIL import Image
 
 from api_client.errors import ForbiddenUrl, ImageqError, InvalidInput
+from api_client.redact import redact_ref
 from api_client.settings import Settings
-from workers.images import decode_image, fetch_bytes, redact_ref
+from workers.images import decode_image, fetch_bytes
 from workers.storage import LocalStorage, S3Storage, Storage, file_uri_path
 
 METADATA = "metadata.jsonl"
