@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "--dtypes", help="auto,fp32,fp16,bf16 (default: fp32 on cpu, else bf16,fp16)"
     )
     parser.add_argument("--batches", default="1,8", help="maximum batch sizes to compare")
-    parser.add_argument("--rounds", type=int, default=4, help="measured rounds; the best counts")
-    parser.add_argument("--round-batches", type=int, default=1, help="full batches per round")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds; the best counts")
+    parser.add_argument("--round-batches", type=int, default=2, help="full batches per round")
     parser.add_argument("--min-round-images", type=int, default=2, help="images per round, min")
     parser.add_argument("--images-per-job", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=20, help="caption length (fixed)")

