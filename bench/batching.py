@@ -131,13 +131,15 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-def _verdict(value: float, target: float) -> str:
-    return f"[target >= {target}x: {'ok' if value >= target else 'MISSED'}]"
+def _verdict(value: float, target: float, show: bool = True) -> str:
+    return f"[target >= {target}x: {'ok' if value >= target else 'MISSED'}]" if show else ""
 
 
 class Report:
-    def __init__(self, title: str) -> None:
+    def __init__(self, title: str, targets: bool = True) -> None:
         self.title = title
+        # The targets are about BLIP-base; the tiny model only checks the plumbing.
+        self.targets = targets
         self.rows: list[dict[str, Any]] = []
 
     def add(self, **row: Any) -> None:
@@ -159,12 +161,14 @@ class Report:
             by = {r["batch"]: r for r in self.rows if r["dtype"] == dtype}
             for batch in batches[1:]:
                 gain = by[batch]["queue"] / by[one]["queue"]
+                verdict = _verdict(gain, 1.3, self.targets and batch == top)
                 print(
                     f"{dtype}: micro-batched ({batch}) / one-at-a-time ({one}) through the "
-                    f"queue: {gain:.2f}x  {_verdict(gain, 1.3) if batch == top else ''}"
+                    f"queue: {gain:.2f}x  {verdict}".rstrip()
                 )
             ratio = by[top]["queue"] / by[top]["bare"]
-            print(f"{dtype}: queue / bare at batch {top}: {ratio:.2f}x  {_verdict(ratio, 0.9)}")
+            verdict = _verdict(ratio, 0.9, self.targets)
+            print(f"{dtype}: queue / bare at batch {top}: {ratio:.2f}x  {verdict}".rstrip())
 
     def print_speed(self) -> None:
         print(f"\n{self.title}; bare model, images/s")
@@ -256,7 +260,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     report = Report(
         f"BLIP-{args.model} (random weights) on {args.device}, {args.tokens}-token captions, "
         f"{args.images_per_job} image(s) per job, {args.threads} torch thread(s) per process, "
-        f"best of {args.rounds} rounds"
+        f"best of {args.rounds} rounds",
+        targets=args.model == "base",
     )
     if args.speed_options:
         speed_options(report, args, path, env, batches[-1])

@@ -87,3 +87,12 @@ def test_match_options_load_the_model_as_asked(tiny_match_model: Path) -> None:
     assert predictor.model.dtype == torch.bfloat16
     result = predictor.predict([MatchItem(Image.new("RGB", (40, 30), (9, 90, 200)), ["a dog"])])
     assert 0.0 <= result[0].itm[0] <= 1.0
+
+
+def test_a_compiled_vision_encoder_gives_the_eager_captions(tiny_caption_model: Path) -> None:
+    eager = CaptionPredictor(str(tiny_caption_model), half_precision=False)
+    eager.setup("cpu")
+    compiled = CaptionPredictor(str(tiny_caption_model), speed=SpeedOptions(torch_compile=True))
+    compiled.setup("cpu")  # compiles during the warm-up pass
+    assert compiled.model.vision_model._compiled_call_impl is not None
+    assert _caption(compiled) == _caption(eager)
