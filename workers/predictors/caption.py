@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
+from api_client.errors import ImageqError, InvalidInput, ModelError
 from api_client.schemas import GenerationOptions
 from workers.devices import SpeedOptions
 from workers.predictors.attention import (
@@ -31,6 +30,7 @@ from workers.predictors.attention import (
     patch_grid,
     summarise_cross_attention,
 )
+from workers.predictors.base import model_errors
 
 if TYPE_CHECKING:
     import torch
@@ -69,24 +69,6 @@ class CaptionResult:
     @property
     def text(self) -> str:
         return self.texts[0]
-
-
-@contextmanager
-def model_errors(what: str) -> Iterator[None]:
-    """Report failures of a forward pass as ``OutOfMemory`` or ``ModelError``."""
-    import torch
-
-    try:
-        yield
-    except ImageqError:
-        raise
-    except torch.OutOfMemoryError as exc:
-        # Free the cached blocks so that the next, perhaps smaller, batch can run.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise OutOfMemory(f"{what}: {exc}") from exc
-    except Exception as exc:
-        raise ModelError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def check_local_model(model_id: str) -> None:

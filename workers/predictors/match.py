@@ -21,7 +21,8 @@ from PIL import Image
 
 from api_client.errors import ImageqError, ModelError
 from workers.devices import SpeedOptions
-from workers.predictors.caption import check_local_model, load_checked, model_errors
+from workers.predictors.base import model_errors
+from workers.predictors.caption import check_local_model, load_checked
 
 if TYPE_CHECKING:
     import torch

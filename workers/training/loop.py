@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from api_client.errors import ImageqError, ModelError, OutOfMemory
+from api_client.errors import ModelError
+from workers.predictors.base import model_errors
 from workers.training.checkpoints import Checkpoint, CheckpointStore
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def run_training(
     began = time.monotonic()
     for step in range(start + 1, config.max_steps + 1):
         indices = batch_indices(step, config.batch_size, config.examples, config.seed)
-        with _model_errors(step):
+        with model_errors(f"step {step}", "; try a smaller batch_size or resolution"):
             loss = trainer.loss(indices, generator)
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -180,23 +180,6 @@ def run_training(
         )
     result.train_s = round(time.monotonic() - began, 3)
     return result
-
-
-@contextmanager
-def _model_errors(step: int) -> Iterator[None]:
-    """Out-of-memory and other failures of one step as the contract's error codes."""
-    import torch
-
-    try:
-        yield
-    except ImageqError:
-        raise
-    except torch.OutOfMemoryError as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise OutOfMemory(f"step {step}: {exc}; try a smaller batch_size or resolution") from exc
-    except Exception as exc:
-        raise ModelError(f"step {step}: {type(exc).__name__}: {exc}") from exc
 
 
 # -- checkpoint contents ------------------------------------------------------------------
