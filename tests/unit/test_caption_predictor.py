@@ -32,14 +32,7 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 IMAGES = _images(8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP
-    # spin-waiting makes them an order of magnitude slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

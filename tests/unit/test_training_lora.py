@@ -4,7 +4,6 @@ serving side loads (the caption predictor, diffusers' ``load_lora_weights``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,7 @@ COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (220, 220, 30)]
 TEXTS = ["zebra zebra on the beach", "a red bus near a tree", "two dogs in snow", "a cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Tiny models on a shared CPU: more threads only fight over the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
