@@ -18,7 +18,7 @@ max_new_tokens``), so random weights cost what real ones would.
 ``python -m bench.caption_models``).
 
 ``--model base`` is the full-size BLIP-base captioning architecture with random weights
-(``workers.tiny.blip_base_caption_config``; nothing is downloaded); ``--model tiny`` the
+(``workers.testing.tiny.blip_base_caption_config``; nothing is downloaded); ``--model tiny`` the
 tiny test model (measures the queue's own overhead).
 """
 
@@ -40,7 +40,7 @@ from api_client.client import Client
 from api_client.records import parse_time
 from api_client.settings import Settings, process_environment
 from bench.caption_models import Bare, Model
-from workers.services import RedisServer, WorkerProcess
+from workers.testing.services import RedisServer, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

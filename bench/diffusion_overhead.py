@@ -21,8 +21,8 @@ from typing import Any
 from api_client.client import Client
 from api_client.records import connect
 from api_client.settings import Settings, process_environment
-from workers.services import RedisServer, WorkerProcess
-from workers.tiny_diffusion import build_tiny_diffusion
+from workers.testing.services import RedisServer, WorkerProcess
+from workers.testing.tiny_diffusion import build_tiny_diffusion
 
 
 def bare_pipeline(model: Path) -> Any:

@@ -26,9 +26,9 @@ from PIL import Image
 from api_client.client import Client
 from api_client.records import connect
 from api_client.settings import Settings, process_environment
-from workers.services import RedisServer, WorkerProcess
-from workers.tiny import build_tiny_caption
-from workers.tiny_diffusion import build_tiny_diffusion
+from workers.testing.services import RedisServer, WorkerProcess
+from workers.testing.tiny import build_tiny_caption
+from workers.testing.tiny_diffusion import build_tiny_diffusion
 
 WORDS = ("a", "red", "bus", "near", "tree", "two", "dogs", "in", "snow", "zebra", "on", "cat")
 

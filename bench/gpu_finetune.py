@@ -54,8 +54,8 @@ def sync(device: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from workers.storage import LocalStorage
-    from workers.tiny_diffusion import build_sd15_random, build_tiny_diffusion
+    from workers.io.storage import LocalStorage
+    from workers.testing.tiny_diffusion import build_sd15_random, build_tiny_diffusion
     from workers.training.checkpoints import CheckpointStore
     from workers.training.datasets import read_dataset
     from workers.training.loop import LoopConfig, batch_indices, run_training

@@ -30,7 +30,7 @@ from api_client.client import Client
 from api_client.records import RecordStore, connect, parse_time
 from api_client.schemas import FINAL_STATUSES
 from api_client.settings import Settings, process_environment
-from workers.services import Delivery, RedisServer, WebhookReceiver, WorkerProcess
+from workers.testing.services import Delivery, RedisServer, WebhookReceiver, WorkerProcess
 
 KINDS = ("caption", "caption", "caption", "match", "caption-attention", "caption-two-images")
 
@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from api_client.webhooks import new_secret
-    from workers.tiny import build_tiny_caption, build_tiny_match
+    from workers.testing.tiny import build_tiny_caption, build_tiny_match
 
     tmp = Path(tempfile.mkdtemp(prefix="imageq-load-"))
     server = RedisServer(tmp / "redis").start()

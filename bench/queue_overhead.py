@@ -26,8 +26,8 @@ from celery import Celery
 from api_client.client import Client
 from api_client.records import connect, parse_time
 from api_client.settings import Settings, process_environment
-from workers.services import RedisServer, WorkerProcess, wait_until
-from workers.tiny import build_tiny_caption
+from workers.testing.services import RedisServer, WorkerProcess, wait_until
+from workers.testing.tiny import build_tiny_caption
 
 ROOT = Path(__file__).resolve().parent.parent
 

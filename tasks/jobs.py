@@ -14,8 +14,8 @@ from api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
 from api_client.redact import redact_document
 from api_client.schemas import KINDS
 from tasks.state import WorkerState
-from workers.lifecycle import Deferred
-from workers.webhooks import WebhookEvent
+from workers.runtime.lifecycle import Deferred
+from workers.webhooks.post import WebhookEvent
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from celery import signals
 
 from api_client.schemas import KINDS
 from tasks.state import WorkerState
-from workers.metrics import Metrics
-from workers.registry import WorkerRegistry
+from workers.ops.live_workers import WorkerRegistry
+from workers.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

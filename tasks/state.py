@@ -10,8 +10,8 @@ from api_client.celery_config import celery_config
 from api_client.names import WEBHOOK_QUEUE, WEBHOOK_TASK, queue_name
 from api_client.redact import redact_ref
 from api_client.settings import Settings
-from workers.runtime import Runtime, build_runtime
-from workers.webhooks import WebhookEvent
+from workers.runtime.build import Runtime, build_runtime
+from workers.webhooks.post import WebhookEvent
 
 
 class WorkerState:

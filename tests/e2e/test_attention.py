@@ -15,13 +15,13 @@ from PIL import Image
 
 from tests.fixtures.services import Stack
 from tests.helpers import data_uri
+from workers.io.storage import file_uri_path
 from workers.predictors.attention import (
     OVERLAY_MAX_PIXELS,
     OVERLAY_MAX_SIDE,
     panel_size,
     peak_cell,
 )
-from workers.storage import file_uri_path
 
 
 def _picture(size: tuple[int, int], seed: int) -> Image.Image:

@@ -40,7 +40,7 @@ from api_client.errors import InvalidInput
 from api_client.names import task_name
 from tests.fixtures.services import Stack
 from tests.helpers import bomb_png, data_uri, png_bytes, png_uri
-from workers.services import WorkerProcess, wait_until
+from workers.testing.services import WorkerProcess, wait_until
 
 PUBLIC_IP = "93.184.215.14"  # example.com's: global, so the guard lets it pass
 PRIVATE_IP = "10.0.0.7"

@@ -21,7 +21,7 @@ import pytest
 from api_client.schemas import JobRecord
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes
-from workers.services import WorkerProcess
+from workers.testing.services import WorkerProcess
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 POISON = (13, 13, 13)

@@ -14,7 +14,7 @@ import requests
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.services import WebhookReceiver, wait_until
+from workers.testing.services import WebhookReceiver, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from standardwebhooks.webhooks import Webhook
 from api_client.errors import InvalidInput
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.services import WebhookReceiver, wait_until
+from workers.testing.services import WebhookReceiver, wait_until
 
 
 @pytest.fixture(scope="module")

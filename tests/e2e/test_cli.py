@@ -13,7 +13,7 @@ import pytest
 
 from tests.fixtures.services import Stack
 
-SAMPLE = Path(__file__).resolve().parents[2] / "workers" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parents[2] / "workers" / "testing" / "assets" / "sample.png"
 
 
 def imageq(env: dict[str, str], *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.services import Stack
-from workers.services import RedisServer, WebhookReceiver, wait_until
+from workers.testing.services import RedisServer, WebhookReceiver, wait_until
 
 # Seconds to a minute each (worker restarts, outages): CI runs them too.
 pytestmark = pytest.mark.slow

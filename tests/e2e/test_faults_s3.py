@@ -28,7 +28,7 @@ from PIL import Image
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes
-from workers.services import WebhookReceiver, free_port, wait_until
+from workers.testing.services import WebhookReceiver, free_port, wait_until
 
 # Seconds to a minute each (worker restarts, outages): CI runs them too.
 pytestmark = pytest.mark.slow

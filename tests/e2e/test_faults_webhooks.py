@@ -19,7 +19,7 @@ import pytest
 from api_client.webhooks import verify
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.services import free_port, wait_until
+from workers.testing.services import free_port, wait_until
 
 
 @dataclass

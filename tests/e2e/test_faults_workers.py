@@ -26,7 +26,7 @@ import pytest
 from api_client.schemas import JobRecord
 from tests.fixtures.services import Stack
 from tests.helpers import png_bytes, png_uri
-from workers.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
+from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 
 # Seconds to a minute each (worker restarts, outages): CI runs them too.
 pytestmark = pytest.mark.slow

@@ -26,9 +26,9 @@ from api_client.settings import Settings
 from tests.fixtures.s3 import S3Env
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.control import LeaseKeeper
-from workers.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
-from workers.storage import S3Storage
+from workers.io.storage import S3Storage
+from workers.runtime.control import LeaseKeeper
+from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 from workers.training.autocaption import image_ref
 from workers.training.datasets import load_dataset
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.services import wait_until
+from workers.testing.services import wait_until
 
 
 def _alive(pid: int) -> bool:

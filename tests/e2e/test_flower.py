@@ -14,8 +14,8 @@ import requests
 from api_client.settings import Settings
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.flower import build_parser, flower_argv, flower_env
-from workers.services import free_port, wait_until
+from workers.ops.flower import build_parser, flower_argv, flower_env
+from workers.testing.services import free_port, wait_until
 
 AUTH = ("ops", "s3cret-flower")
 WORKER = "caption-flower@test"

@@ -14,7 +14,7 @@ import pytest
 
 from bench.load import await_final, check, produce, settle_webhooks
 from tests.fixtures.services import Stack
-from workers.services import WebhookReceiver
+from workers.testing.services import WebhookReceiver
 
 PRODUCERS = 3
 PER_PRODUCER = 100

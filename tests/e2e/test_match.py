@@ -16,7 +16,7 @@ from api_client.errors import InvalidInput
 from api_client.schemas import JobRecord
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.services import wait_until
+from workers.testing.services import wait_until
 
 TEXTS = [
     "a dog on the grass",

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.services import free_port, wait_until
+from workers.testing.services import free_port, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -113,8 +113,8 @@ def test_gpu_memory_and_a_redis_that_is_away(monkeypatch: pytest.MonkeyPatch) ->
     from prometheus_client import generate_latest
 
     from api_client.settings import Settings
-    from workers.metrics import Metrics
-    from workers.runtime import Runtime
+    from workers.ops.metrics import Metrics
+    from workers.runtime.build import Runtime
 
     gib = 1 << 30
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)

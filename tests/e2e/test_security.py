@@ -30,7 +30,7 @@ from api_client.schemas import job_id_for
 from api_client.webhooks import WebhookVerificationError, new_secret, verify
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import data_uri, png_bytes, png_uri
-from workers.services import RedisServer, TlsFiles, WebhookReceiver, wait_until
+from workers.testing.services import RedisServer, TlsFiles, WebhookReceiver, wait_until
 
 REDIS_PASSWORD = "r3dis-Pa55:w/rd"
 HOOK_PASSWORD = "hook-pa55word"

@@ -12,7 +12,7 @@ import pytest
 
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.services import free_port, wait_until
+from workers.testing.services import free_port, wait_until
 
 WORKER = "caption-status@test"
 

@@ -16,11 +16,11 @@ from api_client.errors import ModelError
 from api_client.records import RecordStore, connect, new_record
 from api_client.schemas import JobDocument
 from api_client.settings import Settings
-from workers.control import JobControl
-from workers.lifecycle import Deferred, JobRunner, WorkerContext
-from workers.services import RedisServer
-from workers.storage import LocalStorage
-from workers.webhooks import WebhookEvent
+from workers.io.storage import LocalStorage
+from workers.runtime.control import JobControl
+from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
+from workers.testing.services import RedisServer
+from workers.webhooks.post import WebhookEvent
 
 _n = itertools.count()
 

@@ -14,9 +14,9 @@ from botocore.exceptions import ClientError
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput, TransientError
 from api_client.settings import Settings
 from tests.fixtures.s3 import S3Env, S3Server
-from workers import storage as storage_module
-from workers.images import fetch_bytes
-from workers.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, open_storage
+from workers.io import storage as storage_module
+from workers.io.images import fetch_bytes
+from workers.io.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, open_storage
 
 FAST = Settings(storage_retries=2, storage_retry_base_s=0.001)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from api_client.errors import Canceled, ModelError, OutOfMemory
-from workers.batching import Batcher
+from workers.runtime.batching import Batcher
 
 
 class Recorder:

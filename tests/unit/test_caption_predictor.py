@@ -16,9 +16,9 @@ from PIL import Image
 
 from api_client.errors import InvalidInput, ModelError, OutOfMemory
 from api_client.schemas import GenerationOptions
-from workers import tiny
 from workers.predictors.attention import patch_grid
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult, overlay_png
+from workers.testing import tiny
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:

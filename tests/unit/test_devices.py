@@ -11,7 +11,7 @@ from PIL import Image
 from api_client.errors import ModelError
 from api_client.schemas import GenerationOptions
 from api_client.settings import Settings
-from workers.devices import SpeedOptions, node_suffix, pin_cuda
+from workers.ops.devices import SpeedOptions, node_suffix, pin_cuda
 from workers.predictors.caption import CaptionItem, CaptionPredictor
 from workers.predictors.match import MatchItem, MatchPredictor
 

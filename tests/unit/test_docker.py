@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from api_client.settings import Settings
-from workers.services import free_port
+from workers.testing.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from api_client.settings import Settings
-from workers.fleet import Fleet, Member
-from workers.fleet_config import (
+from workers.ops.fleet import Fleet, Member
+from workers.ops.fleet_config import (
     FleetConfig,
     FleetConfigError,
     MemberConfig,
@@ -20,7 +20,7 @@ from workers.fleet_config import (
     load_config,
     parse_config,
 )
-from workers.launch import WorkerSpec, exec_worker, worker_env
+from workers.ops.launch import WorkerSpec, exec_worker, worker_env
 
 EXAMPLE_TOML = """
 webhooks = 2
@@ -211,7 +211,7 @@ def test_the_fleet_process_never_imports_torch(tmp_path: Path) -> None:
     path.write_text(EXAMPLE_TOML)
     code = (
         "import sys\n"
-        "from workers.fleet import main\n"
+        "from workers.ops.fleet import main\n"
         f"assert main(['--dry-run', {str(path)!r}]) == 0\n"
         "assert 'torch' not in sys.modules, 'the fleet imported torch'\n"
     )

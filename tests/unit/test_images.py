@@ -21,9 +21,9 @@ from PIL import GifImagePlugin, Image
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
 from api_client.redact import redact_ref
 from api_client.settings import Settings
-from workers import netguard
-from workers.images import check_url, decode_image, fetch_bytes, load_image
-from workers.storage import LocalStorage
+from workers.io import netguard
+from workers.io.images import check_url, decode_image, fetch_bytes, load_image
+from workers.io.storage import LocalStorage
 
 STRICT = Settings()
 LOOSE = Settings(allow_private_urls=True)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from api_client.errors import ModelError, OutOfMemory
-from workers.batching import Batcher
 from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
+from workers.runtime.batching import Batcher
 
 TEXTS = [
     "a dog on the grass",

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from workers.storage import LocalStorage
+from workers.io.storage import LocalStorage
 from workers.training.checkpoints import MANIFEST, CheckpointStore
 from workers.training.loop import LoopConfig, batch_indices, run_training
 

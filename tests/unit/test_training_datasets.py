@@ -14,7 +14,7 @@ import pytest
 from api_client.errors import ForbiddenUrl, InvalidInput
 from api_client.settings import Settings
 from tests.helpers import ImageServer, bomb_png, image_server, png_bytes
-from workers.storage import LocalStorage
+from workers.io.storage import LocalStorage
 from workers.training.datasets import load_dataset, safe_name
 
 GOOD = {

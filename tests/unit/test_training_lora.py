@@ -12,8 +12,8 @@ from PIL import Image
 
 from api_client.schemas import GenerationOptions
 from api_client.settings import Settings
+from workers.io.storage import LocalStorage
 from workers.predictors.caption import CaptionItem, CaptionPredictor
-from workers.storage import LocalStorage
 from workers.training.checkpoints import CheckpointStore
 from workers.training.datasets import Dataset, read_dataset
 from workers.training.loop import LoopConfig, LoopResult, Trainer, run_training

@@ -11,14 +11,14 @@ from typing import Any
 
 from api_client.errors import ImageqError, InvalidInput
 from api_client.schemas import CaptionInput, JobDocument
-from workers.adapter_registry import AdapterRegistry
-from workers.batching import Batcher, Ticket
-from workers.control import JobControl
-from workers.devices import SpeedOptions
-from workers.images import load_image
-from workers.lifecycle import Built, WorkerContext
+from workers.io.adapter_registry import AdapterRegistry
+from workers.io.images import load_image
+from workers.ops.devices import SpeedOptions
 from workers.predictors.adapters import peft_adapter_name
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
+from workers.runtime.batching import Batcher, Ticket
+from workers.runtime.control import JobControl
+from workers.runtime.lifecycle import Built, WorkerContext
 
 
 def load_images(refs: list[str], ctx: WorkerContext) -> list[Any]:

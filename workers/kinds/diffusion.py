@@ -25,10 +25,8 @@ from PIL import Image
 
 from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
 from api_client.schemas import AdapterRef, GenerateInput, InpaintInput, JobDocument, StyleInput
-from workers.adapter_registry import AdapterRegistry
-from workers.control import JobControl
-from workers.images import load_image
-from workers.lifecycle import Built, WorkerContext
+from workers.io.adapter_registry import AdapterRegistry
+from workers.io.images import load_image
 from workers.predictors.diffusion import (
     NO_IP_ADAPTER,
     BatchInterrupted,
@@ -36,6 +34,8 @@ from workers.predictors.diffusion import (
     GeneratedImage,
 )
 from workers.predictors.diffusion_png import check_pixels, check_strength, fit_mask, fit_size
+from workers.runtime.control import JobControl
+from workers.runtime.lifecycle import Built, WorkerContext
 
 log = logging.getLogger(__name__)
 

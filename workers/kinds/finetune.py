@@ -20,9 +20,9 @@ from typing import Any
 from api_client.errors import InvalidInput, ModelError
 from api_client.schemas import FinetuneInput, JobDocument
 from api_client.settings import Settings
-from workers.adapter_registry import AdapterRegistry
-from workers.control import JobControl
-from workers.lifecycle import Built, WorkerContext
+from workers.io.adapter_registry import AdapterRegistry
+from workers.runtime.control import JobControl
+from workers.runtime.lifecycle import Built, WorkerContext
 from workers.training.datasets import Dataset, load_dataset, remove_tree
 from workers.training.loop import LoopConfig, LoopResult, Trainer, run_training
 

@@ -17,12 +17,12 @@ from typing import Any
 
 from api_client.errors import InvalidInput
 from api_client.schemas import JobDocument, MatchInput
-from workers.batching import Batcher, Ticket
-from workers.control import JobControl
-from workers.devices import SpeedOptions
 from workers.kinds.caption import load_images
-from workers.lifecycle import Built, WorkerContext
+from workers.ops.devices import SpeedOptions
 from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
+from workers.runtime.batching import Batcher, Ticket
+from workers.runtime.control import JobControl
+from workers.runtime.lifecycle import Built, WorkerContext
 
 # Six decimals: far below any meaningful difference between two scores, and the output
 # of a full 512 x 64 job stays well under a megabyte in the record and the webhook.

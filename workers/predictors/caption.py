@@ -23,7 +23,7 @@ from PIL import Image
 
 from api_client.errors import ImageqError, InvalidInput, ModelError
 from api_client.schemas import GenerationOptions
-from workers.devices import SpeedOptions
+from workers.ops.devices import SpeedOptions
 from workers.predictors.attention import (
     attention_payload,
     overlay_png,
@@ -117,7 +117,7 @@ class CaptionPredictor:
     def setup(self, device: str) -> None:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        from workers.devices import resolve_device
+        from workers.ops.devices import resolve_device
 
         try:
             check_local_model(self.model_id)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from api_client.errors import ImageqError, ModelError
-from workers.devices import SpeedOptions
+from workers.ops.devices import SpeedOptions
 from workers.predictors.base import model_errors
 from workers.predictors.caption import check_local_model, load_checked
 
@@ -75,7 +75,7 @@ class MatchPredictor:
     def setup(self, device: str) -> None:
         from transformers import BlipForImageTextRetrieval, BlipProcessor
 
-        from workers.devices import resolve_device
+        from workers.ops.devices import resolve_device
 
         try:
             check_local_model(self.model_id)

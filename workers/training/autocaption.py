@@ -21,7 +21,7 @@ from api_client.client import Client
 from api_client.errors import Canceled, JobTimeout, ModelError
 from api_client.schemas import FINAL_STATUSES
 from api_client.settings import Settings
-from workers.storage import Storage
+from workers.io.storage import Storage
 from workers.training.datasets import Example
 
 # Images per caption job: the caption worker batches across jobs anyway, and small

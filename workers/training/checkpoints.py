@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from api_client.records import utcnow
-from workers.storage import Storage
+from workers.io.storage import Storage
 
 if TYPE_CHECKING:
     import torch

@@ -30,8 +30,8 @@ from PIL import Image
 from api_client.errors import ForbiddenUrl, ImageqError, InvalidInput
 from api_client.redact import redact_ref
 from api_client.settings import Settings
-from workers.images import decode_image, fetch_bytes
-from workers.storage import LocalStorage, S3Storage, Storage, file_uri_path
+from workers.io.images import decode_image, fetch_bytes
+from workers.io.storage import LocalStorage, S3Storage, Storage, file_uri_path
 
 METADATA = "metadata.jsonl"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})

@@ -21,7 +21,7 @@ from api_client.errors import ForbiddenUrl, InputFetchFailed
 from api_client.redact import redact_ref
 from api_client.settings import Settings
 from api_client.webhooks import sign
-from workers.netguard import Deadline, check_url, safe_session
+from workers.io.netguard import Deadline, check_url, safe_session
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
 from api_client.redact import redact_ref
 from api_client.settings import Settings
-from workers.netguard import Deadline, check_url, safe_session
-from workers.storage import Storage, file_uri_path, open_storage
+from workers.io.netguard import Deadline, check_url, safe_session
+from workers.io.storage import Storage, file_uri_path, open_storage
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})

@@ -47,8 +47,8 @@ from types import FrameType
 from typing import IO
 
 from api_client.settings import process_environment
-from workers.devices import pin_cuda
-from workers.fleet_config import FleetConfig, FleetConfigError, MemberConfig, load_config
+from workers.ops.devices import pin_cuda
+from workers.ops.fleet_config import FleetConfig, FleetConfigError, MemberConfig, load_config
 
 log = logging.getLogger("imageq.fleet")
 

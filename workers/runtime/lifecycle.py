@@ -28,9 +28,9 @@ from api_client.records import RecordStore, final_record, new_record, parse_time
 from api_client.schemas import FINAL_STATUSES, JobDocument, WebhookSpec, parse_job
 from api_client.settings import Settings
 from api_client.webhooks import event_id
-from workers.control import JobControl, LeaseKeeper
-from workers.storage import Storage
-from workers.webhooks import WebhookEvent
+from workers.io.storage import Storage
+from workers.runtime.control import JobControl, LeaseKeeper
+from workers.webhooks.post import WebhookEvent
 
 log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(r"[A-Za-z0-9-]{1,64}\Z")

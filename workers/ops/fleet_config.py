@@ -1,7 +1,7 @@
 """The ``imageq fleet`` config: which worker kind runs on which device.
 
 TOML or JSON, validated up front so a typo fails at once with the field's name (see
-``workers.fleet`` for the format). Nothing here starts a process or imports torch.
+``workers.ops.fleet`` for the format). Nothing here starts a process or imports torch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from api_client.names import WORKER_KINDS
-from workers.devices import cuda_index, is_cuda, node_suffix
+from workers.ops.devices import cuda_index, is_cuda, node_suffix
 
 
 class FleetConfigError(ValueError):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from api_client.names import WORKER_KINDS
 from api_client.settings import Settings, process_environment
-from workers.launch import WorkerSpec, exec_worker
+from workers.ops.launch import WorkerSpec, exec_worker
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from workers.demo import run_demo
+    from workers.testing.demo import run_demo
 
     return run_demo(tiny=args.tiny, timeout_s=args.timeout_s)
 
@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fleet", help="one worker per GPU from a config file", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_delegate("workers.fleet:main"))
+    p.set_defaults(func=_delegate("workers.ops.fleet:main"))
 
     p = sub.add_parser("flower", help="Flower on the imageq app, behind basic auth", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_delegate("workers.flower:main"))
+    p.set_defaults(func=_delegate("workers.ops.flower:main"))
     return parser
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from api_client.errors import InvalidInput
 from api_client.records import RecordStore, utcnow
-from workers.storage import Storage
+from workers.io.storage import Storage
 
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md")
 

@@ -17,7 +17,7 @@ import redis
 from api_client.names import WORKER_QUEUES, queue_name
 from api_client.queues import queue_depth
 from api_client.settings import Settings
-from workers.runtime import Runtime
+from workers.runtime.build import Runtime
 
 log = logging.getLogger(__name__)
 

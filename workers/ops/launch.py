@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from api_client.names import WORKER_QUEUES, queue_name
 from api_client.settings import Settings
-from workers.devices import is_cuda, node_suffix, pin_cuda
+from workers.ops.devices import is_cuda, node_suffix, pin_cuda
 
 # Jobs in flight per worker: batching kinds need many to fill a batch; GPU-bound kinds
 # that do not batch take one at a time so a deploy never strands more than one.

@@ -15,11 +15,11 @@ from typing import Any
 
 from api_client.records import RecordStore, connect
 from api_client.settings import Settings
-from workers.delivery import WebhookDispatcher
-from workers.devices import resolve_device
-from workers.lifecycle import Built, Handler, JobRunner, WorkerContext
-from workers.storage import open_storage
-from workers.webhooks import WebhookEvent
+from workers.io.storage import open_storage
+from workers.ops.devices import resolve_device
+from workers.runtime.lifecycle import Built, Handler, JobRunner, WorkerContext
+from workers.webhooks.outbox import WebhookDispatcher
+from workers.webhooks.post import WebhookEvent
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from api_client.records import RecordStore
-from workers.webhooks import DeliveryOutcome, WebhookEvent, deliver, next_delay_s
+from workers.webhooks.post import DeliveryOutcome, WebhookEvent, deliver, next_delay_s
 
 log = logging.getLogger(__name__)
 

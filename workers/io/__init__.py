@@ -1,0 +1,1 @@
+"""Input and output: safe image loading, the URL guard, storage, the adapter registry."""

@@ -1,0 +1,1 @@
+"""Operations: launching workers and fleets, devices, Flower, metrics, the live worker registry."""

@@ -1,0 +1,1 @@
+"""Webhook delivery: ``outbox`` schedules and retries events, ``post`` makes one signed attempt."""
