@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from api_client.kinds import KINDS
 from api_client.names import (
     FINALIZE_TASK,
     WEBHOOK_QUEUE,
     WEBHOOK_TASK,
+    job_queue,
     queue_name,
     task_name,
 )
-from api_client.schemas import KINDS
 from api_client.settings import Settings
 
 
@@ -36,7 +37,7 @@ def celery_config(settings: Settings, *, long_jobs: bool = False) -> dict[str, A
     """Config for the inference broker, or (``long_jobs``) the finetune broker."""
     prefix = settings.queue_prefix
     routes: dict[str, dict[str, str]] = {
-        task_name(kind): {"queue": queue_name(kind, prefix)} for kind in KINDS
+        task_name(kind): {"queue": job_queue(kind, prefix)} for kind in KINDS
     }
     routes[WEBHOOK_TASK] = {"queue": queue_name(WEBHOOK_QUEUE, prefix)}
     routes[FINALIZE_TASK] = {"queue": queue_name(WEBHOOK_QUEUE, prefix)}

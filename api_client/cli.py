@@ -18,8 +18,9 @@ from typing import Any
 
 from api_client.client import Client
 from api_client.errors import ImageqError
+from api_client.kinds import KINDS
 from api_client.progress import ProgressBar
-from api_client.schemas import FINAL_STATUSES, JobRecord
+from api_client.schemas import JobRecord
 from api_client.settings import Settings
 
 WORKER_COMMANDS = ("worker", "fleet", "demo", "flower")
@@ -38,7 +39,7 @@ def image_ref(arg: str) -> str:
 
 def _print(record: JobRecord | dict[str, Any] | list[Any]) -> int:
     if isinstance(record, JobRecord):
-        record = record.model_dump(mode="json")
+        record = record.to_json()
     print(json.dumps(record, indent=2))
     return 0
 
@@ -90,7 +91,7 @@ def _submit(args: argparse.Namespace, client: Client) -> int:
 
 def _get(args: argparse.Namespace, client: Client) -> int:
     record = client.get(args.id)
-    if args.follow and record.status not in FINAL_STATUSES:
+    if args.follow and not record.is_final:
         record = _wait(client, args.id, None)
     _print(record)
     return 0
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="submit a job")
-    p.add_argument("kind", choices=["caption", "match", "generate", "inpaint", "style", "finetune"])
+    p.add_argument("kind", choices=KINDS)
     p.add_argument("images", nargs="*", help="image URLs or local files (sent inline)")
     p.add_argument("--prompt")
     p.add_argument("--text", action="append", help="a text to match (repeatable)")
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(
         func=lambda a, c: (
-            _print([r.model_dump(mode="json") for r in c.list(a.status, a.kind, a.limit)]) or 0
+            _print([r.to_json() for r in c.list(a.status, a.kind, a.limit)]) or 0
         )
     )
 

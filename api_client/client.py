@@ -13,16 +13,18 @@ from celery import Celery
 
 from api_client.celery_config import celery_config
 from api_client.errors import InvalidInput, JobTimeout, NotFound
+from api_client.kinds import JOB_KINDS
 from api_client.names import (
     FINALIZE_TASK,
     WEBHOOK_QUEUE,
     celery_priority,
+    job_queue,
     queue_name,
     task_name,
 )
 from api_client.records import RecordStore, connect, new_record, utcnow
 from api_client.redact import redact_document
-from api_client.schemas import FINAL_STATUSES, JobRecord, job_id_for, parse_job
+from api_client.schemas import ErrorRecord, JobRecord, JobStatus, job_id_for, parse_job
 from api_client.settings import Settings
 
 OnUpdate = Callable[[JobRecord], None]
@@ -97,16 +99,16 @@ class Client:
             document["idempotency_key"] = idempotency_key
         if timeout_s is not None:
             document["timeout_s"] = timeout_s
-        doc = parse_job(document).model_dump(mode="json", exclude_none=True)
+        doc = parse_job(document).wire()
         record, created = self.store.create(new_record(doc), doc)
         if not created:
-            return JobRecord.model_validate(record)
+            return record
         try:
-            self._app(kind == "finetune").send_task(
+            self._app(JOB_KINDS[kind].long_job).send_task(
                 task_name(kind),
                 args=[doc],
                 task_id=doc["id"],
-                queue=queue_name(kind, self.settings.queue_prefix),
+                queue=job_queue(kind, self.settings.queue_prefix),
                 priority=celery_priority(doc["priority"]),
                 # Flower and logs show this instead of the document: no inline images.
                 argsrepr=json.dumps([redact_document(doc)]),
@@ -114,7 +116,7 @@ class Client:
         except Exception:
             self.store.delete(doc["id"])
             raise
-        return JobRecord.model_validate(record)
+        return record
 
     def _kind(self, kind: str, fields: dict[str, Any], **named: Any) -> JobRecord:
         """Job-document options (webhook, priority, ...) apart, the rest is the input."""
@@ -146,7 +148,7 @@ class Client:
         record = self.store.get(job_id)
         if record is None:
             raise NotFound(f"id: no job {job_id!r} (unknown, or expired after the result TTL)")
-        return JobRecord.model_validate(record)
+        return record
 
     def wait(
         self, job_id: str, timeout_s: float | None = None, on_update: OnUpdate | None = None
@@ -164,14 +166,14 @@ class Client:
             while True:
                 if on_update is not None:
                     on_update(record)
-                if record.status in FINAL_STATUSES:
+                if record.is_final:
                     return record
                 remaining = 30.0 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeout(f"job {job_id} not final after {timeout_s} s")
                 message = pubsub.get_message(timeout=min(remaining, 30.0))
                 if message is not None and message.get("type") == "message":
-                    record = JobRecord.model_validate(json.loads(message["data"]))
+                    record = JobRecord.model_validate_json(message["data"])
                 elif message is None:
                     # A quiet channel: re-read in case this connection missed a message.
                     record = self.get(job_id)
@@ -184,11 +186,11 @@ class Client:
         """Newest first, filtered by status and kind, from the last ``limit`` jobs."""
         out = []
         for record in self.store.iter_records(limit):
-            if status and record["status"] != status:
+            if status and record.status != status:
                 continue
-            if kind and record["kind"] != kind:
+            if kind and record.kind != kind:
                 continue
-            out.append(JobRecord.model_validate(record))
+            out.append(record)
         return out
 
     # -- cancel -----------------------------------------------------------------------
@@ -216,12 +218,10 @@ class Client:
         return sorted(entries, key=lambda e: str(e.get("created_at", "")), reverse=True)
 
 
-def _cancel_if_queued(record: dict[str, Any]) -> dict[str, Any] | None:
-    if record["status"] != "queued":
+def _cancel_if_queued(record: JobRecord) -> JobRecord | None:
+    if record.status != JobStatus.QUEUED:
         return None
-    record.update(
-        status="canceled",
-        finished_at=utcnow(),
-        error={"code": "canceled", "message": "canceled before it started"},
-    )
+    record.status = JobStatus.CANCELED
+    record.finished_at = utcnow()
+    record.error = ErrorRecord(code="canceled", message="canceled before it started")
     return record

@@ -15,11 +15,14 @@ from typing import Any
 
 import redis
 
-from api_client.schemas import FINAL_STATUSES
+from api_client.errors import ImageqError
+from api_client.schemas import ErrorRecord, JobRecord, JobStatus
 from api_client.settings import Settings
 
-Record = dict[str, Any]
-Mutation = Callable[[Record], Record | None]
+#: A job document as stored (JSON): what a redelivery or a re-dispatch sends again.
+Document = dict[str, Any]
+#: Changes a copy of the record; returns it, or None to change nothing.
+Mutation = Callable[[JobRecord], JobRecord | None]
 
 
 def utcnow() -> str:
@@ -57,11 +60,11 @@ class RecordStore:
         return self.key("updates", job_id)
 
     # -- reads ------------------------------------------------------------------------
-    def get(self, job_id: str) -> Record | None:
+    def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.get(self.key("job", job_id))
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else JobRecord.model_validate_json(raw)
 
-    def get_document(self, job_id: str) -> Record | None:
+    def get_document(self, job_id: str) -> Document | None:
         raw = self.redis.get(self.key("doc", job_id))
         return None if raw is None else json.loads(raw)
 
@@ -72,7 +75,7 @@ class RecordStore:
         )
         return [str(i) for i in self.redis.zrevrange(self.key("jobs"), 0, max(0, limit - 1))]
 
-    def iter_records(self, limit: int = 100) -> Iterator[Record]:
+    def iter_records(self, limit: int = 100) -> Iterator[JobRecord]:
         ids = self.list_ids(limit)
         if not ids:
             return
@@ -81,22 +84,23 @@ class RecordStore:
             if raw is None:
                 self.redis.zrem(self.key("jobs"), job_id)
                 continue
-            yield json.loads(raw)
+            yield JobRecord.model_validate_json(raw)
 
     # -- writes -----------------------------------------------------------------------
-    def create(self, record: Record, document: Record) -> tuple[Record, bool]:
+    def create(self, record: JobRecord, document: Document) -> tuple[JobRecord, bool]:
         """Store a new record unless one exists; returns (record, created)."""
         ttl = self.settings.result_ttl_s
-        key = self.key("job", record["id"])
-        if not self.redis.set(key, json.dumps(record), nx=True, ex=ttl):
-            existing = self.get(record["id"])
+        key = self.key("job", record.id)
+        encoded = json.dumps(record.to_json())
+        if not self.redis.set(key, encoded, nx=True, ex=ttl):
+            existing = self.get(record.id)
             if existing is not None:
                 return existing, False
-            self.redis.set(key, json.dumps(record), ex=ttl)
+            self.redis.set(key, encoded, ex=ttl)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.key("doc", record["id"]), json.dumps(document), ex=ttl)
-        pipe.zadd(self.key("jobs"), {record["id"]: time.time()})
-        pipe.publish(self.channel(record["id"]), json.dumps(record))
+        pipe.set(self.key("doc", record.id), json.dumps(document), ex=ttl)
+        pipe.zadd(self.key("jobs"), {record.id: time.time()})
+        pipe.publish(self.channel(record.id), encoded)
         pipe.execute()
         return record, True
 
@@ -104,10 +108,10 @@ class RecordStore:
         self.redis.delete(self.key("job", job_id), self.key("doc", job_id))
         self.redis.zrem(self.key("jobs"), job_id)
 
-    def save_document(self, job_id: str, document: Record) -> None:
+    def save_document(self, job_id: str, document: Document) -> None:
         self.redis.set(self.key("doc", job_id), json.dumps(document), ex=self.settings.result_ttl_s)
 
-    def update(self, job_id: str, mutate: Mutation) -> tuple[Record | None, bool]:
+    def update(self, job_id: str, mutate: Mutation) -> tuple[JobRecord | None, bool]:
         """Apply ``mutate`` atomically; it returns the new record or None for no change.
 
         Returns (record after the call, whether this call changed it).
@@ -121,12 +125,12 @@ class RecordStore:
                     if raw is None:
                         pipe.unwatch()
                         return None, False
-                    current = json.loads(raw)
-                    new = mutate(dict(current))
+                    current = JobRecord.model_validate_json(raw)
+                    new = mutate(current.model_copy(deep=True))
                     if new is None:
                         pipe.unwatch()
                         return current, False
-                    encoded = json.dumps(new)
+                    encoded = json.dumps(new.to_json())
                     pipe.multi()
                     pipe.set(key, encoded, ex=self.settings.result_ttl_s)
                     pipe.publish(self.channel(job_id), encoded)
@@ -138,24 +142,25 @@ class RecordStore:
     def finish(
         self,
         job_id: str,
-        status: str,
+        status: JobStatus,
         *,
-        output: Record | None = None,
-        error: Record | None = None,
-        extra: Record | None = None,
-    ) -> tuple[Record | None, bool]:
+        output: dict[str, Any] | None = None,
+        error: ImageqError | None = None,
+    ) -> tuple[JobRecord | None, bool]:
         """Move a job to a final status once; a second call changes nothing."""
 
-        def mutate(rec: Record) -> Record | None:
-            if rec["status"] in FINAL_STATUSES:
+        def mutate(rec: JobRecord) -> JobRecord | None:
+            if rec.is_final:
                 return None
-            return final_record(rec, status, output=output, error=error, extra=extra)
+            return final_record(rec, status, output=output, error=error)
 
         return self.update(job_id, mutate)
 
-    def replace_unless_final(self, job_id: str, final: Record) -> tuple[Record | None, bool]:
+    def replace_unless_final(
+        self, job_id: str, final: JobRecord
+    ) -> tuple[JobRecord | None, bool]:
         """Store a final record computed beforehand, unless the job already ended."""
-        return self.update(job_id, lambda rec: None if rec["status"] in FINAL_STATUSES else final)
+        return self.update(job_id, lambda rec: None if rec.is_final else final)
 
     # -- cancel -----------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
@@ -217,43 +222,32 @@ return 0
 """
 
 
-def new_record(document: Record, *, now: str | None = None) -> Record:
+def new_record(document: Document, *, now: str | None = None) -> JobRecord:
     """The record of a job that has just been accepted (DESIGN §4)."""
-    return {
-        "id": document["id"],
-        "kind": document["kind"],
-        "status": "queued",
-        "progress": None,
-        "output": None,
-        "error": None,
-        "attempt": 0,
-        "worker": None,
-        "model": None,
-        "created_at": now or utcnow(),
-        "started_at": None,
-        "finished_at": None,
-        "metrics": {"queue_s": None, "run_s": None},
-        "metadata": document.get("metadata") or {},
-        "result_uri": None,
-    }
+    return JobRecord(
+        id=document["id"],
+        kind=document["kind"],
+        status=JobStatus.QUEUED,
+        created_at=now or utcnow(),
+        metrics={"queue_s": None, "run_s": None},
+        metadata=document.get("metadata") or {},
+    )
 
 
 def final_record(
-    record: Record,
-    status: str,
+    record: JobRecord,
+    status: JobStatus,
     *,
-    output: Record | None = None,
-    error: Record | None = None,
-    extra: Record | None = None,
-) -> Record:
+    output: dict[str, Any] | None = None,
+    error: ImageqError | None = None,
+) -> JobRecord:
     """The record as it will read once final (pure: nothing is stored)."""
-    rec = dict(record)
-    if extra:
-        rec.update(extra)
-    rec.update(status=status, output=output, error=error, finished_at=utcnow())
-    started = parse_time(rec.get("started_at"))
+    rec = record.model_copy(deep=True)
+    rec.status = status
+    rec.output = output
+    rec.error = None if error is None else ErrorRecord(code=error.code, message=error.message)
+    rec.finished_at = utcnow()
+    started = parse_time(rec.started_at)
     if started is not None:
-        metrics = dict(rec.get("metrics") or {})
-        metrics["run_s"] = round(time.time() - started, 4)
-        rec["metrics"] = metrics
+        rec.metrics = {**rec.metrics, "run_s": round(time.time() - started, 4)}
     return rec

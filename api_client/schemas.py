@@ -1,4 +1,5 @@
-"""The public contract: job documents, inputs of every kind, job records (DESIGN §2-§4).
+"""The public contract's documents: the job document, webhooks spec, the job record
+(DESIGN §3-§4). The inputs of each kind are in ``inputs.py``, the kinds in ``kinds.py``.
 
 Producers validate here before enqueueing and workers validate again on receipt,
 because a raw Celery message may carry anything.
@@ -6,209 +7,38 @@ because a raw Celery message may carry anything.
 
 from __future__ import annotations
 
+import json
 import uuid
-from typing import Annotated, Any, Literal
+from contextlib import suppress
+from enum import StrEnum
+from typing import Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from api_client.errors import InvalidInput
+from api_client.inputs import JobInput, Strict
+from api_client.kinds import JOB_KINDS, KINDS
 
-KINDS = ("caption", "match", "generate", "inpaint", "style", "finetune")
-Kind = Literal["caption", "match", "generate", "inpaint", "style", "finetune"]
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled")
-IMAGE_SCHEMES = ("s3://", "https://", "http://", "data:image/", "file://")
-SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "default")
-# The display names (AUTOMATIC1111's, diffusers') are accepted too, in any case.
-SCHEDULER_ALIASES = {
-    "euler a": "euler_ancestral",
-    "euler_a": "euler_ancestral",
-    "dpm-solver++": "dpmpp_2m",
-    "dpm++ 2m": "dpmpp_2m",
-    "plms": "pndm",
-}
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f5bd2-4b8e-4d64-8f0f-2a3c86d5a4e1")
 
 
-def _check_image_ref(value: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("an image reference must be a non-empty string")
-    if not value.startswith(IMAGE_SCHEMES):
-        raise ValueError(
-            "unsupported image reference: use s3://, https://, http://, data:image/... "
-            "or file:// (where the deployment allows local files)"
-        )
-    if len(value) > 4096 and not value.startswith("data:"):
-        raise ValueError("image URL longer than 4096 characters")
-    return value
+class JobStatus(StrEnum):
+    """A job's state; members are strings, so records stay plain JSON."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
 
 
-ImageRef = Annotated[str, Field(min_length=1), AfterValidator(_check_image_ref)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
-
-
-class AdapterRef(_Strict):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    scale: float = Field(default=1.0, ge=-2.0, le=4.0)
-
-
-class GenerationOptions(_Strict):
-    max_new_tokens: int = Field(default=30, ge=1, le=256)
-    min_new_tokens: int = Field(default=0, ge=0, le=256)
-    num_beams: int = Field(default=1, ge=1, le=10)
-    do_sample: bool = False
-    top_k: int = Field(default=50, ge=0, le=1000)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    temperature: float = Field(default=1.0, gt=0.0, le=10.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    num_return_sequences: int = Field(default=1, ge=1, le=10)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GenerationOptions:
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must not exceed max_new_tokens")
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise ValueError(
-                "num_return_sequences must not exceed num_beams unless do_sample is true"
-            )
-        return self
-
-
-class _ImagesInput(_Strict):
-    """Accepts ``image`` as shorthand for a one-element ``images`` list."""
-
-    images: list[ImageRef] = Field(min_length=1, max_length=512)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "image" in data:
-            if "images" in data:
-                raise ValueError("give either image or images, not both")
-            data = dict(data)
-            data["images"] = [data.pop("image")]
-        return data
-
-
-class CaptionInput(_ImagesInput):
-    prompt: str | None = Field(default=None, max_length=512)
-    generation: GenerationOptions = Field(default_factory=GenerationOptions)
-    attention: bool = False
-    adapter: str | None = Field(default=None, min_length=1, max_length=128)
-
-
-class MatchInput(_ImagesInput):
-    texts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
-        min_length=1, max_length=64
-    )
-
-    @field_validator("texts")
-    @classmethod
-    def _non_blank(cls, value: list[str]) -> list[str]:
-        for i, text in enumerate(value):
-            if not text.strip():
-                raise ValueError(f"texts[{i}] is blank")
-        return value
-
-
-class _DiffusionCommon(_Strict):
-    prompt: str = Field(default="", max_length=2000)
-    negative_prompt: str = Field(default="", max_length=2000)
-    steps: int = Field(default=25, ge=1, le=150)
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=30.0)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    num_images: int = Field(default=1, ge=1, le=8)
-    scheduler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "default"] = (
-        "default"
-    )
-    adapters: list[AdapterRef] = Field(default_factory=list, max_length=8)
-
-    @field_validator("scheduler", mode="before")
-    @classmethod
-    def _scheduler_name(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            name = value.strip().lower()
-            return SCHEDULER_ALIASES.get(name, name)
-        return value
-
-
-class GenerateInput(_DiffusionCommon):
-    prompt: str = Field(min_length=1, max_length=2000)
-    width: int = Field(default=512, ge=64, le=2048)
-    height: int = Field(default=512, ge=64, le=2048)
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError("must be a multiple of 8")
-        return value
-
-
-class InpaintInput(_DiffusionCommon):
-    image: ImageRef
-    mask: ImageRef
-    prompt: str = Field(min_length=1, max_length=2000)
-    strength: float = Field(default=1.0, gt=0.0, le=1.0)
-
-
-class StyleInput(_DiffusionCommon):
-    image: ImageRef
-    style_image: ImageRef | None = None
-    style_prompt: str | None = Field(default=None, min_length=1, max_length=2000)
-    style_scale: float = Field(default=0.6, ge=0.0, le=2.0)
-    strength: float = Field(default=0.6, gt=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _some_style(self) -> StyleInput:
-        if not (self.style_image or self.style_prompt or self.adapters):
-            raise ValueError("give at least one of style_image, style_prompt or adapters")
-        return self
-
-
-class FinetuneInput(_Strict):
-    target: Literal["diffusion", "caption"]
-    dataset: str = Field(min_length=1, max_length=4096)
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    rank: int = Field(default=8, ge=1, le=256)
-    alpha: float = Field(default=8.0, gt=0.0, le=1024.0)
-    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
-    max_steps: int = Field(default=500, ge=1, le=1_000_000)
-    batch_size: int = Field(default=1, ge=1, le=256)
-    resolution: int = Field(default=512, ge=64, le=2048)
-    checkpoint_every: int = Field(default=100, ge=1, le=1_000_000)
-    auto_caption: bool = False
-    overwrite: bool = False
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError("must be a multiple of 8")
-        return value
-
-
-INPUT_MODELS: dict[str, type[_Strict]] = {
-    "caption": CaptionInput,
-    "match": MatchInput,
-    "generate": GenerateInput,
-    "inpaint": InpaintInput,
-    "style": StyleInput,
-    "finetune": FinetuneInput,
-}
+STATUSES = tuple(JobStatus)
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
 
 EventType = Literal["job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled"]
@@ -218,7 +48,7 @@ def _final_events() -> list[EventType]:
     return ["job.succeeded", "job.failed", "job.canceled"]
 
 
-class WebhookSpec(_Strict):
+class WebhookSpec(Strict):
     url: str = Field(min_length=1, max_length=2048)
     events: list[EventType] = Field(default_factory=_final_events)
 
@@ -230,28 +60,56 @@ class WebhookSpec(_Strict):
         return value
 
 
-class JobDocument(_Strict):
+class JobDocument(Strict):
+    """A job as enqueued; ``input`` is the kind's own model, validated once, here."""
+
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
-    kind: Kind
-    input: dict[str, Any]
+    kind: str
+    input: JobInput
     webhook: WebhookSpec | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
     priority: int = Field(default=5, ge=0, le=9)
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {value!r}; expected one of {', '.join(KINDS)}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_input(cls, data: Any) -> Any:
+        # The kind picks the input's model (a union discriminated by the document's kind);
+        # an input that does not fit is reported by parse_job, naming the field.
+        if isinstance(data, dict) and data.get("kind") in JOB_KINDS:
+            inp = data.get("input")
+            if isinstance(inp, dict):
+                model = JOB_KINDS[data["kind"]].input_model
+                # Left as a dict when it does not fit: ``_input_object`` refuses it.
+                with suppress(ValidationError):
+                    data = {**data, "input": model.model_validate(inp)}
+        return data
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_object(cls, value: Any) -> Any:
+        if not isinstance(value, JobInput):
+            raise ValueError("input must be a JSON object with the fields of the job's kind")
+        return value
+
     @field_validator("metadata")
     @classmethod
     def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
-        import json
-
         if len(json.dumps(value, default=str)) > 4096:
             raise ValueError("metadata must serialise to at most 4096 bytes")
         return value
 
-    def parsed_input(self) -> Any:
-        """The input as its kind's model (raises ``InvalidInput`` naming the field)."""
-        return parse_input(self.kind, self.input)
+    def wire(self) -> dict[str, Any]:
+        """The document as it travels and is stored (JSON, no nulls)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class ErrorRecord(BaseModel):
@@ -260,11 +118,13 @@ class ErrorRecord(BaseModel):
 
 
 class JobRecord(BaseModel):
+    """The job record (DESIGN §4): one type for the client, the workers and webhooks."""
+
     model_config = ConfigDict(extra="allow")
 
     id: str
     kind: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: JobStatus
     progress: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
     error: ErrorRecord | None = None
@@ -277,10 +137,19 @@ class JobRecord(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     result_uri: str | None = None
+    result_url: str | None = None
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON (what Redis, result.json and webhooks carry)."""
+        data = self.model_dump(mode="json")
+        if data.get("result_url") is None:
+            # Only S3 deployments have one: local-storage records stay as they were.
+            data.pop("result_url", None)
+        return data
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -298,34 +167,39 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def parse_input(kind: str, data: Any) -> Any:
-    model = INPUT_MODELS.get(kind)
-    if model is None:
+def parse_input(kind: str, data: Any) -> JobInput:
+    """Validate one kind's input (raises ``InvalidInput`` naming the field)."""
+    spec = JOB_KINDS.get(kind)
+    if spec is None:
         raise InvalidInput(f"kind: unknown job kind {kind!r}; expected one of {', '.join(KINDS)}")
     try:
-        return model.model_validate(data)
+        return spec.input_model.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(describe_validation_error(exc, "input")) from None
 
 
 def parse_job(data: Any) -> JobDocument:
-    """Validate a whole job document, its input included."""
+    """Validate a whole job document, its input included; every problem is named."""
     if not isinstance(data, dict):
         raise InvalidInput(f"document: a job must be a JSON object, not {type(data).__name__}")
     problems = []
-    doc = None
-    try:
-        doc = JobDocument.model_validate(data)
-    except ValidationError as exc:
-        problems.append(describe_validation_error(exc))
-    # Report the input's problems too, so one answer names every field to fix.
+    candidate = dict(data)
     kind, inp = data.get("kind"), data.get("input")
-    if kind in INPUT_MODELS and isinstance(inp, dict):
+    if isinstance(inp, dict) and kind in JOB_KINDS:
         try:
-            parse_input(kind, inp)
+            candidate["input"] = parse_input(kind, inp)
         except InvalidInput as exc:
             problems.append(exc.message)
-    if problems or doc is None:
+    if problems or (isinstance(inp, dict) and kind not in JOB_KINDS):
+        # The input is reported already (or its kind is unknown): check the rest of the
+        # document around a stand-in, so one answer names every field to fix, once.
+        candidate["input"] = JobInput()
+    try:
+        doc = JobDocument.model_validate(candidate)
+    except ValidationError as exc:
+        problems.insert(0, describe_validation_error(exc))
+        raise InvalidInput("; ".join(problems)) from None
+    if problems:
         raise InvalidInput("; ".join(problems))
     return doc
 

@@ -14,14 +14,14 @@ import redis
 
 from api_client.client import Client
 from api_client.errors import ImageqError
-from api_client.names import WORKER_QUEUES, queue_name
+from api_client.kinds import KINDS, all_queues
+from api_client.names import queue_name
 from api_client.queues import queue_depth
 from api_client.records import RecordStore, connect, parse_time
-from api_client.schemas import KINDS
+from api_client.schemas import STATUSES, JobRecord
 
 RECENT_LIMIT = 1000
 THROUGHPUT_WINDOW_S = 300.0
-_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 
 
 def live_workers(store: RecordStore) -> list[dict[str, Any]]:
@@ -40,7 +40,7 @@ def queue_depths(client: Client) -> list[dict[str, Any]]:
     connections: dict[str, redis.Redis] = {}
     out = []
     try:
-        for base in sorted({q for qs in WORKER_QUEUES.values() for q in qs}):
+        for base in sorted(all_queues()):
             # Finetune may live on its own Redis database (IMAGEQ_FINETUNE_BROKER_URL).
             url = settings.long_broker_url if base == "finetune" else settings.broker_url
             if url not in connections:
@@ -53,21 +53,19 @@ def queue_depths(client: Client) -> list[dict[str, Any]]:
     return out
 
 
-def throughput(records: list[dict[str, Any]], now: float, window_s: float) -> list[dict[str, Any]]:
+def throughput(records: list[JobRecord], now: float, window_s: float) -> list[dict[str, Any]]:
     """Per kind: how many recent jobs are in each status, and finished per minute."""
     by_kind: dict[str, dict[str, Any]] = {}
     for record in records:
         row = by_kind.setdefault(
-            str(record.get("kind")),
-            {**{s: 0 for s in _STATUSES}, "done_in_window": 0, "run_s": []},
+            record.kind,
+            {**{s: 0 for s in STATUSES}, "done_in_window": 0, "run_s": []},
         )
-        status = str(record.get("status"))
-        if status in _STATUSES:
-            row[status] += 1
-        finished = parse_time(record.get("finished_at"))
+        row[record.status] += 1
+        finished = parse_time(record.finished_at)
         if finished is not None and now - finished <= window_s:
             row["done_in_window"] += 1
-            run_s = (record.get("metrics") or {}).get("run_s")
+            run_s = record.metrics.get("run_s")
             if run_s is not None:
                 row["run_s"].append(float(run_s))
     out = []
@@ -109,8 +107,8 @@ def _current_jobs(store: RecordStore, worker: dict[str, Any]) -> list[dict[str, 
     current: dict[str, str] = worker.get("current") or {}
     jobs = []
     for job_id, kind in sorted(current.items()):
-        record = store.get(job_id) or {}
-        jobs.append({"id": job_id, "kind": kind, "progress": record.get("progress")})
+        record = store.get(job_id)
+        jobs.append({"id": job_id, "kind": kind, "progress": record and record.progress})
     return jobs
 
 
@@ -163,7 +161,7 @@ def format_status(snap: dict[str, Any]) -> str:
     t_rows = [
         [
             t["kind"],
-            *(str(t[s]) for s in _STATUSES),
+            *(str(t[s]) for s in STATUSES),
             f"{t['per_min']:g}",
             "-" if t["p50_run_s"] is None else f"{t['p50_run_s']:.2f}",
         ]
@@ -183,7 +181,7 @@ def format_status(snap: dict[str, Any]) -> str:
             ),
             "",
             f"THROUGHPUT (last {snap['recent']} jobs; done/min over {window_min:g} min)",
-            _table(["kind", *_STATUSES, "done/min", "p50 run s"], t_rows, "(no recent jobs)"),
+            _table(["kind", *STATUSES, "done/min", "p50 run s"], t_rows, "(no recent jobs)"),
         ]
     )
 

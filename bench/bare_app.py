@@ -40,7 +40,7 @@ def caption(image_b64: str) -> str:
 
     from PIL import Image
 
-    from api_client.schemas import GenerationOptions
+    from api_client.inputs import GenerationOptions
     from workers.predictors.caption import CaptionItem
 
     image = Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")

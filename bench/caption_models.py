@@ -103,7 +103,7 @@ def bare_child(model: Model) -> None:
     import torch
     from PIL import Image
 
-    from api_client.schemas import GenerationOptions
+    from api_client.inputs import GenerationOptions
     from workers.ops.devices import SpeedOptions
     from workers.predictors.caption import CaptionItem, CaptionPredictor
 

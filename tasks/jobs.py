@@ -10,9 +10,10 @@ from typing import Any
 from celery import Celery, Task
 
 from api_client.errors import ImageqError, InternalError, InvalidInput
+from api_client.kinds import KINDS
 from api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
 from api_client.redact import redact_document
-from api_client.schemas import KINDS
+from api_client.schemas import JobRecord, JobStatus
 from tasks.state import WorkerState
 from workers.runtime.lifecycle import Deferred
 from workers.webhooks.post import WebhookEvent
@@ -54,7 +55,7 @@ def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
             return _retry_transient(task, state, job, exc)
         if record is None:
             return None
-        return {"kind": record["kind"], "status": record["status"], "metrics": record["metrics"]}
+        return {"kind": record.kind, "status": str(record.status), "metrics": record.metrics}
 
     return run
 
@@ -92,12 +93,12 @@ def _retry_transient(
     return {"kind": job.get("kind"), "status": "failed"} if isinstance(job, dict) else None
 
 
-def _back_to_queued(record: dict[str, Any]) -> dict[str, Any] | None:
-    if record["status"] != "running":
+def _back_to_queued(record: JobRecord) -> JobRecord | None:
+    if record.status != JobStatus.RUNNING:
         return None
-    record["status"] = "queued"
+    record.status = JobStatus.QUEUED
     # The try that hit a transient error does not count as a lost worker.
-    record["attempt"] = max(0, int(record.get("attempt", 1)) - 1)
+    record.attempt = max(0, record.attempt - 1)
     return record
 
 

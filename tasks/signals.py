@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import signals
 
-from api_client.schemas import KINDS
+from api_client.kinds import JOB_KINDS
 from tasks.state import WorkerState
 from workers.ops.live_workers import WorkerRegistry
 from workers.ops.metrics import Metrics
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def connect_signals(state: WorkerState) -> None:
-    job_tasks = {f"imageq.{kind}" for kind in KINDS}
+    job_tasks = {spec.task_name for spec in JOB_KINDS.values()}
     started: dict[str, float] = {}
     holder: dict[str, Any] = {}
 

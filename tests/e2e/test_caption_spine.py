@@ -118,7 +118,7 @@ def test_raw_message_with_invalid_document_fails_cleanly(stack: Stack) -> None:
         task_id=job_id,
         queue=stack.settings.queue_prefix + "caption",
     )
-    wait_until(lambda: (stack.store.get(job_id) or {}).get("status") == "failed", 30, "failure")
+    wait_until(lambda: getattr(stack.store.get(job_id), "status", None) == "failed", 30, "failure")
     record = stack.client.get(job_id)
     assert record.error is not None and record.error.code == "invalid_input"
     assert "images" in record.error.message and "bogus" in record.error.message
@@ -207,7 +207,7 @@ def test_raw_message_with_wrong_arguments_fails_cleanly(stack: Stack) -> None:
         task_id=job_id,
         queue=stack.settings.queue_prefix + "caption",
     )
-    wait_until(lambda: (stack.store.get(job_id) or {}).get("status") == "failed", 30, "failure")
+    wait_until(lambda: getattr(stack.store.get(job_id), "status", None) == "failed", 30, "failure")
     record = stack.client.get(job_id)
     assert record.error is not None and record.error.code == "invalid_input"
     assert "exactly one argument" in record.error.message

@@ -68,7 +68,7 @@ def _status(stack: Stack, job_id: str) -> str | None:
         record = stack.store.get(job_id)
     except redis.RedisError:
         return None
-    return None if record is None else str(record["status"])
+    return None if record is None else str(record.status)
 
 
 def test_redis_restart_loses_nothing(

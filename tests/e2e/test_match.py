@@ -159,7 +159,7 @@ def test_limits_refused_as_invalid_input(
         )
     finally:
         app.close()
-    wait_until(lambda: (stack.store.get(job_id) or {}).get("status") == "failed", 30, "failure")
+    wait_until(lambda: getattr(stack.store.get(job_id), "status", None) == "failed", 30, "failure")
     record = stack.client.get(job_id)
     assert record.error is not None and record.error.code == "invalid_input"
     assert field in record.error.message

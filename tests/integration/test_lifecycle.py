@@ -14,7 +14,7 @@ import pytest
 
 from api_client.errors import ModelError
 from api_client.records import RecordStore, connect, new_record
-from api_client.schemas import JobDocument
+from api_client.schemas import JobDocument, JobStatus
 from api_client.settings import Settings
 from workers.io.storage import LocalStorage
 from workers.runtime.control import JobControl
@@ -93,8 +93,8 @@ def test_success_then_redelivery_is_a_no_op(env: tuple) -> None:
     runner, handler, sent = env
     doc = _doc()
     record = runner.execute(doc, "fallback")
-    assert record is not None and record["status"] == "succeeded" and record["attempt"] == 1
-    assert record["metrics"]["run_s"] is not None and record["metrics"]["queue_s"] is not None
+    assert record is not None and record.status == "succeeded" and record.attempt == 1
+    assert record.metrics["run_s"] is not None and record.metrics["queue_s"] is not None
     result = runner.ctx.storage.get(f"jobs/{doc['id']}/result.json")
     assert json.loads(result)["status"] == "succeeded"
     assert [e.type for e in sent] == ["job.started", "job.succeeded"]
@@ -110,7 +110,7 @@ def test_redelivery_completes_side_effects_a_crash_skipped(env: tuple) -> None:
     store: RecordStore = runner.store
     store.create(new_record(doc), doc)
     # the worker died after recording success, before result.json and the webhook
-    store.finish(doc["id"], "succeeded", output={"captions": []})
+    store.finish(doc["id"], JobStatus.SUCCEEDED, output={"captions": []})
     runner.execute(doc, "fallback")
     runner.execute(doc, "fallback")
     assert handler.calls == 0
@@ -134,10 +134,12 @@ def test_job_that_keeps_killing_its_worker_ends_worker_lost(env: tuple) -> None:
     doc = _doc()
     store: RecordStore = runner.store
     store.create(new_record(doc), doc)
-    store.update(doc["id"], lambda r: {**r, "status": "running", "attempt": 2})
+    store.update(
+        doc["id"], lambda r: r.model_copy(update={"status": JobStatus.RUNNING, "attempt": 2})
+    )
     record = runner.execute(doc, "fallback")
-    assert record is not None and record["status"] == "failed"
-    assert record["error"]["code"] == "worker_lost"
+    assert record is not None and record.status == "failed"
+    assert record.error is not None and record.error.code == "worker_lost"
     assert handler.calls == 0
     assert sent[-1].type == "job.failed"
 
@@ -148,13 +150,14 @@ def test_cancel_before_start_and_during_steps(env: tuple) -> None:
     runner.store.create(new_record(doc), doc)
     runner.store.request_cancel(doc["id"])
     record = runner.execute(doc, "fallback")
-    assert record is not None and record["status"] == "canceled" and handler.calls == 0
+    assert record is not None and record.status == "canceled" and handler.calls == 0
 
     handler.steps, handler.cancel_at_step = 10, 4
     doc2 = _doc()
     record = runner.execute(doc2, "fallback")
-    assert record is not None and record["status"] == "canceled"
-    assert record["progress"]["step"] == 4 and record["output"] is None
+    assert record is not None and record.status == "canceled"
+    assert record.progress is not None and record.progress["step"] == 4
+    assert record.output is None
     progress = [e for e in sent if e.type == "job.progress" and e.data["id"] == doc2["id"]]
     assert progress and len({e.webhook_id for e in progress}) == len(progress)
 
@@ -170,16 +173,19 @@ def test_timeout_and_model_error_and_invalid_document(env: tuple) -> None:
 
     runner.handlers["caption"] = type("Slow", (), {"handle": staticmethod(slow)})()
     record = runner.execute(_doc(timeout_s=0.1), "fallback")
-    assert record is not None and record["error"]["code"] == "timeout"
+    assert record is not None and record.error is not None and record.error.code == "timeout"
 
     runner.handlers["caption"] = handler
     handler.fail_with = ModelError("boom")
     record = runner.execute(_doc(), "fallback")
-    assert record is not None and record["error"] == {"code": "model_error", "message": "boom"}
+    assert record is not None and record.error is not None
+    assert record.error.model_dump() == {"code": "model_error", "message": "boom"}
 
     runner.execute({"kind": "caption", "input": {}}, "task-id-1")
     bad = runner.store.get("task-id-1")
-    assert bad is not None and bad["status"] == "failed"
-    assert bad["error"]["code"] == "invalid_input" and "input.images" in bad["error"]["message"]
+    assert bad is not None and bad.status == "failed" and bad.error is not None
+    assert bad.error.code == "invalid_input" and "input.images" in bad.error.message
     runner.execute("not even a dict", "task-id-2")
-    assert runner.store.get("task-id-2")["error"]["code"] == "invalid_input"
+    other = runner.store.get("task-id-2")
+    assert other is not None and other.error is not None
+    assert other.error.code == "invalid_input"

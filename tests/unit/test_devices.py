@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from api_client.errors import ModelError
-from api_client.schemas import GenerationOptions
+from api_client.inputs import GenerationOptions
 from api_client.settings import Settings
 from workers.ops.devices import SpeedOptions, node_suffix, pin_cuda
 from workers.predictors.caption import CaptionItem, CaptionPredictor

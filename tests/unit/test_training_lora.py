@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from api_client.schemas import GenerationOptions
+from api_client.inputs import GenerationOptions
 from api_client.settings import Settings
 from workers.io.storage import LocalStorage
 from workers.predictors.caption import CaptionItem, CaptionPredictor

@@ -11,20 +11,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from api_client.kinds import WORKER_KIND_SPECS
 from api_client.names import WORKER_QUEUES, queue_name
 from api_client.settings import Settings
 from workers.ops.devices import is_cuda, node_suffix, pin_cuda
-
-# Jobs in flight per worker: batching kinds need many to fill a batch; GPU-bound kinds
-# that do not batch take one at a time so a deploy never strands more than one.
-_POOLS = {
-    "caption": "threads",
-    "match": "threads",
-    "diffusion": "threads",
-    "inpaint": "threads",
-    "finetune": "solo",
-    "webhooks": "threads",
-}
 
 
 @dataclass(frozen=True)
@@ -53,22 +43,25 @@ class WorkerSpec:
     def pool_size(self, settings: Settings) -> int:
         if self.concurrency:
             return self.concurrency
-        if self.kind in ("caption", "match"):
+        in_flight = WORKER_KIND_SPECS[self.kind].in_flight
+        if in_flight == "batch":
             # Two batches' worth: one in the model, the next one fetching its images and
             # waiting in the batcher, so a full batch is ready the moment the model frees
             # up (docs/performance.md). Prefetch stays 1: no job waits unstarted here.
             return 2 * max(1, settings.max_batch_images)
-        if self.kind == "webhooks":
-            return 8
-        if self.kind in ("diffusion", "inpaint"):
+        if in_flight == "pipeline":
             # One pipeline call at a time runs; the others fetch their images meanwhile
             # and wait, so compatible generate jobs can share the next call.
             return max(2, settings.diffusion_concurrency)
+        if in_flight == "io":
+            return 8
         return 1
 
 
 def celery_argv(spec: WorkerSpec, settings: Settings) -> list[str]:
-    pool = _POOLS[spec.kind]
+    # Batching kinds need many jobs in flight to fill a batch; a fine-tune runs alone,
+    # so a deploy never strands more than one.
+    pool = WORKER_KIND_SPECS[spec.kind].pool
     argv = [
         sys.executable,
         "-m",

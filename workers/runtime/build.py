@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from api_client.kinds import WORKER_KIND_SPECS
 from api_client.records import RecordStore, connect
 from api_client.settings import Settings
 from workers.io.storage import open_storage
@@ -49,19 +50,10 @@ class Runtime:
 Builder = Callable[[WorkerContext, str], Built]
 
 
-# Each worker kind's module builds its handlers; imported only by the worker that needs
-# it, so a caption worker never imports diffusers.
-BUILDERS: dict[str, str] = {
-    "caption": "workers.kinds.caption:build",
-    "match": "workers.kinds.match:build",
-    "diffusion": "workers.kinds.diffusion:build",
-    "inpaint": "workers.kinds.diffusion:build_inpaint",
-    "finetune": "workers.kinds.finetune:build",
-}
-
-
 def load_builder(worker_kind: str) -> Builder:
-    module_name, func = BUILDERS[worker_kind].split(":")
+    """The worker kind's ``build(ctx, device)``, imported only by the worker that needs it,
+    so a caption worker never imports diffusers."""
+    module_name, func = WORKER_KIND_SPECS[worker_kind].builder.split(":")
     builder: Builder = getattr(importlib.import_module(module_name), func)
     return builder
 
@@ -82,11 +74,11 @@ def build_runtime(settings: Settings, send_webhook: SendWebhook) -> Runtime:
     stops: list[Callable[[], None]] = []
     device = "cpu"
     started = time.monotonic()
-    if kind in BUILDERS:
+    if kind not in WORKER_KIND_SPECS:
+        raise ValueError(f"unknown worker kind {kind!r}")
+    if WORKER_KIND_SPECS[kind].builder:
         device = resolve_device(settings.device)
         handlers, stops = load_builder(kind)(ctx, device)
-    elif kind != "webhooks":
-        raise ValueError(f"unknown worker kind {kind!r}")
     runtime = Runtime(
         settings=settings,
         ctx=ctx,

@@ -10,6 +10,7 @@ from typing import Any
 
 from api_client.errors import Canceled, JobTimeout
 from api_client.records import RecordStore
+from api_client.schemas import JobRecord, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ class JobControl:
             self._last_record = now
             progress = {"step": step, "total": total, **extra}
 
-            def mutate(rec: dict[str, Any]) -> dict[str, Any] | None:
-                if rec["status"] != "running":
+            def mutate(rec: JobRecord) -> JobRecord | None:
+                if rec.status != JobStatus.RUNNING:
                     return None
-                rec["progress"] = progress
+                rec.progress = progress
                 return rec
 
             self.store.update(self.job_id, mutate)

@@ -24,8 +24,8 @@ from api_client.errors import (
     InvalidInput,
     WorkerLost,
 )
-from api_client.records import RecordStore, final_record, new_record, parse_time, utcnow
-from api_client.schemas import FINAL_STATUSES, JobDocument, WebhookSpec, parse_job
+from api_client.records import Document, RecordStore, final_record, new_record, parse_time, utcnow
+from api_client.schemas import JobDocument, JobRecord, JobStatus, WebhookSpec, parse_job
 from api_client.settings import Settings
 from api_client.webhooks import event_id
 from workers.io.storage import Storage
@@ -35,7 +35,8 @@ from workers.webhooks.post import WebhookEvent
 log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(r"[A-Za-z0-9-]{1,64}\Z")
 
-Record = dict[str, Any]
+#: A job's ``output`` document (kind-specific JSON) and one stored file's reference.
+Output = dict[str, Any]
 
 
 class Deferred(Exception):
@@ -47,9 +48,13 @@ class Deferred(Exception):
 
 
 class Handler(Protocol):
-    """Runs one kind of job; returns the ``output`` document."""
+    """Runs one kind of job; returns the ``output`` document.
 
-    def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]: ...
+    ``inp`` is ``job.input``, the kind's own model (``CaptionInput``...), validated once
+    on receipt; handlers declare the model they serve.
+    """
+
+    def handle(self, job: JobDocument, inp: Any, control: JobControl) -> Output: ...
 
 
 # What a worker kind's ``build(ctx, device)`` returns: its handlers and what to stop.
@@ -65,10 +70,10 @@ class WorkerContext:
     worker_name: str
     model_id: str = ""
 
-    def put_output(self, job_id: str, name: str, data: bytes, content_type: str) -> Record:
+    def put_output(self, job_id: str, name: str, data: bytes, content_type: str) -> Output:
         """Store one output file beside result.json; S3 outputs carry a presigned URL."""
         key = f"jobs/{job_id}/{name}"
-        ref: Record = {"uri": self.storage.put(key, data, content_type)}
+        ref: Output = {"uri": self.storage.put(key, data, content_type)}
         url = self.storage.public_url(key)
         if url:
             ref["url"] = url
@@ -83,14 +88,14 @@ class JobRunner:
         self.store = ctx.store
 
     # -- entry point ------------------------------------------------------------------
-    def execute(self, raw: Any, fallback_id: str) -> Record | None:
+    def execute(self, raw: Any, fallback_id: str) -> JobRecord | None:
         """Run one delivery of a job message; returns the final record if it ended here."""
         job = self._accept(raw, fallback_id)
         if job is None:
             return None
         record = self.store.get(job.id)
         assert record is not None
-        if record["status"] in FINAL_STATUSES:
+        if record.is_final:
             # A redelivery of a finished job: only complete what a crash may have skipped.
             self.finalize(job.id)
             return None
@@ -112,7 +117,7 @@ class JobRunner:
         except InvalidInput as exc:
             self.refuse(raw, fallback_id, exc)
             return None
-        document = job.model_dump(mode="json", exclude_none=True)
+        document = job.wire()
         # A raw Celery message by task name has no record yet: create it now.
         self.store.create(new_record(document), document)
         if self.store.get_document(job.id) is None:
@@ -121,7 +126,7 @@ class JobRunner:
 
     def refuse(self, raw: Any, fallback_id: str, exc: InvalidInput) -> None:
         """Fail a message that is not a valid job, with a record of its own."""
-        doc: Record = raw if isinstance(raw, dict) else {}
+        doc: Document = raw if isinstance(raw, dict) else {}
         # An id the schema refused may be a path ("../.."), and so may a raw message's
         # task id: neither may name a record or a storage key unless it is a valid id.
         job_id = next(
@@ -129,7 +134,7 @@ class JobRunner:
             str(uuid.uuid5(uuid.NAMESPACE_URL, str(fallback_id))),
         )
         kind = doc.get("kind") if isinstance(doc.get("kind"), str) else "unknown"
-        partial: Record = {"id": job_id, "kind": kind, "input": {}}
+        partial: Document = {"id": job_id, "kind": kind, "input": {}}
         metadata = doc.get("metadata")
         if isinstance(metadata, dict) and len(json.dumps(metadata, default=str)) <= 4096:
             partial["metadata"] = metadata
@@ -143,11 +148,11 @@ class JobRunner:
         self._end(job_id, exc)
 
     # -- running ----------------------------------------------------------------------
-    def _run(self, job: JobDocument) -> Record | None:
+    def _run(self, job: JobDocument) -> JobRecord | None:
         record, changed = self.store.update(job.id, self._start_mutation())
         if record is None or not changed:
             return None
-        if record["status"] == "failed":  # attempts exhausted by worker deaths
+        if record.status == JobStatus.FAILED:  # attempts exhausted by worker deaths
             self.finalize(job.id)
             return record
         self.emit(job.id, "job.started", record)
@@ -160,7 +165,7 @@ class JobRunner:
         )
         try:
             control.check()
-            output = self.handlers[job.kind].handle(job, job.parsed_input(), control)
+            output = self.handlers[job.kind].handle(job, job.input, control)
         except ImageqError as exc:
             if exc.retryable:
                 raise
@@ -170,32 +175,28 @@ class JobRunner:
             return self._end(job, InternalError(f"{type(exc).__name__}: {exc}"), control.metrics)
         return self._end(job, None, control.metrics, output)
 
-    def _start_mutation(self) -> Callable[[Record], Record | None]:
+    def _start_mutation(self) -> Callable[[JobRecord], JobRecord | None]:
         settings, worker = self.settings, self.ctx.worker_name
 
-        def mutate(rec: Record) -> Record | None:
-            if rec["status"] in FINAL_STATUSES:
+        def mutate(rec: JobRecord) -> JobRecord | None:
+            if rec.is_final:
                 return None
-            if rec["status"] == "running" and rec.get("attempt", 0) >= settings.max_attempts:
+            if rec.status == JobStatus.RUNNING and rec.attempt >= settings.max_attempts:
                 lost = WorkerLost(
-                    f"the worker running this job was lost {rec['attempt']} times; giving up"
+                    f"the worker running this job was lost {rec.attempt} times; giving up"
                 )
-                rec.update(status="failed", error=lost.to_record(), finished_at=utcnow())
-                return rec
-            now = utcnow()
-            created = parse_time(rec.get("created_at"))
-            metrics = dict(rec.get("metrics") or {})
+                return final_record(rec, JobStatus.FAILED, error=lost)
+            created = parse_time(rec.created_at)
+            metrics = dict(rec.metrics)
             if created is not None and metrics.get("queue_s") is None:
                 metrics["queue_s"] = round(time.time() - created, 4)
-            rec.update(
-                status="running",
-                attempt=int(rec.get("attempt", 0)) + 1,
-                worker=worker,
-                model=self.ctx.model_id or None,
-                started_at=now,
-                metrics=metrics,
-                progress=None,
-            )
+            rec.status = JobStatus.RUNNING
+            rec.attempt += 1
+            rec.worker = worker
+            rec.model = self.ctx.model_id or None
+            rec.started_at = utcnow()
+            rec.metrics = metrics
+            rec.progress = None
             return rec
 
         return mutate
@@ -204,36 +205,28 @@ class JobRunner:
         self,
         job: JobDocument | str,
         error: ImageqError | None,
-        metrics: Record | None = None,
-        output: Record | None = None,
-    ) -> Record | None:
+        metrics: dict[str, Any] | None = None,
+        output: Output | None = None,
+    ) -> JobRecord | None:
         """Record the final status; result.json is written first, so a client that sees
         the final status can always read it."""
         job_id = job if isinstance(job, str) else job.id
         key = f"jobs/{job_id}/result.json"
         current = self.store.get(job_id)
-        if current is None or current["status"] in FINAL_STATUSES:
+        if current is None or current.is_final:
             self.finalize(job_id)
             return None
-        extra: Record = {"result_uri": self.ctx.storage.uri(key)}
-        result_url = self.ctx.storage.public_url(key)
-        if result_url:
-            extra["result_url"] = result_url
+        current.result_uri = self.ctx.storage.uri(key)
+        current.result_url = self.ctx.storage.public_url(key) or None
         if metrics:
-            extra["metrics"] = {**(current.get("metrics") or {}), **metrics}
+            current.metrics = {**current.metrics, **metrics}
         if error is None:
-            status = "succeeded"
+            status = JobStatus.SUCCEEDED
         else:
-            status = "canceled" if isinstance(error, Canceled) else "failed"
+            status = JobStatus.CANCELED if isinstance(error, Canceled) else JobStatus.FAILED
             log.info("job %s %s: %s", job_id, status, error)
-        final = final_record(
-            current,
-            status,
-            output=output,
-            error=None if error is None else error.to_record(),
-            extra=extra,
-        )
-        self.ctx.storage.put(key, json.dumps(final, indent=2).encode(), "application/json")
+        final = final_record(current, status, output=output, error=error)
+        self.ctx.storage.put(key, _result_json(final), "application/json")
         record, changed = self.store.replace_unless_final(job_id, final)
         if changed:
             self.store.claim_once(job_id, "result.json")
@@ -247,35 +240,35 @@ class JobRunner:
         Safe to call any number of times, from any worker.
         """
         record = self.store.get(job_id)
-        if record is None or record["status"] not in FINAL_STATUSES:
+        if record is None or not record.is_final:
             return
         key = f"jobs/{job_id}/result.json"
-        if not record.get("result_uri"):
+        if not record.result_uri:
             uri = self.ctx.storage.uri(key)
 
-            def mutate(rec: Record) -> Record | None:
-                if rec.get("result_uri"):
+            def mutate(rec: JobRecord) -> JobRecord | None:
+                if rec.result_uri:
                     return None
-                rec["result_uri"] = uri
+                rec.result_uri = uri
                 return rec
 
             record, _ = self.store.update(job_id, mutate)
             assert record is not None
         try:
             if not self.store.done_once(job_id, "result.json"):
-                self.ctx.storage.put(key, json.dumps(record, indent=2).encode(), "application/json")
+                self.ctx.storage.put(key, _result_json(record), "application/json")
                 self.store.claim_once(job_id, "result.json")
         finally:
             # Storage that stays down (the job failed for it) must not also swallow the
             # final event: the record in Redis is final either way.
-            self.emit(job_id, "job." + record["status"], record)
+            self.emit(job_id, "job." + record.status, record)
 
-    def emit(self, job_id: str, event_type: str, record: Record, seq: int = 0) -> None:
+    def emit(self, job_id: str, event_type: str, record: JobRecord, seq: int = 0) -> None:
         document = self.store.get_document(job_id) or {}
         webhook = document.get("webhook")
         if not webhook or event_type not in webhook.get("events", ()):
             return
-        final = record["status"] in FINAL_STATUSES and event_type != "job.progress"
+        final = record.is_final and event_type != "job.progress"
         if final and not self.store.claim_once(job_id, "webhook:" + event_type):
             return
         event = WebhookEvent(
@@ -283,7 +276,7 @@ class JobRunner:
             url=webhook["url"],
             type=event_type,
             timestamp=utcnow(),
-            data=record,
+            data=record.to_json(),
         )
         try:
             self.ctx.send_webhook(event)
@@ -292,12 +285,16 @@ class JobRunner:
                 self.store.forget_once(job_id, "webhook:" + event_type)
             raise
 
-    def _progress_event(self, job_id: str, progress: Record) -> None:
+    def _progress_event(self, job_id: str, progress: dict[str, Any]) -> None:
         record = self.store.get(job_id)
         if record is not None:
             self.emit(job_id, "job.progress", record, seq=int(progress.get("step", 0)))
 
     def fail(self, job_id: str, error: ImageqError) -> None:
         """Give up on a job from outside its run (e.g. retries of a transient error spent)."""
-        self.store.finish(job_id, "failed", error=error.to_record())
+        self.store.finish(job_id, JobStatus.FAILED, error=error)
         self.finalize(job_id)
+
+
+def _result_json(record: JobRecord) -> bytes:
+    return json.dumps(record.to_json(), indent=2).encode()

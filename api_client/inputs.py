@@ -1,0 +1,190 @@
+"""The inputs of every job kind (DESIGN §2): what a job document's ``input`` holds.
+
+Each kind's model is named in its ``KindSpec`` (api_client/kinds.py); a job document is
+validated against it once, and handlers receive the model, never a dict.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IMAGE_SCHEMES = ("s3://", "https://", "http://", "data:image/", "file://")
+SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "default")
+# The display names (AUTOMATIC1111's, diffusers') are accepted too, in any case.
+SCHEDULER_ALIASES = {
+    "euler a": "euler_ancestral",
+    "euler_a": "euler_ancestral",
+    "dpm-solver++": "dpmpp_2m",
+    "dpm++ 2m": "dpmpp_2m",
+    "plms": "pndm",
+}
+
+
+def _check_image_ref(value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("an image reference must be a non-empty string")
+    if not value.startswith(IMAGE_SCHEMES):
+        raise ValueError(
+            "unsupported image reference: use s3://, https://, http://, data:image/... "
+            "or file:// (where the deployment allows local files)"
+        )
+    if len(value) > 4096 and not value.startswith("data:"):
+        raise ValueError("image URL longer than 4096 characters")
+    return value
+
+
+ImageRef = Annotated[str, Field(min_length=1), AfterValidator(_check_image_ref)]
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused: a typo in a job must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class JobInput(Strict):
+    """The base of every kind's input model."""
+
+
+class AdapterRef(Strict):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    scale: float = Field(default=1.0, ge=-2.0, le=4.0)
+
+
+class GenerationOptions(Strict):
+    max_new_tokens: int = Field(default=30, ge=1, le=256)
+    min_new_tokens: int = Field(default=0, ge=0, le=256)
+    num_beams: int = Field(default=1, ge=1, le=10)
+    do_sample: bool = False
+    top_k: int = Field(default=50, ge=0, le=1000)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    num_return_sequences: int = Field(default=1, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationOptions:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                "num_return_sequences must not exceed num_beams unless do_sample is true"
+            )
+        return self
+
+
+class _ImagesInput(JobInput):
+    """Accepts ``image`` as shorthand for a one-element ``images`` list."""
+
+    images: list[ImageRef] = Field(min_length=1, max_length=512)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "image" in data:
+            if "images" in data:
+                raise ValueError("give either image or images, not both")
+            data = dict(data)
+            data["images"] = [data.pop("image")]
+        return data
+
+
+class CaptionInput(_ImagesInput):
+    prompt: str | None = Field(default=None, max_length=512)
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+    attention: bool = False
+    adapter: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class MatchInput(_ImagesInput):
+    texts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
+        min_length=1, max_length=64
+    )
+
+    @field_validator("texts")
+    @classmethod
+    def _non_blank(cls, value: list[str]) -> list[str]:
+        for i, text in enumerate(value):
+            if not text.strip():
+                raise ValueError(f"texts[{i}] is blank")
+        return value
+
+
+class _DiffusionCommon(JobInput):
+    prompt: str = Field(default="", max_length=2000)
+    negative_prompt: str = Field(default="", max_length=2000)
+    steps: int = Field(default=25, ge=1, le=150)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=30.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    num_images: int = Field(default=1, ge=1, le=8)
+    scheduler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "default"] = (
+        "default"
+    )
+    adapters: list[AdapterRef] = Field(default_factory=list, max_length=8)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            name = value.strip().lower()
+            return SCHEDULER_ALIASES.get(name, name)
+        return value
+
+
+class GenerateInput(_DiffusionCommon):
+    prompt: str = Field(min_length=1, max_length=2000)
+    width: int = Field(default=512, ge=64, le=2048)
+    height: int = Field(default=512, ge=64, le=2048)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+class InpaintInput(_DiffusionCommon):
+    image: ImageRef
+    mask: ImageRef
+    prompt: str = Field(min_length=1, max_length=2000)
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class StyleInput(_DiffusionCommon):
+    image: ImageRef
+    style_image: ImageRef | None = None
+    style_prompt: str | None = Field(default=None, min_length=1, max_length=2000)
+    style_scale: float = Field(default=0.6, ge=0.0, le=2.0)
+    strength: float = Field(default=0.6, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _some_style(self) -> StyleInput:
+        if not (self.style_image or self.style_prompt or self.adapters):
+            raise ValueError("give at least one of style_image, style_prompt or adapters")
+        return self
+
+
+class FinetuneInput(JobInput):
+    target: Literal["diffusion", "caption"]
+    dataset: str = Field(min_length=1, max_length=4096)
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: float = Field(default=8.0, gt=0.0, le=1024.0)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    max_steps: int = Field(default=500, ge=1, le=1_000_000)
+    batch_size: int = Field(default=1, ge=1, le=256)
+    resolution: int = Field(default=512, ge=64, le=2048)
+    checkpoint_every: int = Field(default=100, ge=1, le=1_000_000)
+    auto_caption: bool = False
+    overwrite: bool = False
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
