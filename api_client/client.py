@@ -22,6 +22,7 @@ from api_client.names import (
     queue_name,
     task_name,
 )
+from api_client.queue_scan import find_queued
 from api_client.records import RecordStore, connect, new_record, utcnow
 from api_client.redact import redact_document
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus, job_id_for, parse_job
@@ -145,10 +146,38 @@ class Client:
 
     # -- read -------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
-        record = self.store.get(job_id)
+        record = self.store.get(job_id) or self._from_queue(job_id)
         if record is None:
             raise NotFound(f"id: no job {job_id!r} (unknown, or expired after the result TTL)")
         return record
+
+    def _from_queue(self, job_id: str) -> JobRecord | None:
+        """A job another Celery client enqueued, not picked up yet: record it now, so that
+        it can be followed and canceled like any other (the worker finds the record)."""
+        for spec in JOB_KINDS.values():
+            url = self.settings.long_broker_url if spec.long_job else self.settings.broker_url
+            broker = self.redis if url == self.settings.records_redis_url else connect(url)
+            try:
+                found = find_queued(
+                    broker, job_queue(spec.name, self.settings.queue_prefix), job_id
+                )
+            finally:
+                if broker is not self.redis:
+                    broker.close()
+            if found is None:
+                continue
+            try:
+                doc = parse_job(found.document).wire()
+            except InvalidInput:
+                # The worker will refuse it with a record of its own; until then it waits.
+                doc = {"id": job_id, "kind": spec.name}
+            if doc["id"] != job_id:
+                return None
+            record = new_record(doc)
+            if "input" in doc:
+                record, _ = self.store.create(record, doc)
+            return record.model_copy(update={"queue_position": found.position})
+        return None
 
     def wait(
         self, job_id: str, timeout_s: float | None = None, on_update: OnUpdate | None = None

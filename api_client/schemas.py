@@ -13,7 +13,15 @@ from contextlib import suppress
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from api_client.errors import InvalidInput
 from api_client.inputs import JobInput, Strict
@@ -65,7 +73,8 @@ class JobDocument(Strict):
 
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
     kind: str
-    input: JobInput
+    # Serialised as the kind's own model (its fields), not as the empty base class.
+    input: SerializeAsAny[JobInput]
     webhook: WebhookSpec | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
     priority: int = Field(default=5, ge=0, le=9)
@@ -138,6 +147,8 @@ class JobRecord(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     result_uri: str | None = None
     result_url: str | None = None
+    #: While queued, when read through ``get``: messages that will be taken before it.
+    queue_position: int | None = None
 
     @property
     def is_final(self) -> bool:
@@ -146,9 +157,11 @@ class JobRecord(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The record as JSON (what Redis, result.json and webhooks carry)."""
         data = self.model_dump(mode="json")
-        if data.get("result_url") is None:
-            # Only S3 deployments have one: local-storage records stay as they were.
-            data.pop("result_url", None)
+        # Only S3 deployments have a result_url, and only a read of a queued job a
+        # position: other records stay as they were.
+        for optional in ("result_url", "queue_position"):
+            if data.get(optional) is None:
+                data.pop(optional, None)
         return data
 
 

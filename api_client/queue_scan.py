@@ -1,0 +1,86 @@
+"""Finding a job that sits in its queue before any worker or record knows it.
+
+A backend that enqueues with its own Celery client (by task name) creates no record; so
+that ``get`` and ``cancel`` still know the job from the moment it is enqueued, a miss
+looks for the message in the broker's lists. The scan runs inside Redis (one script
+call per queue) and only for ids that have no record.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from api_client.queues import priority_lists
+
+# Returns {list index, position in that list} of the first message whose headers carry
+# the id; kombu LPUSHes and BRPOPs, so the message nearest the tail runs first.
+_FIND_LUA = """
+local needle = ARGV[1]  -- the id as a JSON string, quotes included
+for i, name in ipairs(KEYS) do
+  local items = redis.call('LRANGE', name, 0, -1)
+  for j, item in ipairs(items) do
+    -- A cheap substring test first; only a candidate is decoded to compare its id.
+    if string.find(item, needle, 1, true) then
+      local ok, message = pcall(cjson.decode, item)
+      if ok and type(message) == 'table' and type(message.headers) == 'table'
+          and message.headers.id == ARGV[2] then
+        return {i, j, #items, item}
+      end
+    end
+  end
+end
+return nil
+"""
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A job's message found in a queue list."""
+
+    queue: str
+    #: Messages that will be taken before this one (0: it is next).
+    position: int
+    task: str
+    #: The job document (the message's one argument), or None if it cannot be read.
+    document: dict[str, Any] | None
+
+
+def find_queued(client: redis.Redis, queue: str, job_id: str) -> QueuedMessage | None:
+    """The message of ``job_id`` waiting in ``queue`` (any priority), or None."""
+    lists = priority_lists(queue)
+    found = client.eval(_FIND_LUA, len(lists), *lists, json.dumps(job_id), job_id)
+    if not found:
+        return None
+    list_index, index, length, raw = int(found[0]), int(found[1]), int(found[2]), found[3]
+    ahead = 0
+    if list_index > 1:
+        pipe = client.pipeline(transaction=False)
+        for name in lists[: list_index - 1]:
+            pipe.llen(name)
+        ahead = int(sum(pipe.execute()))
+    message = json.loads(raw)
+    headers = message.get("headers") or {}
+    return QueuedMessage(
+        queue=queue,
+        position=ahead + (length - index),
+        task=str(headers.get("task", "")),
+        document=_document(message),
+    )
+
+
+def _document(message: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if len(args) == 1 and isinstance(args[0], dict):
+        return args[0]
+    return None
