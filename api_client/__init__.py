@@ -3,7 +3,18 @@
 Light on purpose: a backend service installs only this (no torch).
 """
 
+from api_client.client import Client
 from api_client.errors import ImageqError, InvalidInput
-from api_client.schemas import JobDocument, JobRecord, parse_job
+from api_client.schemas import JobDocument, JobRecord, JobStatus, parse_job
+from api_client.settings import Settings
 
-__all__ = ["ImageqError", "InvalidInput", "JobDocument", "JobRecord", "parse_job"]
+__all__ = [
+    "Client",
+    "ImageqError",
+    "InvalidInput",
+    "JobDocument",
+    "JobRecord",
+    "JobStatus",
+    "Settings",
+    "parse_job",
+]

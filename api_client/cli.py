@@ -13,6 +13,7 @@ import json
 import mimetypes
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from api_client.client import Client
 from api_client.errors import ImageqError
 from api_client.kinds import KINDS
 from api_client.progress import ProgressBar
+from api_client.records import parse_time
 from api_client.schemas import JobRecord
-from api_client.settings import Settings
+from api_client.settings import Settings, SettingsError
 
 WORKER_COMMANDS = ("worker", "fleet", "demo", "flower")
 
@@ -97,6 +99,49 @@ def _get(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace, client: Client) -> int:
+    records = client.list(args.status, args.kind, args.limit)
+    if args.json:
+        return _print([r.to_json() for r in records])
+    print(format_jobs(records, time.time()))
+    return 0
+
+
+def format_jobs(records: list[JobRecord], now: float) -> str:
+    """One line per job: id, kind, status, age, run time, error code."""
+    rows = [["id", "kind", "status", "age", "run", "error"]]
+    for r in records:
+        created = parse_time(r.created_at)
+        run_s = r.metrics.get("run_s")
+        rows.append(
+            [
+                r.id,
+                r.kind,
+                str(r.status),
+                "-" if created is None else _age(now - created),
+                "-" if run_s is None else f"{float(run_s):.2f}s",
+                r.error.code if r.error is not None else "",
+            ]
+        )
+    if len(rows) == 1:
+        return "(no jobs)"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(0.0, seconds):.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
 def _status(args: argparse.Namespace, client: Client) -> int:
     from api_client.status import render_status
 
@@ -142,11 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status")
     p.add_argument("--kind")
     p.add_argument("--limit", type=int, default=20)
-    p.set_defaults(
-        func=lambda a, c: (
-            _print([r.to_json() for r in c.list(a.status, a.kind, a.limit)]) or 0
-        )
-    )
+    p.add_argument("--json", action="store_true", help="print the whole records as JSON")
+    p.set_defaults(func=_list)
 
     p = sub.add_parser("status", help="queues, depths and live workers")
     p.set_defaults(func=_status)
@@ -165,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         # Replace this process: signals (Ctrl-C, SIGTERM) then reach the worker directly.
         os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
     args = build_parser().parse_args(argv)
-    client = Client(Settings.from_env())
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        # A bad IMAGEQ_* value is the operator's to fix: the variable, not a traceback.
+        print(f"imageq: {exc}", file=sys.stderr)
+        return 2
+    client = Client(settings)
     try:
         return int(args.func(args, client))
     except ImageqError as exc:
