@@ -213,3 +213,37 @@ def test_raw_message_with_wrong_arguments_fails_cleanly(stack: Stack) -> None:
     assert "exactly one argument" in record.error.message
     assert stack.workers[-1].alive()
     app.close()
+
+
+def test_multi_image_progress_in_record_and_webhooks(
+    stack: Stack, receiver: WebhookReceiver
+) -> None:
+    # Images of different sizes land in several batches (max 8 images a batch here).
+    images = [png_uri((i * 20 % 255, 90, 40), size=(40 + i, 40)) for i in range(12)]
+    job = stack.client.caption(
+        images=images,
+        webhook={"url": receiver.url("/progress"), "events": ["job.progress", "job.succeeded"]},
+    )
+    record = stack.client.wait(job.id, timeout_s=60)
+    assert record.status == "succeeded", record.error
+    assert record.progress is not None
+    assert record.progress["images_done"] == record.progress["images"] == 12
+    assert record.progress["stage"] == "captioning"
+    final = receiver.wait_for(
+        lambda d: (
+            d.path == "/progress"
+            and d.json()["type"] == "job.succeeded"
+            and d.json()["data"]["id"] == job.id
+        )
+    )
+    assert final
+    events = [
+        d.json()["data"]["progress"]
+        for d in receiver.deliveries
+        if d.path == "/progress"
+        and d.json()["data"]["id"] == job.id
+        and d.json()["type"] == "job.progress"
+    ]
+    assert events, "no job.progress event for a 12-image job"
+    done = [e["images_done"] for e in events]
+    assert done == sorted(done) and done[-1] == 12

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from api_client.errors import Canceled, ModelError, OutOfMemory
-from workers.runtime.batching import Batcher
+from workers.runtime.batching import Batcher, Ran
 
 
 class Recorder:
@@ -21,6 +21,8 @@ class Recorder:
         self.oom_above = oom_above
         self.bad = bad
         self.lock = threading.Lock()
+        self.hold = threading.Event()
+        self.hold.set()
 
     def setup(self, device: str) -> None:
         return
@@ -29,6 +31,7 @@ class Recorder:
         return item[0]
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
+        assert self.hold.wait(10)
         if self.oom_above and len(batch) > self.oom_above:
             raise OutOfMemory("simulated CUDA OOM")
         if self.bad is not None and any(item == self.bad for item in batch):
@@ -38,8 +41,16 @@ class Recorder:
         return [f"{k}:{v}" for k, v in batch]
 
 
-def _run_jobs(batcher: Batcher, jobs: list[list[Any]]) -> list[Any]:
-    results: list[Any] = [None] * len(jobs)
+def results(ran: list[Ran[Any]]) -> list[Any]:
+    return [r.result for r in ran]
+
+
+def largest(ran: list[Ran[Any]]) -> int:
+    return max(r.batch_size for r in ran)
+
+
+def _run_jobs(batcher: Batcher[Any, Any], jobs: list[list[Any]]) -> list[Any]:
+    done: list[Any] = [None] * len(jobs)
     barrier = threading.Barrier(len(jobs))
 
     def one(i: int) -> None:
@@ -48,16 +59,20 @@ def _run_jobs(batcher: Batcher, jobs: list[list[Any]]) -> list[Any]:
             # Stagger the arrivals: the batch must still wait for every announced job.
             time.sleep(0.01 * i)
             try:
-                results[i] = batcher.run(jobs[i], ticket=ticket)
+                done[i] = batcher.run(jobs[i], ticket=ticket)
             except Exception as exc:
-                results[i] = exc
+                done[i] = exc
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
-    return results
+    return done
+
+
+def canceled() -> None:
+    raise Canceled("canceled by the test")
 
 
 def test_jobs_arriving_together_share_a_batch_and_keys_stay_apart() -> None:
@@ -66,14 +81,14 @@ def test_jobs_arriving_together_share_a_batch_and_keys_stay_apart() -> None:
     batcher.start()
     try:
         jobs = [[("a", i)] for i in range(6)] + [[("b", 9), ("b", 10)]]
-        results = _run_jobs(batcher, jobs)
+        done = _run_jobs(batcher, jobs)
     finally:
         batcher.stop()
-    assert [r[0] for r in results[:6]] == [[f"a:{i}"] for i in range(6)]
-    assert results[6][0] == ["b:9", "b:10"]
+    assert [results(r) for r in done[:6]] == [[f"a:{i}"] for i in range(6)]
+    assert results(done[6]) == ["b:9", "b:10"]
     assert all(len({k for k, _ in b}) == 1 for b in pred.batches)
     assert max(len(b) for b in pred.batches if b[0][0] == "a") == 6
-    assert results[0][1] == 6
+    assert largest(done[0]) == 6
 
 
 def test_large_job_is_split_at_max_batch() -> None:
@@ -81,12 +96,25 @@ def test_large_job_is_split_at_max_batch() -> None:
     batcher = Batcher(pred, max_batch=4, max_wait_ms=5)
     batcher.start()
     try:
-        out, size = batcher.run([("a", i) for i in range(10)])
+        ran = batcher.run([("a", i) for i in range(10)])
     finally:
         batcher.stop()
-    assert out == [f"a:{i}" for i in range(10)]
-    assert size == 4
+    assert results(ran) == [f"a:{i}" for i in range(10)]
+    assert largest(ran) == 4
     assert [len(b) for b in pred.batches] == [4, 4, 2]
+
+
+def test_item_costs_fill_the_batch() -> None:
+    pred = Recorder()
+    batcher = Batcher(pred, max_batch=4, max_wait_ms=5, cost=lambda item: item[1])
+    batcher.start()
+    try:
+        ran = batcher.run([("a", 3), ("a", 2), ("a", 1), ("a", 5)])
+    finally:
+        batcher.stop()
+    # 3 + 2 is over 4, so 2 waits; an item over the limit runs alone.
+    assert pred.batches == [[("a", 3), ("a", 1)], [("a", 2)], [("a", 5)]]
+    assert [(r.batch_size, r.batch_items) for r in ran] == [(4, 2), (2, 1), (4, 2), (5, 1)]
 
 
 def test_one_bad_item_fails_only_its_job() -> None:
@@ -94,11 +122,18 @@ def test_one_bad_item_fails_only_its_job() -> None:
     batcher = Batcher(pred, max_batch=16, max_wait_ms=200)
     batcher.start()
     try:
-        results = _run_jobs(batcher, [[("a", i)] for i in range(5)])
+        done = _run_jobs(batcher, [[("a", i)] for i in range(5)])
     finally:
         batcher.stop()
-    assert isinstance(results[3], ModelError)
-    assert [r[0] for i, r in enumerate(results) if i != 3] == [["a:0"], ["a:1"], ["a:2"], ["a:4"]]
+    assert isinstance(done[3], ModelError)
+    assert [results(r) for i, r in enumerate(done) if i != 3] == [
+        ["a:0"],
+        ["a:1"],
+        ["a:2"],
+        ["a:4"],
+    ]
+    # The others reran alone after their shared batch failed.
+    assert all(largest(r) == 1 for i, r in enumerate(done) if i != 3)
 
 
 def test_out_of_memory_splits_the_batch_and_remembers_the_limit() -> None:
@@ -106,8 +141,8 @@ def test_out_of_memory_splits_the_batch_and_remembers_the_limit() -> None:
     batcher = Batcher(pred, max_batch=8, max_wait_ms=5)
     batcher.start()
     try:
-        out, _ = batcher.run([("a", i) for i in range(8)])
-        assert out == [f"a:{i}" for i in range(8)]
+        ran = batcher.run([("a", i) for i in range(8)])
+        assert results(ran) == [f"a:{i}" for i in range(8)]
         assert batcher.max_batch == 2
         pred.batches.clear()
         batcher.run([("a", i) for i in range(4)])
@@ -122,10 +157,47 @@ def test_canceled_job_is_dropped_before_its_batch_runs() -> None:
     batcher.start()
     try:
         with pytest.raises(Canceled):
-            batcher.run([("a", 1)], is_canceled=lambda: True)
+            batcher.run([("a", 1)], check=canceled)
     finally:
         batcher.stop()
     assert pred.batches == []
+
+
+def test_a_job_stopped_while_waiting_leaves_the_queue_at_once() -> None:
+    pred = Recorder()
+    pred.hold.clear()  # the first batch holds the model while the second job waits
+    batcher = Batcher(pred, max_batch=2, max_wait_ms=5, poll_s=0.02)
+    batcher.start()
+    stop = threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise Canceled("canceled by the test")
+
+    try:
+        first = batcher.submit([("a", 0), ("a", 1)])
+        failed: list[BaseException] = []
+
+        def waiting() -> None:
+            try:
+                batcher.run([("a", i) for i in range(2, 6)], check=check)
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        while len(batcher._pending) < 4:
+            time.sleep(0.005)
+        stop.set()
+        thread.join(2)  # while the model is still held
+        assert not thread.is_alive() and isinstance(failed[0], Canceled)
+        assert batcher._pending == []
+        pred.hold.set()
+        assert [f.result(5).result for f in first] == ["a:0", "a:1"]
+    finally:
+        pred.hold.set()
+        batcher.stop()
+    assert pred.batches == [[("a", 0), ("a", 1)]]
 
 
 def test_a_lone_job_does_not_wait_for_company() -> None:
@@ -135,9 +207,46 @@ def test_a_lone_job_does_not_wait_for_company() -> None:
     try:
         began = time.monotonic()
         with batcher.incoming() as ticket:
-            out, size = batcher.run([("a", 1)], ticket=ticket)
+            ran = batcher.run([("a", 1)], ticket=ticket)
         elapsed = time.monotonic() - began
     finally:
         batcher.stop()
-    assert out == ["a:1"] and size == 1
+    assert results(ran) == ["a:1"] and largest(ran) == 1
     assert elapsed < 1.0  # far below max_wait: nobody else was on the way
+
+
+def test_progress_follows_the_items_and_can_stop_the_job() -> None:
+    pred = Recorder()
+    batcher = Batcher(pred, max_batch=2, max_wait_ms=0)
+    batcher.start()
+    try:
+        seen: list[tuple[int, int]] = []
+        ran = batcher.run(
+            [("a", i) for i in range(5)], on_item_done=lambda d, t: seen.append((d, t))
+        )
+        assert results(ran) == [f"a:{i}" for i in range(5)]
+        assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+        # A cancel seen by the progress callback ends the job; its waiting items leave.
+        class Slow(Recorder):
+            def predict(self, batch: Sequence[Any]) -> list[Any]:
+                time.sleep(0.2)
+                return super().predict(batch)
+
+        slow = Slow()
+        slow_batcher = Batcher(slow, max_batch=2, max_wait_ms=0)
+        slow_batcher.start()
+
+        def stop(done: int, total: int) -> None:
+            raise Canceled("canceled while its images ran")
+
+        try:
+            with pytest.raises(Canceled):
+                slow_batcher.run([("b", i) for i in range(8)], on_item_done=stop)
+            time.sleep(0.6)
+        finally:
+            slow_batcher.stop()
+        # The first batch, and at most the one already in the model: never all four.
+        assert sum(len(b) for b in slow.batches) <= 4
+    finally:
+        batcher.stop()

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from api_client.errors import InvalidInput, ModelError, OutOfMemory
-from api_client.schemas import GenerationOptions
+from api_client.inputs import GenerationOptions
 from workers.predictors.attention import patch_grid
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult, overlay_png
 from workers.testing import tiny

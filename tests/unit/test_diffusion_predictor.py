@@ -18,11 +18,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
 from api_client.errors import Canceled, InvalidInput, JobTimeout, ModelError, OutOfMemory
-from api_client.schemas import SCHEDULERS, AdapterRef, GenerateInput, InpaintInput, StyleInput
+from api_client.inputs import SCHEDULERS, AdapterRef, GenerateInput, InpaintInput, StyleInput
 from api_client.settings import Settings
 from workers.predictors.adapters import LORA_WEIGHT_NAME
-from workers.predictors.base import Predictor
-from workers.predictors.diffusion import BatchInterrupted, DiffusionPredictor, GeneratedImage
+from workers.predictors.base import BatchedPredictor, BatchInterrupted
+from workers.predictors.diffusion import DiffusionPredictor, GeneratedImage, GenerateJob
 
 REF = "data:image/png;base64,AA=="  # the predictor takes loaded images; refs only validate
 
@@ -314,11 +314,14 @@ def test_a_job_failing_on_its_second_adapter_leaves_the_first_off(
 
 
 def test_batch_key_groups_compatible_jobs(sd: DiffusionPredictor) -> None:
-    key = sd.batch_key(gen())
-    assert sd.batch_key(gen(prompt="x", negative_prompt="y", seed=9, num_images=3)) == key
+    def key_of(inp: GenerateInput) -> Any:
+        return sd.batch_key(GenerateJob(inp, noop))
+
+    key = key_of(gen())
+    assert key_of(gen(prompt="x", negative_prompt="y", seed=9, num_images=3)) == key
     for other in (gen(width=72), gen(steps=3), gen(scheduler="ddim"), gen(guidance_scale=2.0)):
-        assert sd.batch_key(other) != key
-    assert sd.batch_key(gen(adapters=[AdapterRef(name="tiny")])) != key
+        assert key_of(other) != key
+    assert key_of(gen(adapters=[AdapterRef(name="tiny")])) != key
 
 
 def test_batched_jobs_get_exactly_their_own_images(sd: DiffusionPredictor) -> None:
@@ -332,7 +335,7 @@ def test_batched_jobs_get_exactly_their_own_images(sd: DiffusionPredictor) -> No
     ]
     alone = [pngs(sd.run_generate(job, noop)) for job in jobs]
     recorders = [Recorder() for _ in jobs]
-    batched = sd.run_generate_batch(jobs, recorders)
+    batched = sd.predict([GenerateJob(job, r) for job, r in zip(jobs, recorders, strict=True)])
     assert [pngs(images) for images in batched] == alone
     assert [[im.seed for im in images] for images in batched] == [[10, 11], [20, 21], [30, 31, 32]]
     assert all([s for s, _, _ in r.calls] == [1, 2, 3] for r in recorders)
@@ -341,7 +344,7 @@ def test_batched_jobs_get_exactly_their_own_images(sd: DiffusionPredictor) -> No
 def test_batched_single_images_match_within_rounding(sd: DiffusionPredictor) -> None:
     jobs = [gen(prompt="a cat", seed=40), gen(prompt="the dog", seed=41)]
     alone = [sd.run_generate(job, noop)[0] for job in jobs]
-    batched = [images[0] for images in sd.run_generate_batch(jobs, [noop, noop])]
+    batched = [images[0] for images in sd.predict([GenerateJob(job, noop) for job in jobs])]
     for a, b in zip(alone, batched, strict=True):
         diff = np.abs(pixels(a) - pixels(b))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01
@@ -350,11 +353,11 @@ def test_batched_single_images_match_within_rounding(sd: DiffusionPredictor) -> 
 def test_cancel_in_a_batch_names_the_job(sd: DiffusionPredictor, base: list[bytes]) -> None:
     jobs = [gen(seed=1), gen(prompt="the dog", seed=2)]
     with pytest.raises(BatchInterrupted) as info:
-        sd.run_generate_batch(jobs, [Recorder(), Recorder(stop_at=2)])
-    assert info.value.job_index == 1 and isinstance(info.value.error, Canceled)
+        sd.predict([GenerateJob(jobs[0], Recorder()), GenerateJob(jobs[1], Recorder(stop_at=2))])
+    assert info.value.index == 1 and isinstance(info.value.error, Canceled)
     assert pngs(sd.run_generate(gen(), noop)) == base
     with pytest.raises(ValueError, match="batch_key"):
-        sd.run_generate_batch([gen(), gen(steps=3)], [noop, noop])
+        sd.predict([GenerateJob(gen(), noop), GenerateJob(gen(steps=3), noop)])
 
 
 class _Exploding:
@@ -390,9 +393,12 @@ def test_errors_map_to_out_of_memory_and_model_error(
 
 
 def test_predict_serves_the_predictor_protocol(sd: DiffusionPredictor, base: list[bytes]) -> None:
-    assert isinstance(sd, Predictor)
-    out = sd.predict([gen(), gen(prompt="the dog", seed=2)])
+    assert isinstance(sd, BatchedPredictor)
+    out = sd.predict([GenerateJob(gen(), noop), GenerateJob(gen(prompt="the dog", seed=2), noop)])
     assert len(out) == 2 and all(isinstance(images[0], GeneratedImage) for images in out)
+    # A lone job's callback error is its own, not a BatchInterrupted.
+    with pytest.raises(Canceled):
+        sd.predict([GenerateJob(gen(), Recorder(stop_at=1))])
 
 
 def test_setup_failure_is_a_model_error(tmp_path: Path) -> None:

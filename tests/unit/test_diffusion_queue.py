@@ -1,4 +1,5 @@
-"""PipelineQueue: one pipeline thread, batching of waiting generate jobs, failures per job.
+"""The diffusion worker's batcher: one pipeline thread, batching of waiting generate jobs,
+failures per job.
 
 A scripted predictor stands in for the pipeline, so each case can stage exactly the
 arrival order, cancel or failure it is about (the real pipeline runs in
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 
 from api_client.errors import Canceled, ImageqError, ModelError, OutOfMemory
-from api_client.schemas import GenerateInput
-from workers.kinds.diffusion import CallResult, PipelineQueue
-from workers.predictors.base import StepCallback
-from workers.predictors.diffusion import BatchInterrupted, GeneratedImage
+from api_client.inputs import GenerateInput
+from workers.kinds.diffusion import AloneCall, DiffusionBatcher, pipeline_batcher
+from workers.predictors.base import BatchInterrupted, StepCallback
+from workers.predictors.diffusion import GeneratedImage, GenerateJob
+from workers.runtime.batching import Ran
 
 
 class Control:
@@ -49,16 +51,12 @@ class Scripted:
         self.calls: list[list[int | None]] = []
         self.failures: list[Exception] = []
 
-    def batch_key(self, inp: GenerateInput) -> Any:
-        return (inp.width, inp.height, inp.steps)
+    def batch_key(self, job: GenerateJob) -> Any:
+        return (job.inp.width, job.inp.height, job.inp.steps)
 
-    def run_generate(self, inp: GenerateInput, on_step: StepCallback) -> list[GeneratedImage]:
-        return self._run([inp], [on_step], batched=False)[0]
-
-    def run_generate_batch(
-        self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback]
-    ) -> list[list[GeneratedImage]]:
-        return self._run(inps, on_steps, batched=True)
+    def predict(self, jobs: Sequence[GenerateJob]) -> list[list[GeneratedImage]]:
+        inps = [job.inp for job in jobs]
+        return self._run(inps, [job.on_step for job in jobs], batched=len(jobs) > 1)
 
     def _run(
         self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback], batched: bool
@@ -90,11 +88,23 @@ def predictor() -> Scripted:
 
 
 @pytest.fixture
-def queue(predictor: Scripted) -> Iterator[PipelineQueue]:
-    q = PipelineQueue(predictor, max_batch_images=4, max_wait_ms=0)
+def queue(predictor: Scripted) -> Iterator[DiffusionBatcher]:
+    q = pipeline_batcher(predictor, max_batch_images=4, max_wait_ms=0)
     q.start()
     yield q
     q.stop(5)
+
+
+def generate(queue: DiffusionBatcher, inp: GenerateInput, control: Control) -> Ran[Any]:
+    """What DiffusionHandler does with a generate job."""
+    return queue.run([GenerateJob(inp, control)], control.check)[0]
+
+
+def call(
+    queue: DiffusionBatcher, run: Callable[[], list[GeneratedImage]], control: Control
+) -> Ran[Any]:
+    """What DiffusionHandler does with an inpaint or style job."""
+    return queue.run([AloneCall(run, images=0)], control.check)[0]
 
 
 @pytest.fixture
@@ -106,10 +116,10 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 class Gate:
     """Holds the pipeline thread in a call until opened, so that jobs pile up behind it."""
 
-    def __init__(self, queue: PipelineQueue, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, queue: DiffusionBatcher, pool: ThreadPoolExecutor) -> None:
         self.opened = threading.Event()
         self.entered = threading.Event()
-        self.future = pool.submit(queue.call, self._hold, Control())
+        self.future = pool.submit(call, queue, self._hold, Control())
         assert self.entered.wait(5)
 
     def _hold(self) -> list[GeneratedImage]:
@@ -123,10 +133,10 @@ class Gate:
 
 
 def submit(
-    queue: PipelineQueue, pool: ThreadPoolExecutor, inp: GenerateInput, control: Control
-) -> Future[CallResult]:
+    queue: DiffusionBatcher, pool: ThreadPoolExecutor, inp: GenerateInput, control: Control
+) -> Future[Ran[Any]]:
     waiting = len(queue._pending)
-    future = pool.submit(queue.generate, inp, control)
+    future = pool.submit(generate, queue, inp, control)
     wait_for(lambda: len(queue._pending) > waiting)
     return future
 
@@ -139,7 +149,7 @@ def wait_for(check: Callable[[], bool], timeout_s: float = 5) -> None:
 
 
 def test_waiting_compatible_jobs_share_one_call(
-    queue: PipelineQueue, predictor: Scripted, pool: ThreadPoolExecutor
+    queue: DiffusionBatcher, predictor: Scripted, pool: ThreadPoolExecutor
 ) -> None:
     gate = Gate(queue, pool)
     a = submit(queue, pool, gen(1, num_images=2), Control())
@@ -149,13 +159,13 @@ def test_waiting_compatible_jobs_share_one_call(
     gate.open()
     results = [f.result(5) for f in (a, other, b, too_many)]
     assert predictor.calls == [[1, 3], [2], [4]]
-    assert [(r.batch_jobs, r.batch_size) for r in results] == [(2, 3), (1, 1), (2, 3), (1, 2)]
-    assert [im.seed for im in results[0].images] == [1, 2]
-    assert [im.seed for im in results[2].images] == [3]
+    assert [(r.batch_items, r.batch_size) for r in results] == [(2, 3), (1, 1), (2, 3), (1, 2)]
+    assert [im.seed for im in results[0].result] == [1, 2]
+    assert [im.seed for im in results[2].result] == [3]
 
 
 def test_a_job_canceled_in_a_batch_ends_alone_and_the_others_run_again(
-    queue: PipelineQueue, predictor: Scripted, pool: ThreadPoolExecutor
+    queue: DiffusionBatcher, predictor: Scripted, pool: ThreadPoolExecutor
 ) -> None:
     gate = Gate(queue, pool)
     a = submit(queue, pool, gen(1), Control())
@@ -165,12 +175,12 @@ def test_a_job_canceled_in_a_batch_ends_alone_and_the_others_run_again(
     with pytest.raises(Canceled):
         b.result(5)
     assert stopping.steps == [1, 2]
-    assert [im.seed for im in a.result(5).images] == [1]
+    assert [im.seed for im in a.result(5).result] == [1]
     assert predictor.calls == [[1, 2], [1]]
 
 
 def test_a_job_canceled_while_waiting_leaves_at_once(
-    queue: PipelineQueue, predictor: Scripted, pool: ThreadPoolExecutor
+    queue: DiffusionBatcher, predictor: Scripted, pool: ThreadPoolExecutor
 ) -> None:
     gate = Gate(queue, pool)
     control = Control()
@@ -180,29 +190,29 @@ def test_a_job_canceled_while_waiting_leaves_at_once(
         waiting.result(2)  # while the gate still holds the pipeline
     assert queue._pending == []
     gate.open()
-    assert queue.generate(gen(2), Control()).images[0].seed == 2
+    assert generate(queue, gen(2), Control()).result[0].seed == 2
     assert predictor.calls == [[2]]
 
 
 def test_out_of_memory_in_a_batch_halves_it_and_a_lone_job_fails_alone(
-    queue: PipelineQueue, predictor: Scripted, pool: ThreadPoolExecutor
+    queue: DiffusionBatcher, predictor: Scripted, pool: ThreadPoolExecutor
 ) -> None:
     gate = Gate(queue, pool)
     jobs = [submit(queue, pool, gen(seed), Control()) for seed in (1, 2, 3, 4)]
     predictor.failures = [OutOfMemory("batch of 4")]
     gate.open()
-    assert [f.result(5).images[0].seed for f in jobs] == [1, 2, 3, 4]
+    assert [f.result(5).result[0].seed for f in jobs] == [1, 2, 3, 4]
     assert predictor.calls == [[1, 2, 3, 4], [1, 2], [3, 4]]
-    assert queue.max_batch_images == 2
+    assert queue.max_batch == 2
     predictor.failures = [OutOfMemory("the GPU ran out of memory")]
     with pytest.raises(OutOfMemory):
-        queue.generate(gen(5), Control())
+        generate(queue, gen(5), Control())
     # The worker keeps serving.
-    assert queue.generate(gen(6), Control()).images[0].seed == 6
+    assert generate(queue, gen(6), Control()).result[0].seed == 6
 
 
 def test_a_failed_batch_runs_each_job_alone(
-    queue: PipelineQueue, predictor: Scripted, pool: ThreadPoolExecutor
+    queue: DiffusionBatcher, predictor: Scripted, pool: ThreadPoolExecutor
 ) -> None:
     gate = Gate(queue, pool)
     a = submit(queue, pool, gen(1), Control())
@@ -211,17 +221,17 @@ def test_a_failed_batch_runs_each_job_alone(
     gate.open()
     with pytest.raises(ModelError, match="only job 1"):
         a.result(5)
-    assert b.result(5).images[0].seed == 2
+    assert b.result(5).result[0].seed == 2
     assert predictor.calls == [[1, 2], [1], [2]]
 
 
-def test_calls_fail_alone_and_stop_refuses_new_work(queue: PipelineQueue) -> None:
+def test_calls_fail_alone_and_stop_refuses_new_work(queue: DiffusionBatcher) -> None:
     def boom() -> list[GeneratedImage]:
         raise ModelError("inpaint failed")
 
     with pytest.raises(ModelError, match="inpaint failed"):
-        queue.call(boom, Control())
-    assert queue.call(lambda: [], Control()).batch_jobs == 1
+        call(queue, boom, Control())
+    assert call(queue, lambda: [], Control()).batch_items == 1
     queue.stop(5)
     with pytest.raises(ImageqError, match="shutting down"):
-        queue.call(lambda: [], Control())
+        call(queue, lambda: [], Control())

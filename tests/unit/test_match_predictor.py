@@ -204,8 +204,8 @@ def test_batcher_fails_only_the_bad_item(predictor: MatchPredictor) -> None:
     finally:
         batcher.stop()
     alone = predictor.predict([items[0], items[2]])
-    for (result, size), expected in zip(good, alone, strict=True):
+    for ran, expected in zip(good, alone, strict=True):
         # Rerun alone after the batch failed, with the same scores.
-        assert size == 1
-        assert result.itm == pytest.approx(expected.itm, abs=1e-5)
-        assert result.cosine == pytest.approx(expected.cosine, abs=1e-5)
+        assert ran.batch_size == 1
+        assert ran.result.itm == pytest.approx(expected.itm, abs=1e-5)
+        assert ran.result.cosine == pytest.approx(expected.cosine, abs=1e-5)

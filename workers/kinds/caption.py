@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from api_client.errors import ImageqError, InvalidInput
-from api_client.schemas import CaptionInput, JobDocument
+from api_client.inputs import CaptionInput
+from api_client.schemas import JobDocument
 from workers.io.adapter_registry import AdapterRegistry
 from workers.io.images import load_image
 from workers.ops.devices import SpeedOptions
 from workers.predictors.adapters import peft_adapter_name
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
-from workers.runtime.batching import Batcher, Ticket
+from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
 from workers.runtime.lifecycle import Built, WorkerContext
 
@@ -62,9 +63,12 @@ class CaptionAdapters:
         return loaded
 
 
+CaptionBatcher = Batcher[CaptionItem, CaptionResult]
+
+
 class CaptionHandler:
     def __init__(
-        self, ctx: WorkerContext, batcher: Batcher, adapters: CaptionAdapters | None = None
+        self, ctx: WorkerContext, batcher: CaptionBatcher, adapters: CaptionAdapters | None = None
     ) -> None:
         self.ctx = ctx
         self.batcher = batcher
@@ -78,34 +82,26 @@ class CaptionHandler:
                 raise InvalidInput("input.adapter: this worker has no adapter registry")
             adapter = self.adapters.ensure(inp.adapter)
         with self.batcher.incoming() as ticket:
-            return self._handle(job, inp, control, ticket, adapter)
-
-    def _handle(
-        self,
-        job: JobDocument,
-        inp: CaptionInput,
-        control: JobControl,
-        ticket: Ticket,
-        adapter: str | None = None,
-    ) -> dict[str, Any]:
-        images = load_images(inp.images, self.ctx)
-        control.check()
-        items = [
-            CaptionItem(
-                image=image,
-                prompt=inp.prompt,
-                generation=inp.generation,
-                adapter=adapter,
-                attention=inp.attention,
+            images = load_images(inp.images, self.ctx)
+            control.check()
+            items = [
+                CaptionItem(
+                    image=image,
+                    prompt=inp.prompt,
+                    generation=inp.generation,
+                    adapter=adapter,
+                    attention=inp.attention,
+                )
+                for image in images
+            ]
+            ran = self.batcher.run(
+                items, control.check, ticket, control.images_progress("captioning", len(items))
             )
-            for image in images
-        ]
-        results, batch_size = self.batcher.run(items, control.is_canceled, ticket)
-        control.metrics["batch_size"] = batch_size
+        control.metrics["batch_size"] = max(r.batch_size for r in ran)
         control.metrics["images"] = len(items)
         captions = [
-            self._caption(job.id, i, image, result, inp)
-            for i, (image, result) in enumerate(zip(images, results, strict=True))
+            self._caption(job.id, i, image, r.result, inp)
+            for i, (image, r) in enumerate(zip(images, ran, strict=True))
         ]
         return {"captions": captions}
 
@@ -170,7 +166,9 @@ def build(ctx: WorkerContext, device: str) -> Built:
     else:
         cache, owned = Path(tempfile.mkdtemp(prefix="imageq-caption-adapters-")), True
     adapters = CaptionAdapters(AdapterRegistry(ctx.store, ctx.storage, cache), predictor)
-    batcher = Batcher(predictor, settings.max_batch_images, settings.max_batch_wait_ms)
+    batcher = CaptionBatcher(
+        predictor, max_batch=settings.max_batch_images, max_wait_ms=settings.max_batch_wait_ms
+    )
     batcher.start()
 
     def remove_cache() -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from api_client.errors import InvalidInput
-from api_client.schemas import JobDocument, MatchInput
+from api_client.inputs import MatchInput
+from api_client.schemas import JobDocument
 from workers.kinds.caption import load_images
 from workers.ops.devices import SpeedOptions
 from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
-from workers.runtime.batching import Batcher, Ticket
+from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
 from workers.runtime.lifecycle import Built, WorkerContext
 
@@ -29,33 +30,38 @@ from workers.runtime.lifecycle import Built, WorkerContext
 DECIMALS = 6
 
 
+MatchBatcher = Batcher[MatchItem, MatchResult]
+
+
 class MatchHandler:
-    def __init__(self, ctx: WorkerContext, predictor: MatchPredictor, batcher: Batcher) -> None:
+    def __init__(
+        self, ctx: WorkerContext, predictor: MatchPredictor, batcher: MatchBatcher
+    ) -> None:
         self.ctx = ctx
         self.predictor = predictor
         self.batcher = batcher
 
     def handle(self, job: JobDocument, inp: MatchInput, control: JobControl) -> dict[str, Any]:
         with self.batcher.incoming() as ticket:
-            return self._handle(inp, control, ticket)
-
-    def _handle(self, inp: MatchInput, control: JobControl, ticket: Ticket) -> dict[str, Any]:
-        truncated = self._check_texts(inp.texts)
-        images = load_images(inp.images, self.ctx)
-        control.check()
-        # One item per image: the batcher's size limit counts images, as for captions,
-        # and the predictor runs the vision encoder once per image for all its texts.
-        items = [MatchItem(image=image, texts=list(inp.texts)) for image in images]
-        results, batch_size = self.batcher.run(items, control.is_canceled, ticket)
+            truncated = self._check_texts(inp.texts)
+            images = load_images(inp.images, self.ctx)
+            control.check()
+            # One item per image: the batcher's size limit counts images, as for
+            # captions, and the predictor runs the vision encoder once per image for
+            # all its texts.
+            items = [MatchItem(image=image, texts=list(inp.texts)) for image in images]
+            ran = self.batcher.run(
+                items, control.check, ticket, control.images_progress("matching", len(items))
+            )
         control.metrics.update(
-            batch_size=batch_size,
+            batch_size=max(r.batch_size for r in ran),
             images=len(items),
             texts=len(inp.texts),
             pairs=len(items) * len(inp.texts),
         )
         return {
             "texts": list(inp.texts),
-            "scores": [self._scores(i, r, inp.texts) for i, r in enumerate(results)],
+            "scores": [self._scores(i, r.result, inp.texts) for i, r in enumerate(ran)],
             "truncated": truncated,
             "max_text_tokens": self.predictor.max_text_tokens,
         }
@@ -96,6 +102,8 @@ def build(ctx: WorkerContext, device: str) -> Built:
     settings = ctx.settings
     predictor = MatchPredictor(settings.model_match, speed=SpeedOptions.from_settings(settings))
     predictor.setup(device)
-    batcher = Batcher(predictor, settings.max_batch_images, settings.max_batch_wait_ms)
+    batcher = MatchBatcher(
+        predictor, max_batch=settings.max_batch_images, max_wait_ms=settings.max_batch_wait_ms
+    )
     batcher.start()
     return {"match": MatchHandler(ctx, predictor, batcher)}, [batcher.stop]

@@ -1,16 +1,27 @@
-"""The small interface every model kind implements (after LitServe's LitAPI, cog's Predictor)."""
+"""The small interfaces the model kinds implement (after LitServe's LitAPI, cog's Predictor).
+
+``Predictor`` is what building a worker calls (``setup``); ``Batched`` is what the
+micro-batcher (``workers.runtime.batching``) calls (``batch_key``, ``predict``).
+Each predictor class names the protocol it implements as a base class, so mypy checks
+its methods against it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from api_client.errors import ImageqError, ModelError, OutOfMemory
 
 # Called by long-running predictors after every step (a denoising step, a training step).
 # It records progress and raises ``Canceled`` or ``JobTimeout`` to stop the work at once.
 StepCallback = Callable[[int, int, dict[str, Any]], None]
+
+ItemT_contra = TypeVar("ItemT_contra", contravariant=True)
+# Invariant: ``predict`` returns a list, which is invariant in its items.
+ResultT = TypeVar("ResultT")
 
 
 @runtime_checkable
@@ -22,16 +33,51 @@ class Predictor(Protocol):
 
     def setup(self, device: str) -> None:
         """Load the model onto ``device`` once and warm it up; raise on failure."""
-
-    def predict(self, batch: Sequence[Any]) -> list[Any]:
-        """Run one batch of compatible items; one result per item, in order."""
+        ...
 
 
-class BatchedPredictor(Predictor, Protocol):
-    """A predictor whose items can share a forward pass when their keys are equal."""
+@runtime_checkable
+class Batched(Protocol[ItemT_contra, ResultT]):
+    """Items whose keys are equal can share one ``predict`` call."""
 
-    def batch_key(self, item: Any) -> Hashable:
+    def batch_key(self, item: ItemT_contra) -> Hashable:
         """Items with equal keys may run in one ``predict`` call."""
+        ...
+
+    def predict(self, batch: Sequence[ItemT_contra]) -> list[ResultT]:
+        """Run one batch of compatible items; one result per item, in order.
+
+        May raise ``BatchInterrupted`` when one item's own error stopped the whole call.
+        """
+        ...
+
+
+@runtime_checkable
+class BatchedPredictor(Predictor, Batched[ItemT_contra, ResultT], Protocol[ItemT_contra, ResultT]):
+    """A warm model whose items share forward passes: what caption, match and
+    generate serve behind the micro-batcher."""
+
+
+class BatchInterrupted(Exception):
+    """One item's own error (its step callback raised: cancel, timeout) stopped a
+    shared ``predict`` call.
+
+    ``error`` is what was raised for item ``index``; the other items produced nothing
+    and can run again (a generate job gets the same images: each image's noise depends
+    only on its own seed).
+    """
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"item {index} of the batch stopped: {error}")
+        self.index = index
+        self.error = error
+
+
+def check_local_model(model_id: str) -> None:
+    """Name a missing local directory plainly instead of as a malformed hub id."""
+    path = Path(model_id)
+    if (path.is_absolute() or model_id.startswith(".")) and not path.is_dir():
+        raise ModelError(f"model directory {model_id} does not exist")
 
 
 @contextmanager

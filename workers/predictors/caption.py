@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from api_client.errors import ImageqError, InvalidInput, ModelError
-from api_client.schemas import GenerationOptions
+from api_client.inputs import GenerationOptions
 from workers.ops.devices import SpeedOptions
 from workers.predictors.attention import (
     attention_payload,
@@ -30,11 +30,14 @@ from workers.predictors.attention import (
     patch_grid,
     summarise_cross_attention,
 )
-from workers.predictors.base import model_errors
+from workers.predictors.base import BatchedPredictor, model_errors
+from workers.predictors.blip import BlipPredictor, check_local_model, load_checked
 
 if TYPE_CHECKING:
     import torch
 
+# The loading helpers stay importable from here: the training code and the finetune
+# kind import them from this module (their home is workers.predictors.blip).
 __all__ = [
     "CaptionItem",
     "CaptionPredictor",
@@ -71,77 +74,31 @@ class CaptionResult:
         return self.texts[0]
 
 
-def check_local_model(model_id: str) -> None:
-    """Name a missing local directory plainly instead of as a malformed hub id."""
-    path = Path(model_id)
-    if (path.is_absolute() or model_id.startswith(".")) and not path.is_dir():
-        raise ModelError(f"model directory {model_id} does not exist")
-
-
-def load_checked(model_class: Any, model_id: str, dtype: torch.dtype) -> Any:
-    """``from_pretrained`` (safetensors only) that refuses weights it had to invent.
-
-    transformers fills weights missing from a checkpoint with random values and only
-    logs it, so a checkpoint of the wrong architecture would serve noise.
-    """
-    model, info = model_class.from_pretrained(
-        model_id, use_safetensors=True, dtype=dtype, output_loading_info=True
-    )
-    # Wrong shapes already raise inside from_pretrained; missing weights only log.
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise ModelError(
-            f"{model_id} is not a {model_class.__name__} checkpoint: {len(missing)} "
-            f"weight(s) missing, e.g. {missing[:3]}"
-        )
-    return model
-
-
-class CaptionPredictor:
+class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResult]):
     """Holds one BLIP captioning model; nothing loads before ``setup``."""
+
+    kind = "caption"
 
     def __init__(
         self, model_id: str, *, half_precision: bool = True, speed: SpeedOptions | None = None
     ) -> None:
-        self.model_id = model_id
-        self.half_precision = half_precision
-        self.speed = speed or SpeedOptions(half_precision=half_precision)
-        self.device = "cpu"
-        self.model: Any = None
-        self.processor: Any = None
+        super().__init__(model_id, half_precision=half_precision, speed=speed)
         self._adapters: set[str] = set()
         # The batcher thread runs ``predict`` while another thread may load an adapter.
         self._lock = threading.RLock()
 
     # -- lifecycle ----------------------------------------------------------------------
-    def setup(self, device: str) -> None:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
+    def _model_class(self) -> Any:
+        from transformers import BlipForConditionalGeneration
 
-        from workers.ops.devices import resolve_device
+        return BlipForConditionalGeneration
 
-        try:
-            check_local_model(self.model_id)
-            self.device = resolve_device(device)
-            dtype = self.speed.torch_dtype(self.device)
-            model = load_checked(BlipForConditionalGeneration, self.model_id, dtype)
-            self.model = model.to(self.device).eval()
-            # Before the warm-up pass below, which is where torch.compile compiles.
-            self.speed.apply_to_vision(self.model.vision_model)
-            self.processor = BlipProcessor.from_pretrained(self.model_id)
-            self.predict([CaptionItem(Image.new("RGB", (64, 64)), None, GenerationOptions())])
-        except Exception as exc:
-            self.model = None
-            reason = exc.message if isinstance(exc, ImageqError) else f"{type(exc).__name__}: {exc}"
-            raise ModelError(f"cannot load caption model {self.model_id!r}: {reason}") from exc
+    def _warm_up(self) -> None:
+        self.predict([CaptionItem(Image.new("RGB", (64, 64)), None, GenerationOptions())])
 
     @property
     def dtype(self) -> torch.dtype:
         return self._require_model().dtype
-
-    def _require_model(self) -> Any:
-        if self.model is None:
-            raise ModelError("caption model is not loaded: call setup() first")
-        return self.model
 
     # -- batching -----------------------------------------------------------------------
     def batch_key(self, item: CaptionItem) -> Hashable:

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
-from api_client.schemas import GenerateInput, InpaintInput, StyleInput
+from api_client.inputs import GenerateInput, InpaintInput, StyleInput
 from api_client.settings import Settings
 from workers.predictors.adapters import (
     AdapterResolver,
@@ -35,7 +35,7 @@ from workers.predictors.adapters import (
     job_scheduler,
     sampler_name,
 )
-from workers.predictors.base import StepCallback
+from workers.predictors.base import BatchedPredictor, BatchInterrupted, StepCallback
 from workers.predictors.diffusion_png import (
     check_pixels,
     check_strength,
@@ -61,18 +61,12 @@ class GeneratedImage:
     nsfw: bool = False
 
 
-class BatchInterrupted(Exception):
-    """A job's step callback raised during a batched run; the whole batch stopped.
+@dataclass(frozen=True)
+class GenerateJob:
+    """One generate job as ``predict`` takes it: its input and its step callback."""
 
-    ``error`` is what the callback raised (``Canceled``, ``JobTimeout``, ...) for job
-    ``job_index``; the other jobs produced nothing and should be run again (they will
-    get the same images: each image's noise depends only on its own seed).
-    """
-
-    def __init__(self, job_index: int, error: BaseException) -> None:
-        super().__init__(f"job {job_index} of the batch stopped: {error}")
-        self.job_index = job_index
-        self.error = error
+    inp: GenerateInput
+    on_step: StepCallback
 
 
 class _CallbackRaised(Exception):
@@ -82,11 +76,11 @@ class _CallbackRaised(Exception):
         self.error = error
 
 
-class DiffusionPredictor:
+class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
     """One warm Stable Diffusion pipeline serving generate, inpaint and style jobs.
 
-    Not thread-safe: a worker runs one pipeline call at a time (jobs may share a call
-    through ``run_generate_batch``).
+    Not thread-safe: a worker runs one pipeline call at a time (generate jobs may share
+    a call through ``predict``; inpaint and style run alone).
     """
 
     def __init__(
@@ -185,32 +179,31 @@ class DiffusionPredictor:
 
     # -- generate ----------------------------------------------------------------------
 
-    def batch_key(self, item: GenerateInput) -> Hashable:
+    def batch_key(self, item: GenerateJob) -> Hashable:
         """Generate jobs with equal keys can share one pipeline call."""
-        adapters = tuple(sorted((a.name, a.scale) for a in item.adapters))
-        return (item.width, item.height, item.steps, item.scheduler, item.guidance_scale, adapters)
+        inp = item.inp
+        adapters = tuple(sorted((a.name, a.scale) for a in inp.adapters))
+        return (inp.width, inp.height, inp.steps, inp.scheduler, inp.guidance_scale, adapters)
 
-    def predict(self, batch: Sequence[Any]) -> list[Any]:
-        """``Predictor`` entry point: generate jobs with equal ``batch_key``, no progress."""
-        return list(self.run_generate_batch(list(batch), [_no_progress] * len(batch)))
+    def predict(self, batch: Sequence[GenerateJob]) -> list[list[GeneratedImage]]:
+        """Generate jobs of equal ``batch_key`` in one pipeline call, each getting its
+        own images.
+
+        With several jobs, a step callback that raises stops the whole call with
+        ``BatchInterrupted`` naming the job (run the others again); a lone job's
+        callback error propagates unchanged.
+        """
+        if not batch:
+            return []
+        if len({self.batch_key(job) for job in batch}) > 1:
+            raise ValueError("jobs in one batch must have equal batch_key()")
+        inps = [job.inp for job in batch]
+        on_steps = [job.on_step for job in batch]
+        return self._generate(inps, on_steps, batched=len(batch) > 1)
 
     def run_generate(self, inp: GenerateInput, on_step: StepCallback) -> list[GeneratedImage]:
         """One generate job; whatever ``on_step`` raises propagates unchanged."""
-        return self._generate([inp], [on_step], batched=False)[0]
-
-    def run_generate_batch(
-        self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback]
-    ) -> list[list[GeneratedImage]]:
-        """Several generate jobs in one pipeline call, each getting its own images.
-
-        A callback that raises stops the whole batch with ``BatchInterrupted`` naming
-        the job; run the others again.
-        """
-        if len(inps) != len(on_steps):
-            raise ValueError("one step callback per job")
-        if len({self.batch_key(inp) for inp in inps}) > 1:
-            raise ValueError("jobs in one batch must have equal batch_key()")
-        return self._generate(inps, on_steps, batched=True) if inps else []
+        return self.predict([GenerateJob(inp, on_step)])[0]
 
     def _generate(
         self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback], batched: bool
@@ -392,7 +385,3 @@ def _text_args(inps: Sequence[Any], prompts: list[str]) -> dict[str, Any]:
         "num_inference_steps": inps[0].steps,
         "guidance_scale": inps[0].guidance_scale,
     }
-
-
-def _no_progress(step: int, total: int, info: dict[str, Any]) -> None:
-    return None

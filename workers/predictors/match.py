@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from api_client.errors import ImageqError, ModelError
+from api_client.errors import ModelError
 from workers.ops.devices import SpeedOptions
-from workers.predictors.base import model_errors
-from workers.predictors.caption import check_local_model, load_checked
+from workers.predictors.base import BatchedPredictor, model_errors
+from workers.predictors.blip import BlipPredictor
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +47,10 @@ class MatchResult:
         return max(range(len(self.itm)), key=self.itm.__getitem__)
 
 
-class MatchPredictor:
+class MatchPredictor(BlipPredictor, BatchedPredictor[MatchItem, MatchResult]):
     """Holds one BLIP retrieval model; nothing loads before ``setup``."""
+
+    kind = "match"
 
     def __init__(
         self,
@@ -58,40 +60,29 @@ class MatchPredictor:
         max_pairs_per_pass: int = 256,
         speed: SpeedOptions | None = None,
     ) -> None:
-        self.model_id = model_id
-        self.half_precision = half_precision
-        self.speed = speed or SpeedOptions(half_precision=half_precision)
+        super().__init__(model_id, half_precision=half_precision, speed=speed)
         # Bounds the memory of the ITM pass: images x texts pairs can reach 512 x 64.
         self.max_pairs_per_pass = max(1, max_pairs_per_pass)
-        self.device = "cpu"
-        self.model: Any = None
-        self.processor: Any = None
         self._lock = threading.Lock()
         # A second tokenizer for the job threads' checks: a fast tokenizer's truncation
         # settings are mutable state, so one instance must not serve two threads at once.
         self._check_tokenizer: Any = None
         self._check_lock = threading.Lock()
 
-    def setup(self, device: str) -> None:
-        from transformers import BlipForImageTextRetrieval, BlipProcessor
+    def _model_class(self) -> Any:
+        from transformers import BlipForImageTextRetrieval
 
-        from workers.ops.devices import resolve_device
+        return BlipForImageTextRetrieval
 
-        try:
-            check_local_model(self.model_id)
-            self.device = resolve_device(device)
-            dtype = self.speed.torch_dtype(self.device)
-            model = load_checked(BlipForImageTextRetrieval, self.model_id, dtype)
-            self.model = model.to(self.device).eval()
-            self.speed.apply_to_vision(self.model.vision_model)
-            self.processor = BlipProcessor.from_pretrained(self.model_id)
-            self._check_tokenizer = copy.deepcopy(self.processor.tokenizer)
-            self.predict([MatchItem(Image.new("RGB", (64, 64)), ["a photo"])])
-        except Exception as exc:
-            self.model = None
-            self._check_tokenizer = None
-            reason = exc.message if isinstance(exc, ImageqError) else f"{type(exc).__name__}: {exc}"
-            raise ModelError(f"cannot load match model {self.model_id!r}: {reason}") from exc
+    def _loaded(self) -> None:
+        self._check_tokenizer = copy.deepcopy(self.processor.tokenizer)
+
+    def _warm_up(self) -> None:
+        self.predict([MatchItem(Image.new("RGB", (64, 64)), ["a photo"])])
+
+    def _unload(self) -> None:
+        super()._unload()
+        self._check_tokenizer = None
 
     @property
     def max_text_tokens(self) -> int:
@@ -124,8 +115,7 @@ class MatchPredictor:
     def predict(self, batch: Sequence[MatchItem]) -> list[MatchResult]:
         import torch
 
-        if self.model is None:
-            raise ModelError("match model is not loaded: call setup() first")
+        self._require_model()
         if not batch:
             return []
         with self._lock, torch.inference_mode(), model_errors("match"):

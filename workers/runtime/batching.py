@@ -1,9 +1,29 @@
-"""Micro-batching: items that arrive together share one forward pass.
+"""Micro-batching: items that wait together share one model call.
 
-Worker threads (one per job in flight) submit their items and wait; one batcher thread
-owns the model, gathers items with the same ``batch_key`` for up to ``max_wait_ms`` or
-``max_batch`` items, and runs them together. A job's own image list counts toward the
-batch, and a large job is spread over several batches.
+Job threads submit their items and wait; one batcher thread owns the model and runs
+the items at the head of the queue together with every waiting item of equal
+``batch_key``, up to ``max_batch`` (summed item cost: images). One batcher serves every
+kind that batches; a kind configures it with its model (``Batched``: ``batch_key`` and
+``predict``) and the cost of an item:
+
+- caption and match submit one item per image, so a job's images count toward the
+  batch and a large job spreads over several batches;
+- generate submits one item per job, costing its ``num_images``; inpaint and style
+  submit an item whose ``batch_key`` is ``None``: it always runs alone.
+
+What every kind gets:
+
+- A forming batch waits for company up to ``max_wait_ms``, but only while jobs
+  announced with ``incoming()`` are still on their way (fetching their images): a lone
+  job runs at once.
+- A job that its ``check`` stops (cancel, timeout) leaves the queue while it waits
+  (checked every ``poll_s``), and is dropped without model work if its batch comes first.
+- ``BatchInterrupted`` from ``predict`` fails only the item it names; the others go back
+  to the head of the queue.
+- Out of memory with several items halves ``max_batch`` (the lower limit is kept) and
+  requeues them at the head; alone, the item fails.
+- Any other failure of a shared call marks its items to run alone, and requeues them at
+  the head, so one bad item fails only its own job.
 """
 
 from __future__ import annotations
@@ -15,42 +35,106 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
-from api_client.errors import Canceled, ImageqError, ModelError, OutOfMemory
-from workers.predictors.base import BatchedPredictor
+from api_client.errors import ModelError, OutOfMemory
+from workers.predictors.base import Batched, BatchInterrupted
 
 log = logging.getLogger(__name__)
 
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
-@dataclass
-class _Pending:
-    item: Any
-    key: Hashable
-    future: Future[tuple[Any, int]]
-    is_canceled: Callable[[], bool]
+# How often a job waiting in the queue asks its ``check`` whether to leave.
+POLL_S = 0.25
+
+
+def _unit_cost(item: object) -> int:
+    return 1
+
+
+def _go_on() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Ran(Generic[ResultT]):
+    """One item's result and the model call it came from."""
+
+    result: ResultT
+    #: Summed cost (images) of the items in that call.
+    batch_size: int
+    #: Items (jobs, for generate) in that call.
+    batch_items: int
+    #: Seconds the call took.
+    run_s: float
+
+
+@dataclass(eq=False)
+class _Job(Generic[ItemT, ResultT]):
+    """One submission: ``check`` is asked once per batch, and its items leave together."""
+
+    check: Callable[[], None]
+    entries: list[_Entry[ItemT, ResultT]] = field(default_factory=list)
+    # Its thread stopped waiting (failed, stopped): its items need not run.
+    gone: bool = False
+
+
+@dataclass(eq=False)
+class _Entry(Generic[ItemT, ResultT]):
+    item: ItemT
+    key: Hashable | None
+    cost: int
+    job: _Job[ItemT, ResultT]
+    future: Future[Ran[ResultT]] = field(default_factory=Future)
+    # Set after a shared call failed as a whole: the item runs alone next time.
+    solo: bool = False
+    # In the queue: neither taken by the batcher thread nor withdrawn (under the lock).
+    queued: bool = True
     enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def alone(self) -> bool:
+        return self.solo or self.key is None
 
 
 class Ticket:
     """One announced job; ``arrived`` once it has submitted (or given up)."""
 
-    def __init__(self, batcher: Batcher) -> None:
-        self._batcher = batcher
+    def __init__(self, on_arrived: Callable[[], None]) -> None:
+        self._on_arrived = on_arrived
         self._open = True
 
     def arrived(self) -> None:
         if self._open:
             self._open = False
-            self._batcher._arrived()
+            self._on_arrived()
 
 
-class Batcher:
-    def __init__(self, predictor: BatchedPredictor, max_batch: int, max_wait_ms: int) -> None:
-        self.predictor = predictor
+class Batcher(Generic[ItemT, ResultT]):
+    """The one thread that calls ``model.predict``, first come first served.
+
+    ``model.batch_key(item)`` returning ``None`` means the item always runs alone.
+    """
+
+    def __init__(
+        self,
+        model: Batched[ItemT, ResultT],
+        *,
+        max_batch: int,
+        max_wait_ms: int,
+        cost: Callable[[ItemT], int] = _unit_cost,
+        poll_s: float = POLL_S,
+        name: str = "imageq-batcher",
+    ) -> None:
+        self.model = model
+        #: The most summed cost one call may hold; lowered for good by out of memory.
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0, max_wait_ms) / 1000.0
-        self._pending: list[_Pending] = []
+        self.poll_s = poll_s
+        self._cost = cost
+        self._name = name
+        self._pending: list[_Entry[ItemT, ResultT]] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -62,10 +146,11 @@ class Batcher:
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="imageq-batcher", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Refuse new work, finish what waits, then end the thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -73,11 +158,11 @@ class Batcher:
             self._thread.join(timeout_s)
             self._thread = None
 
-    # -- producer side ----------------------------------------------------------------
+    # -- job threads ------------------------------------------------------------------
     @contextmanager
     def incoming(self) -> Iterator[Ticket]:
         """Announce a job that will submit soon, so a forming batch waits for it."""
-        ticket = Ticket(self)
+        ticket = Ticket(self._arrived)
         with self._cond:
             self._incoming += 1
         try:
@@ -92,99 +177,202 @@ class Batcher:
 
     def run(
         self,
-        items: Sequence[Any],
-        is_canceled: Callable[[], bool] = lambda: False,
+        items: Sequence[ItemT],
+        check: Callable[[], None] = _go_on,
         ticket: Ticket | None = None,
-    ) -> tuple[list[Any], int]:
-        """Run ``items`` (one job's) and wait; returns (results, largest batch size)."""
-        futures = self.submit(items, is_canceled)
+        on_item_done: Callable[[int, int], None] | None = None,
+    ) -> list[Ran[ResultT]]:
+        """Run one job's ``items`` and wait; one ``Ran`` per item, in order.
+
+        ``check`` raises to stop the job (``JobControl.check``): while its items wait,
+        the job leaves the queue with that error. The first item that fails fails the
+        job, and its items still waiting leave the queue. ``on_item_done(done, total)``
+        follows the items as they come back (progress); raising there stops the job too.
+        """
+        job = self._enqueue(items, check)
         if ticket is not None:
             ticket.arrived()
-        results, sizes = [], []
-        for fut in futures:
-            result, size = fut.result()
-            results.append(result)
-            sizes.append(size)
-        return results, max(sizes, default=0)
+        try:
+            ran: list[Ran[ResultT]] = []
+            for entry in job.entries:
+                ran.append(self._wait(entry))
+                if on_item_done is not None:
+                    on_item_done(len(ran), len(job.entries))
+            return ran
+        except BaseException:
+            self._withdraw(job)
+            raise
 
     def submit(
-        self, items: Sequence[Any], is_canceled: Callable[[], bool] = lambda: False
-    ) -> list[Future[tuple[Any, int]]]:
-        pending = [
-            _Pending(item, self.predictor.batch_key(item), Future(), is_canceled) for item in items
+        self, items: Sequence[ItemT], check: Callable[[], None] = _go_on
+    ) -> list[Future[Ran[ResultT]]]:
+        """Queue one job's ``items`` without waiting; one future per item."""
+        return [entry.future for entry in self._enqueue(items, check).entries]
+
+    def _enqueue(self, items: Sequence[ItemT], check: Callable[[], None]) -> _Job[ItemT, ResultT]:
+        job = _Job[ItemT, ResultT](check)
+        job.entries = [
+            _Entry(item, self.model.batch_key(item), self._cost(item), job) for item in items
         ]
         with self._cond:
             if self._stopping:
-                raise ModelError("worker is shutting down")
-            self._pending.extend(pending)
+                raise ModelError("the worker is shutting down")
+            self._pending.extend(job.entries)
             self._cond.notify_all()
-        return [p.future for p in pending]
+        return job
 
-    # -- batcher thread ---------------------------------------------------------------
-    def _take_batch(self) -> list[_Pending] | None:
+    def _wait(self, entry: _Entry[ItemT, ResultT]) -> Ran[ResultT]:
+        job = entry.job
+        while True:
+            try:
+                return entry.future.result(timeout=self.poll_s)
+            except TimeoutError:
+                pass
+            with self._cond:
+                waiting = any(e.queued for e in job.entries)
+            if not waiting:
+                continue  # running: a step callback stops it, or the call ends soon
+            try:
+                # A canceled or late job leaves the queue now, not when its turn comes.
+                job.check()
+            except BaseException:
+                if self._withdraw(job):
+                    raise
+                # Taken meanwhile: the batcher thread checks it before the call.
+
+    def _withdraw(self, job: _Job[ItemT, ResultT]) -> bool:
+        """Take the job's waiting items out of the queue; False if none was waiting."""
         with self._cond:
-            while not self._pending:
-                if self._stopping:
-                    return None
-                self._cond.wait(0.5)
-            first = self._pending[0]
-            # Wait for company only as long as the oldest item may wait.
-            deadline = first.enqueued_at + self.max_wait_s
+            job.gone = True
+            left = [e for e in job.entries if e.queued]
+            for entry in left:
+                entry.queued = False
+                entry.future.cancel()
+            if left:
+                self._pending = [e for e in self._pending if e.queued]
+                self._cond.notify_all()
+            return bool(left)
+
+    # -- the batcher thread -----------------------------------------------------------
+    def _take(self) -> list[_Entry[ItemT, ResultT]] | None:
+        with self._cond:
             while True:
-                same = [p for p in self._pending if p.key == first.key]
-                remaining = deadline - time.monotonic()
-                full = len(same) >= self.max_batch
-                if full or remaining <= 0 or self._stopping or self._incoming <= 0:
-                    break
-                self._cond.wait(remaining)
-            batch = same[: self.max_batch]
-            taken = {id(p) for p in batch}
-            self._pending = [p for p in self._pending if id(p) not in taken]
-            return batch
+                while not self._pending:
+                    if self._stopping:
+                        return None
+                    self._cond.wait(0.5)
+                first = self._pending[0]
+                batch = [first] if first.alone else self._gather(first)
+                if batch is None:
+                    continue  # the head left the queue while its batch formed
+                for entry in batch:
+                    entry.queued = False
+                self._pending = [e for e in self._pending if e.queued]
+                return batch
+
+    def _gather(self, first: _Entry[ItemT, ResultT]) -> list[_Entry[ItemT, ResultT]] | None:
+        # Wait for company only as long as the oldest item may wait, and only while
+        # announced jobs may still bring some.
+        deadline = first.enqueued_at + self.max_wait_s
+        while True:
+            batch = self._compatible(first)
+            full = sum(e.cost for e in batch) >= self.max_batch
+            remaining = deadline - time.monotonic()
+            if full or remaining <= 0 or self._stopping or self._incoming <= 0:
+                return batch
+            self._cond.wait(remaining)
+            if not first.queued:
+                return None
+
+    def _compatible(self, first: _Entry[ItemT, ResultT]) -> list[_Entry[ItemT, ResultT]]:
+        """The head and, in queue order, every waiting item of its key that still fits."""
+        batch, cost = [first], first.cost
+        for entry in self._pending[1:]:
+            if not entry.alone and entry.key == first.key and cost + entry.cost <= self.max_batch:
+                batch.append(entry)
+                cost += entry.cost
+        return batch
+
+    def _requeue(self, entries: list[_Entry[ItemT, ResultT]]) -> None:
+        with self._cond:
+            for entry in entries:
+                entry.queued = True
+            self._pending[0:0] = entries
+            self._cond.notify_all()
 
     def _loop(self) -> None:
         while True:
-            batch = self._take_batch()
+            batch = self._take()
             if batch is None:
                 return
-            live = []
-            for p in batch:
-                # A job canceled before its batch ran is dropped without model work.
-                if p.is_canceled():
-                    p.future.set_exception(Canceled("canceled before its batch ran"))
-                else:
-                    live.append(p)
-            if live:
-                self._run(live)
+            live = self._still_wanted(batch)
+            try:
+                if live:
+                    self._call(live)
+            except BaseException as exc:  # never leave a job thread waiting forever
+                for entry in live:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _still_wanted(self, batch: list[_Entry[ItemT, ResultT]]) -> list[_Entry[ItemT, ResultT]]:
+        """Drop, without model work, the items of jobs that are gone or stopped."""
+        reasons: dict[_Job[ItemT, ResultT], BaseException | None] = {}
+        live = []
+        for entry in batch:
+            job = entry.job
+            if job.gone:
+                entry.future.cancel()
+                continue
+            if job not in reasons:
+                reasons[job] = _stop_reason(job.check)
+            reason = reasons[job]
+            if reason is None:
+                live.append(entry)
+            else:
+                entry.future.set_exception(reason)
+        return live
+
+    def _call(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
+        started = time.monotonic()
         try:
-            results = self.predictor.predict([p.item for p in batch])
-            self.batches_run += 1
-        except OutOfMemory:
+            results = self.model.predict([entry.item for entry in batch])
+        except BatchInterrupted as stop:
+            # One item's own stop (cancel, timeout): the others produced nothing.
+            batch[stop.index].future.set_exception(stop.error)
+            self._requeue([e for i, e in enumerate(batch) if i != stop.index])
+            return
+        except OutOfMemory as exc:
             if len(batch) == 1:
-                batch[0].future.set_exception(OutOfMemory("out of memory on a single item"))
+                batch[0].future.set_exception(exc)
                 return
             # Remember the lower limit so the next batches do not hit the wall again.
-            half = max(1, len(batch) // 2)
+            cost = sum(entry.cost for entry in batch)
+            half = max(1, cost // 2)
             self.max_batch = min(self.max_batch, half)
-            log.warning("out of memory at batch %d; retrying at %d", len(batch), half)
-            self._run(batch[:half])
-            self._run(batch[half:])
-            return
-        except ImageqError as exc:
-            self._isolate(batch, exc)
+            log.warning("out of memory at batch %d; retrying at %d", cost, half)
+            self._requeue(batch)
             return
         except Exception as exc:
-            self._isolate(batch, ModelError(f"{type(exc).__name__}: {exc}"))
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            # One item's trouble must not fail the others: each runs alone next.
+            for entry in batch:
+                entry.solo = True
+            self._requeue(batch)
             return
-        for p, result in zip(batch, results, strict=True):
-            p.future.set_result((result, len(batch)))
+        self.batches_run += 1
+        elapsed = time.monotonic() - started
+        size = sum(entry.cost for entry in batch)
+        for entry, result in zip(batch, results, strict=True):
+            entry.future.set_result(Ran(result, size, len(batch), elapsed))
 
-    def _isolate(self, batch: list[_Pending], exc: ImageqError) -> None:
-        """A failed batch is rerun item by item, so one bad item fails only its job."""
-        if len(batch) == 1:
-            batch[0].future.set_exception(exc)
-            return
-        for p in batch:
-            self._run([p])
+
+def _stop_reason(check: Callable[[], None]) -> BaseException | None:
+    try:
+        check()
+    except Exception as exc:
+        return exc
+    return None

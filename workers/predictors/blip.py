@@ -1,0 +1,100 @@
+"""Loading BLIP checkpoints: what the caption and match predictors (and caption
+training) share.
+
+Weights come from safetensors only, and a checkpoint of the wrong architecture is
+refused instead of served with invented weights; the serving predictors then apply the
+worker's speed options and warm up once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from api_client.errors import ImageqError, ModelError
+from workers.ops.devices import SpeedOptions
+from workers.predictors.base import check_local_model
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BlipPredictor", "check_local_model", "load_checked"]
+
+
+def load_checked(model_class: Any, model_id: str, dtype: torch.dtype) -> Any:
+    """``from_pretrained`` (safetensors only) that refuses weights it had to invent.
+
+    transformers fills weights missing from a checkpoint with random values and only
+    logs it, so a checkpoint of the wrong architecture would serve noise.
+    """
+    model, info = model_class.from_pretrained(
+        model_id, use_safetensors=True, dtype=dtype, output_loading_info=True
+    )
+    # Wrong shapes already raise inside from_pretrained; missing weights only log.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(
+            f"{model_id} is not a {model_class.__name__} checkpoint: {len(missing)} "
+            f"weight(s) missing, e.g. {missing[:3]}"
+        )
+    return model
+
+
+class BlipPredictor:
+    """One warm BLIP model and its processor; nothing loads before ``setup``.
+
+    Subclasses name the transformers class to load (``_model_class``) and run one
+    small batch in ``_warm_up``.
+    """
+
+    #: Names the model in errors: "cannot load caption model ...".
+    kind = "BLIP"
+
+    def __init__(
+        self, model_id: str, *, half_precision: bool = True, speed: SpeedOptions | None = None
+    ) -> None:
+        self.model_id = model_id
+        self.half_precision = half_precision
+        self.speed = speed or SpeedOptions(half_precision=half_precision)
+        self.device = "cpu"
+        self.model: Any = None
+        self.processor: Any = None
+
+    def setup(self, device: str) -> None:
+        from transformers import BlipProcessor
+
+        from workers.ops.devices import resolve_device
+
+        try:
+            check_local_model(self.model_id)
+            self.device = resolve_device(device)
+            dtype = self.speed.torch_dtype(self.device)
+            model = load_checked(self._model_class(), self.model_id, dtype)
+            self.model = model.to(self.device).eval()
+            # Before the warm-up pass, which is where torch.compile compiles.
+            self.speed.apply_to_vision(self.model.vision_model)
+            self.processor = BlipProcessor.from_pretrained(self.model_id)
+            self._loaded()
+            self._warm_up()
+        except Exception as exc:
+            self._unload()
+            reason = exc.message if isinstance(exc, ImageqError) else f"{type(exc).__name__}: {exc}"
+            raise ModelError(f"cannot load {self.kind} model {self.model_id!r}: {reason}") from exc
+
+    def _model_class(self) -> Any:
+        """The transformers class to load (imported late: no torch at import time)."""
+        raise NotImplementedError
+
+    def _loaded(self) -> None:
+        """Derive what the predictor needs from the model and processor, before warm-up."""
+
+    def _warm_up(self) -> None:
+        raise NotImplementedError
+
+    def _unload(self) -> None:
+        # A half-loaded model must not serve: every entry point checks for None.
+        self.model = None
+
+    def _require_model(self) -> Any:
+        if self.model is None:
+            raise ModelError(f"{self.kind} model is not loaded: call setup() first")
+        return self.model
