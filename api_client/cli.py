@@ -25,7 +25,7 @@ from api_client.records import parse_time
 from api_client.schemas import JobRecord
 from api_client.settings import Settings, SettingsError
 
-WORKER_COMMANDS = ("worker", "fleet", "demo", "flower")
+WORKER_COMMANDS = ("worker", "fleet", "demo", "flower", "gateway", "tokens")
 
 
 def image_ref(arg: str) -> str:

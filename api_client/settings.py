@@ -1,15 +1,30 @@
 """The one place imageq reads its environment.
 
 Every entry point builds one ``Settings`` with ``Settings.from_env()`` and passes it
-down; no other module looks at ``os.environ``. Names carry their units.
+down; no other module looks at ``os.environ``. Names carry their units. Each field is
+the variable ``IMAGEQ_<FIELD_NAME>``; a value that does not parse stops the process at
+start with a ``SettingsError`` naming the variable and what it expects.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from api_client.kinds import WORKER_KIND_SPECS
+
+ENV_PREFIX = "IMAGEQ_"
 
 DEFAULT_MODELS = {
     "caption": "Salesforce/blip-image-captioning-base",
@@ -21,26 +36,75 @@ DEFAULT_MODELS = {
 # Standard Webhooks recommends roughly this schedule; tests shorten it by a setting.
 DEFAULT_WEBHOOK_SCHEDULE_S = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
+# Masked by public_view() and never echoed in an error message.
+SECRET_FIELDS = frozenset({"webhook_secret", "webhook_extra_secrets", "flower_basic_auth"})
 
-def _flag(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+# What each pydantic error type means to someone editing an environment file.
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a number",
+    "bool_parsing": "a boolean (1/0, true/false, yes/no, on/off)",
+    "bool_type": "a boolean (1/0, true/false, yes/no, on/off)",
+    "string_type": "a string",
+    "tuple_type": "a comma-separated list",
+}
 
 
-def _floats(value: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in value.split(",") if part.strip())
+class SettingsError(ValueError):
+    """Settings that do not parse; the message names each bad variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings: " + "; ".join(problems))
 
 
-@dataclass(frozen=True)
-class Settings:
+def _comma_separated(value: Any) -> Any:
+    # Environment lists are "a,b,c" (NoDecode keeps pydantic-settings from reading them
+    # as JSON); empty items are skipped, so a trailing comma is harmless.
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class _GivenEnvironment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping, not ``os.environ``.
+
+    ``from_env(env)`` must see exactly ``env``: tests and launchers pass the environment
+    a process will have, and nothing of the calling process may leak into it.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        # Before super().__init__, which loads the variables.
+        self._given = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # Names match case-insensitively (the config's default), as pydantic-settings
+        # matches os.environ; an empty value means "not set" (env_ignore_empty).
+        return {k.lower(): v for k, v in self._given.items() if v != ""}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,
+        frozen=True,
+        extra="forbid",
+    )
+
     broker_url: str = "redis://localhost:6379/0"
     # Job records live beside the broker unless a deployment separates them.
     records_url: str = ""
     # Long jobs (finetune) get their own Redis database with a long visibility timeout.
     finetune_broker_url: str = ""
     storage_url: str = "file://./imageq-data"
-    webhook_secret: str = ""
+    webhook_secret: SecretStr = SecretStr("")
     # Rotation: signatures are made with every secret listed here too.
-    webhook_extra_secrets: tuple[str, ...] = ()
+    webhook_extra_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     allow_private_urls: bool = False
     allow_local_files: bool = False
     model_caption: str = DEFAULT_MODELS["caption"]
@@ -52,7 +116,7 @@ class Settings:
     metrics_port: int = 0
     # All interfaces so Prometheus can reach a container; tests use 127.0.0.1.
     metrics_address: str = "0.0.0.0"
-    flower_basic_auth: str = ""
+    flower_basic_auth: SecretStr = SecretStr("")
     result_ttl_s: int = 7 * 24 * 3600
     visibility_timeout_s: int = 3600
     finetune_visibility_timeout_s: int = 7 * 24 * 3600
@@ -71,6 +135,9 @@ class Settings:
     max_attempts: int = 3
     lease_ttl_s: float = 30.0
     heartbeat_interval_s: float = 5.0
+    # How often every worker looks for running jobs whose lease lapsed (their worker
+    # died) and re-sends them; the visibility timeout is only the backstop.
+    failover_scan_s: float = 5.0
     # How long a second delivery waits before it looks at a live lease again.
     lease_wait_s: float = 10.0
     max_batch_images: int = 32
@@ -80,10 +147,14 @@ class Settings:
     max_image_pixels: int = 40_000_000
     fetch_timeout_s: float = 20.0
     max_redirects: int = 3
-    webhook_schedule_s: tuple[float, ...] = DEFAULT_WEBHOOK_SCHEDULE_S
+    webhook_schedule_s: Annotated[tuple[float, ...], NoDecode] = DEFAULT_WEBHOOK_SCHEDULE_S
     webhook_timeout_s: float = 10.0
     webhook_jitter: float = 0.1
     progress_webhook_interval_s: float = 2.0
+    # Storage trouble, one layer per concern. One S3 request: botocore's standard retry
+    # mode makes this many attempts beyond the first (its own short, jittered backoff).
+    # A job whose storage call still failed: deferred and re-run this many times, the
+    # first after storage_retry_base_s, doubling (the job layer), then failed.
     storage_retries: int = 4
     storage_retry_base_s: float = 0.5
     presign_ttl_s: int = 7 * 24 * 3600
@@ -109,34 +180,76 @@ class Settings:
     # Where workers keep downloaded adapters; empty: a temporary folder per worker.
     adapter_cache_dir: str = ""
     log_level: str = "INFO"
+    # The HTTP gateway (`imageq gateway`, docs/design.md "HTTP gateway"). Caps on what a
+    # request may carry and how long it may take; uploads are capped by max_image_bytes.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    gateway_max_body_bytes: int = 4 * 1024 * 1024
+    gateway_max_header_bytes: int = 16 * 1024
+    gateway_max_json_depth: int = 32
+    gateway_request_timeout_s: float = 30.0
+    # Prefer: wait=N holds a submit at most this long (Replicate's cap is 60 s too).
+    gateway_max_wait_s: float = 60.0
+    # An event stream closes after this long (an SSE client reconnects on its own).
+    gateway_stream_max_s: float = 3600.0
+    # Tenants made without --rate / --max-in-flight: jobs per second (burst: one
+    # second's worth) and jobs not yet final; 0 means no limit.
+    gateway_default_rate: float = 10.0
+    gateway_default_max_in_flight: int = 100
+    # queue_position: queued messages looked at before the answer is "unknown" (null).
+    gateway_queue_scan_max: int = 1000
+    # A valid token is remembered this long: a revoked one works at most this long more.
+    gateway_token_cache_s: float = 1.0
+
+    @field_validator("webhook_extra_secrets", "webhook_schedule_s", mode="before")
+    @classmethod
+    def _split_lists(cls, value: Any) -> Any:
+        return _comma_separated(value)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strip_flags(cls, value: Any, info: ValidationInfo) -> Any:
+        # " true " was on before pydantic parsed the flags; keep it on.
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and field.annotation is bool and isinstance(value, str):
+            return value.strip()
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings(...) in code is exactly what it says (tests rely on the defaults);
+        # the environment is read by from_env() alone, from the mapping it is given.
+        return (init_settings,)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from ``IMAGEQ_*`` variables (``env`` defaults to the process's)."""
-        source = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = source.get("IMAGEQ_" + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            default = f.default
-            if isinstance(default, bool):
-                values[f.name] = _flag(raw)
-            elif isinstance(default, int):
-                values[f.name] = int(raw)
-            elif isinstance(default, float):
-                values[f.name] = float(raw)
-            elif f.name == "webhook_schedule_s":
-                values[f.name] = _floats(raw)
-            elif f.name == "webhook_extra_secrets":
-                values[f.name] = tuple(s.strip() for s in raw.split(",") if s.strip())
-            else:
-                values[f.name] = raw
-        values.update(overrides)
-        return cls(**values)
+        """Build settings from ``IMAGEQ_*`` variables (``env`` defaults to the process's).
+
+        ``overrides`` (field names) win over the environment. Raises ``SettingsError``
+        naming every variable whose value does not parse.
+        """
+        given = _GivenEnvironment(cls, os.environ if env is None else env)()
+        from_environment = {ENV_PREFIX + name.upper() for name in given if name not in overrides}
+        return cls._build({**given, **overrides}, from_environment)
+
+    @classmethod
+    def _build(cls, values: dict[str, Any], from_environment: set[str]) -> Settings:
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = [_problem(error, from_environment) for error in exc.errors()]
+            raise SettingsError(problems) from None
 
     def with_(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
+        """A copy with ``changes`` (field names), validated like the original."""
+        return self._build({**dict(self), **changes}, set())
 
     @property
     def records_redis_url(self) -> str:
@@ -147,26 +260,38 @@ class Settings:
         return self.finetune_broker_url or self.broker_url
 
     def model_for(self, worker_kind: str) -> str:
-        return {
-            "caption": self.model_caption,
-            "match": self.model_match,
-            "diffusion": self.model_diffusion,
-            "inpaint": self.model_inpaint,
-            "finetune": self.model_diffusion,
-        }.get(worker_kind, "")
+        """The model a worker kind loads (its ``WorkerKind.model_setting``); "" for none."""
+        spec = WORKER_KIND_SPECS.get(worker_kind)
+        if spec is None or not spec.model_setting:
+            return ""
+        return str(getattr(self, spec.model_setting))
 
     def public_view(self) -> dict[str, Any]:
         """Settings safe to log: secrets and credentials masked."""
         out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in {"webhook_secret", "webhook_extra_secrets", "flower_basic_auth"}:
+        for name, value in self:
+            if name in SECRET_FIELDS:
                 value = "***" if value else ""
             elif isinstance(value, str) and "@" in value and "://" in value:
                 scheme, rest = value.split("://", 1)
                 value = scheme + "://***@" + rest.rsplit("@", 1)[1]
-            out[f.name] = value
+            out[name] = value
         return out
+
+
+def _problem(error: ErrorDetails, from_environment: set[str]) -> str:
+    """One line for one validation error: the variable (or field), what it expects, what it got."""
+    field = str(error["loc"][0]) if error["loc"] else "settings"
+    variable = ENV_PREFIX + field.upper()
+    where = variable if variable in from_environment else field
+    if len(error["loc"]) > 1:
+        where += f" (item {int(error['loc'][1]) + 1})"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: no such setting"
+    expected = _EXPECTED.get(error["type"], error["msg"][:1].lower() + error["msg"][1:])
+    # A secret's value is never shown, not even a wrong one.
+    got = "a hidden value" if field in SECRET_FIELDS else repr(error["input"])
+    return f"{where}: expected {expected}, got {got}"
 
 
 def process_environment() -> dict[str, str]:
@@ -177,4 +302,4 @@ def process_environment() -> dict[str, str]:
 def is_configured(name: str, env: Mapping[str, str] | None = None) -> bool:
     """Whether the user set ``IMAGEQ_<NAME>`` (as opposed to relying on its default)."""
     source = os.environ if env is None else env
-    return bool(source.get("IMAGEQ_" + name.upper()))
+    return bool(source.get(ENV_PREFIX + name.upper()))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, then lint, types and every test tier.
+# The test command: installs what is missing, then lint, types, import rules and every
+# test tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -7,4 +8,7 @@ bash scripts/setup.sh
 ruff check .
 ruff format --check .
 mypy
+# The import directions of docs/design.md §1 (contracts in pyproject.toml). No cache
+# folder: a full check takes seconds.
+lint-imports --no-cache
 python -m pytest -q "$@"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from celery import Celery
 
 from api_client.celery_config import celery_config
-from api_client.settings import Settings
+from api_client.settings import Settings, SettingsError
 from tasks.jobs import register_tasks
 from tasks.signals import connect_signals
 from tasks.state import WorkerState
@@ -23,4 +23,11 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-app = create_app(Settings.from_env())
+try:
+    _settings = Settings.from_env()
+except SettingsError as exc:
+    # Celery imports this module (celery -A tasks.app): a clean exit with the variable's
+    # name, not a traceback from inside Celery's app loader.
+    raise SystemExit(f"imageq: {exc}") from None
+
+app = create_app(_settings)

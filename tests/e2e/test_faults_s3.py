@@ -188,7 +188,7 @@ def test_short_outage_during_upload_is_retried_and_the_outputs_are_whole(
     assert images.hits["/short-outage.png"] >= 2
     stored = _objects(stack, job_id)
     assert set(stored) == {"attention-0.json", "attention-0.png", "result.json"}
-    assert json.loads(stored["result.json"]) == record.model_dump(mode="json")
+    assert json.loads(stored["result.json"]) == record.to_json()
     assert json.loads(stored["attention-0.json"])["tokens"]
     Image.open(io.BytesIO(stored["attention-0.png"])).verify()
     refs = record.output["captions"][0]["attention"] if record.output else {}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from botocore.exceptions import ClientError
+from botocore.awsrequest import AWSResponse
+from botocore.retries.standard import ExponentialBackoff
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput, TransientError
 from api_client.settings import Settings
@@ -18,7 +20,7 @@ from workers.io import storage as storage_module
 from workers.io.images import fetch_bytes
 from workers.io.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, open_storage
 
-FAST = Settings(storage_retries=2, storage_retry_base_s=0.001)
+FAST = Settings(storage_retries=2)
 
 
 def exercise(store: Storage) -> None:
@@ -176,6 +178,32 @@ def test_read_uri_reaches_other_buckets(s3_env: S3Env, s3_server: S3Server) -> N
         store.read_uri("file:///etc/passwd")
 
 
+class Backoffs:
+    """botocore's standard-mode backoff, recorded and (``skip``) not waited for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, skip: bool) -> None:
+        self.delays: list[float] = []
+        real = ExponentialBackoff.delay_amount
+
+        def delay_amount(backoff: ExponentialBackoff, context: Any) -> float:
+            delay = float(real(backoff, context))
+            self.delays.append(delay)
+            return 0.0 if skip else delay
+
+        monkeypatch.setattr(ExponentialBackoff, "delay_amount", delay_amount)
+
+
+def count_sends(store: S3Storage, operation: str) -> list[int]:
+    """How many times botocore sends ``operation``'s request, retries included."""
+    sent = [0]
+
+    def before_send(**_: Any) -> None:
+        sent[0] += 1
+
+    store._s3.client.meta.events.register(f"before-send.s3.{operation}", before_send)
+    return sent
+
+
 def test_s3_server_down_is_a_transient_error_after_retries(
     s3_env: S3Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -183,43 +211,58 @@ def test_s3_server_down_is_a_transient_error_after_retries(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the block ends
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    waits: list[float] = []
-    monkeypatch.setattr(storage_module, "_sleep", waits.append)
-    store = S3Storage(s3_env.bucket, "", FAST.with_(storage_retries=3, storage_retry_base_s=0.01))
-    with pytest.raises(TransientError, match="after 4 attempts"):
+    backoffs = Backoffs(monkeypatch, skip=False)
+    store = S3Storage(s3_env.bucket, "", FAST.with_(storage_retries=3))
+    sent = count_sends(store, "PutObject")
+    with pytest.raises(TransientError, match="after up to 4 attempts"):
         store.put("jobs/j/r.json", b"x", "application/json")
-    assert waits == [0.01, 0.02, 0.04]
+    # botocore's standard mode: the first attempt, 3 retries, a backoff before each.
+    assert sent[0] == 4 and len(backoffs.delays) == 3
+    assert all(0 <= delay <= 1 for delay in backoffs.delays)
 
 
-class FlakyClient:
-    """Answers ``failures`` with an S3 error, then delegates to the real client."""
+class FlakyServer:
+    """Answers the first ``failures`` GetObject requests with an S3 error, as a server
+    would, before they reach the network; later ones go to the real server."""
 
-    def __init__(self, real: Any, failures: list[tuple[int, str]]) -> None:
-        self.real = real
+    def __init__(self, failures: list[tuple[int, str]]) -> None:
         self.failures = failures
         self.calls = 0
 
-    def get_object(self, **kwargs: Any) -> Any:
+    def __call__(self, request: Any, **_: Any) -> AWSResponse | None:
         self.calls += 1
-        if self.failures:
-            status, code = self.failures.pop(0)
-            error = {"Error": {"Code": code, "Message": code}}
-            raise ClientError(
-                {**error, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
-            )
-        return self.real.get_object(**kwargs)
+        if not self.failures:
+            return None
+        status, code = self.failures.pop(0)
+        body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+        return AWSResponse(request.url, status, {"content-type": "application/xml"}, Raw(body))
+
+
+class Raw:
+    """The raw body botocore reads an answer from."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.body
 
 
 def test_throttling_and_5xx_are_retried_other_errors_are_not(
     s3_env: S3Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage_module, "_sleep", lambda s: None)
+    Backoffs(monkeypatch, skip=True)  # throttling backs off for seconds
     store = S3Storage(s3_env.bucket, "", FAST)
     store.put("k", b"v", "text/plain")
-    flaky = FlakyClient(store._s3.client, [(503, "SlowDown"), (500, "InternalError")])
-    store._s3.client = flaky
+    flaky = FlakyServer([(503, "SlowDown"), (500, "InternalError")])
+    store._s3.client.meta.events.register("before-send.s3.GetObject", flaky)
     assert store.get("k") == b"v" and flaky.calls == 3
     flaky.failures = [(403, "AccessDenied")]
     with pytest.raises(storage_module.StorageError, match="AccessDenied"):
         store.get("k")
     assert flaky.calls == 4
+    # More failures in a row than retries: a TransientError that says how many tries.
+    flaky.failures = [(503, "SlowDown")] * 3
+    with pytest.raises(TransientError, match="after 3 attempts"):
+        store.get("k")
+    assert flaky.calls == 7

@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -55,9 +54,6 @@ _THROTTLING_CODES = frozenset(
     }
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-
-# Module-level so tests can skip the real waits between retries.
-_sleep = time.sleep
 
 
 class ObjectNotFound(InputFetchFailed):
@@ -234,16 +230,25 @@ def _classify(exc: Exception) -> str:
 
 
 class _S3Client:
-    """A boto3 S3 client whose calls retry transient failures with exponential backoff."""
+    """A boto3 S3 client whose errors become imageq errors.
+
+    One request's transient failures (connection resets, 5xx, throttling) are retried by
+    botocore's standard retry mode: ``settings.storage_retries`` attempts beyond the
+    first, with its own jittered backoff and a per-client retry quota that stops retrying
+    when a server stays down. What still fails is a ``TransientError``, and the job
+    layer defers and re-runs the whole job: one retry layer per concern.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # boto3 finds credentials, region and AWS_ENDPOINT_URL itself; its own retries
-        # are off because call() retries on the schedule in settings.
+        self.max_attempts = max(0, settings.storage_retries) + 1
+        # boto3 finds credentials, region and AWS_ENDPOINT_URL itself. This config wins
+        # over AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, so the setting is the one knob.
         self.client: Any = boto3.session.Session().client(
             "s3",
             config=Config(
-                retries={"total_max_attempts": 1},
+                # botocore's max_attempts counts retries, not the first attempt.
+                retries={"mode": "standard", "max_attempts": self.max_attempts - 1},
                 connect_timeout=10,
                 read_timeout=60,
                 signature_version="s3v4",
@@ -251,25 +256,31 @@ class _S3Client:
         )
 
     def call(self, what: str, operation: Callable[[], T]) -> T:
-        attempts = max(1, self.settings.storage_retries + 1)
-        last: Exception | None = None
-        for attempt in range(attempts):
-            try:
-                return operation()
-            except (BotoCoreError, ClientError) as exc:
-                kind = _classify(exc)
-                if kind == "missing":
-                    raise ObjectNotFound(f"{what}: no such object") from None
-                if kind == "fatal":
-                    raise StorageError(f"{what}: {exc}") from None
-                last = exc
-            if attempt + 1 < attempts:
-                _sleep(self.settings.storage_retry_base_s * 2**attempt)
-        raise TransientError(f"{what}: failed after {attempts} attempts: {last}")
+        """``operation()``, with botocore's errors mapped to imageq's."""
+        try:
+            return operation()
+        except (BotoCoreError, ClientError) as exc:
+            kind = _classify(exc)
+            if kind == "missing":
+                raise ObjectNotFound(f"{what}: no such object") from None
+            if kind == "fatal":
+                raise StorageError(f"{what}: {exc}") from None
+            raise TransientError(f"{what}: failed after {self._attempts(exc)}: {exc}") from None
+
+    def _attempts(self, exc: Exception) -> str:
+        # A service answer says how often botocore retried it; an exception (connection
+        # reset, a body cut short) does not, and the retry quota may have cut retries
+        # short, so only the bound is known.
+        if isinstance(exc, ClientError):
+            retried = exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            if isinstance(retried, int):
+                return f"{retried + 1} attempts"
+        return f"up to {self.max_attempts} attempts"
 
     def read(self, bucket: str, key: str) -> bytes:
         def read() -> bytes:
-            # Reading the body inside the retried call: a stream can break halfway.
+            # The body is read inside call(): a stream that breaks halfway is a
+            # TransientError too (botocore retries the request, not the read).
             body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
             return body
 

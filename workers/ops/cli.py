@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from api_client.names import WORKER_KINDS
-from api_client.settings import Settings, process_environment
+from api_client.settings import Settings, SettingsError, process_environment
 from workers.ops.launch import WorkerSpec, exec_worker
 
 
@@ -72,14 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flower", help="Flower on the imageq app, behind basic auth", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_delegate("workers.ops.flower:main"))
+
+    for name, help_text in _GATEWAY_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(f"workers.gateway.cli:{name}_main"))
     return parser
+
+
+# The HTTP gateway's commands parse their own options (workers/gateway/cli.py).
+_GATEWAY_COMMANDS = {
+    "gateway": "serve the HTTP API (needs imageq[server])",
+    "tokens": "gateway tenants and their tokens: create, list, revoke",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # argparse.REMAINDER refuses a leading "--option" after a subcommand, so the
-    # delegated commands get their arguments untouched.
-    if argv and argv[0] in ("fleet", "flower"):
-        return int(_delegate(f"workers.{argv[0]}:main")(argparse.Namespace(rest=argv[1:])))
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        # argparse.REMAINDER refuses a leading "--option" after a subcommand, so the
+        # delegated commands get their arguments untouched.
+        if argv and argv[0] in ("fleet", "flower"):
+            run = _delegate(f"workers.ops.{argv[0]}:main")
+            return int(run(argparse.Namespace(rest=argv[1:])))
+        if argv and argv[0] in _GATEWAY_COMMANDS:
+            run = _delegate(f"workers.gateway.cli:{argv[0]}_main")
+            return int(run(argparse.Namespace(rest=argv[1:])))
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except SettingsError as exc:
+        # A bad IMAGEQ_* value is the operator's to fix: the variable, not a traceback.
+        print(f"imageq: {exc}", file=sys.stderr)
+        return 2

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 
 from api_client.settings import Settings, process_environment
 
-# Flower's own columns, plus retries: a redelivered job shows it was retried.
-TASK_COLUMNS = "name,uuid,state,received,started,runtime,worker,retries"
+# Flower's own columns, plus the exception (a failed job's error code and message, the
+# reason a canceled one was revoked) and retries (a redelivered job shows it was retried).
+TASK_COLUMNS = "name,uuid,state,exception,received,started,runtime,worker,retries"
 
 NO_AUTH_MESSAGE = (
     "imageq flower: IMAGEQ_FLOWER_BASIC_AUTH is not set. Flower shows every job and can "
@@ -91,7 +92,8 @@ def flower_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
 def flower_env(settings: Settings, base: Mapping[str, str], *, finetune: bool) -> dict[str, str]:
     """The Flower process's environment; the credentials travel here, not in argv (ps)."""
     env = {k: v for k, v in base.items() if k != "FLOWER_UNAUTHENTICATED_API"}
-    env["FLOWER_BASIC_AUTH"] = ",".join(check_basic_auth(settings.flower_basic_auth))
+    auth = settings.flower_basic_auth.get_secret_value()
+    env["FLOWER_BASIC_AUTH"] = ",".join(check_basic_auth(auth))
     # tasks.app picks the finetune broker for a finetune worker kind; no model loads,
     # because Flower never fires worker_init.
     env["IMAGEQ_WORKER_KIND"] = "finetune" if finetune else ""

@@ -113,9 +113,8 @@ def deliver(
     body = body_of(event)
     try:
         # Same webhook-id on every retry so receivers can dedupe; sign() stamps a fresh time.
-        headers = sign(
-            [settings.webhook_secret, *settings.webhook_extra_secrets], event.webhook_id, body
-        )
+        secrets = [settings.webhook_secret, *settings.webhook_extra_secrets]
+        headers = sign([s.get_secret_value() for s in secrets], event.webhook_id, body)
     except ValueError as exc:
         log.error("webhook %s refused: %s", event.webhook_id, exc)
         return DeliveryOutcome.refused
