@@ -1,12 +1,14 @@
-"""``imageq status``: queues with depths, live workers and what they are doing, throughput.
+"""``imageq status``: queues with depths and backlogs, live workers and what they are
+doing, throughput.
 
 Read-only and cheap: queue lengths from the broker's lists, worker heartbeats from the
-registry keys, and the last ``RECENT_LIMIT`` job records for throughput.
+registry keys (each carries the messages its worker reserved but has not started), and
+the last ``RECENT_LIMIT`` job records for throughput. ``depth``, ``reserved`` and
+``backlog`` mean what api_client/queues.py says.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -16,7 +18,7 @@ from api_client.client import Client
 from api_client.errors import ImageqError
 from api_client.kinds import KINDS, all_queues
 from api_client.names import queue_name
-from api_client.queues import queue_depth
+from api_client.queues import live_workers, queue_depth, reserved_by_queue
 from api_client.records import RecordStore, connect, parse_time
 from api_client.schemas import STATUSES, JobRecord
 
@@ -24,14 +26,7 @@ RECENT_LIMIT = 1000
 THROUGHPUT_WINDOW_S = 300.0
 
 
-def live_workers(store: RecordStore) -> list[dict[str, Any]]:
-    """Workers whose heartbeat key has not expired."""
-    out = []
-    for key in store.redis.scan_iter(match=store.key("worker", "*"), count=200):
-        raw = store.redis.get(key)
-        if raw:
-            out.append(json.loads(raw))
-    return sorted(out, key=lambda w: str(w.get("name")))
+__all__ = ["format_status", "live_workers", "queue_depths", "render_status", "snapshot"]
 
 
 def queue_depths(client: Client) -> list[dict[str, Any]]:
@@ -92,8 +87,11 @@ def snapshot(client: Client) -> dict[str, Any]:
     except redis.RedisError as exc:
         where = client.settings.public_view()["broker_url"]
         raise ImageqError(f"cannot read status from Redis at {where}: {exc}") from None
+    reserved = reserved_by_queue(workers)
     for queue in queues:
         queue["workers"] = sum(1 for w in workers if queue["queue"] in (w.get("queues") or []))
+        queue["reserved"] = reserved.get(queue["queue"], 0)
+        queue["backlog"] = queue["depth"] + queue["reserved"]
     return {
         "queues": queues,
         "workers": workers,
@@ -145,7 +143,10 @@ def _age(seen_at: Any, now: float) -> str:
 
 def format_status(snap: dict[str, Any]) -> str:
     now = float(snap["now"])
-    q_rows = [[q["queue"], str(q["depth"]), str(q["workers"])] for q in snap["queues"]]
+    q_rows = [
+        [q["queue"], str(q["depth"]), str(q["reserved"]), str(q["backlog"]), str(q["workers"])]
+        for q in snap["queues"]
+    ]
     w_rows = [
         [
             str(w.get("name")),
@@ -171,7 +172,7 @@ def format_status(snap: dict[str, Any]) -> str:
     return "\n".join(
         [
             "QUEUES",
-            _table(["queue", "depth", "workers"], q_rows),
+            _table(["queue", "depth", "reserved", "backlog", "workers"], q_rows),
             "",
             f"WORKERS ({len(snap['workers'])} live)",
             _table(

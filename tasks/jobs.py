@@ -1,4 +1,5 @@
-"""Thin task adapters: decode the message, call the runtime, ask Celery to retry if told."""
+"""Thin task adapters: decode the message, call the runtime, ask Celery to retry if told,
+and end each job task as its job ended (tasks/outcome.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from api_client.errors import ImageqError, InternalError, InvalidInput
 from api_client.kinds import KINDS
 from api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
 from api_client.redact import redact_document
-from api_client.schemas import JobRecord, JobStatus
+from tasks.outcome import JOB_TASK_OPTIONS, conclude, find_record
 from tasks.state import WorkerState
 from workers.runtime.lifecycle import Deferred
 from workers.webhooks.post import WebhookEvent
@@ -34,28 +35,35 @@ def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
         # A raw message may carry any arguments; anything but one document is invalid
         # input with a record of its own, never a crash in Celery's argument check.
         runtime = state.require()
+        task_id = str(task.request.id)
         if len(args) != 1 or kwargs:
             runtime.runner.refuse(
                 args[0] if args else {},
-                str(task.request.id),
+                task_id,
                 InvalidInput(
                     "document: a job message carries exactly one argument, the job document; "
                     f"got {len(args)} positional and {len(kwargs)} keyword arguments"
                 ),
             )
-            return None
+            store = runtime.ctx.store
+            return conclude(task, store, find_record(store, args[0] if args else {}, task_id))
         job = args[0]
         try:
-            record = runtime.runner.execute(job, fallback_id=str(task.request.id))
+            try:
+                record = runtime.runner.execute(job, fallback_id=str(task.request.id))
+            except ImageqError as exc:
+                # Storage or network trouble outside a run (a run handles its own): the
+                # runner backs off (Deferred) a few times, then fails the job.
+                if not exc.retryable:
+                    raise
+                job_id = job.get("id") if isinstance(job, dict) else None
+                record = runtime.runner.retry_or_give_up(str(job_id or task.request.id), exc)
         except Deferred as deferred:
             raise _retry(task, job, deferred.countdown_s) from None
-        except ImageqError as exc:
-            if not exc.retryable:
-                raise
-            return _retry_transient(task, state, job, exc)
-        if record is None:
-            return None
-        return {"kind": record.kind, "status": str(record.status), "metrics": record.metrics}
+        # The task ends as its job did (tasks/outcome.py): FAILURE for a failed job,
+        # REVOKED for a canceled one, so Flower and task events tell the truth.
+        store = runtime.ctx.store
+        return conclude(task, store, record or find_record(store, job, task_id))
 
     return run
 
@@ -67,44 +75,9 @@ def _retry(task: Task, job: Any, countdown_s: float) -> Exception:
     return task.retry(countdown=countdown_s, argsrepr=shown)
 
 
-def _retry_transient(
-    task: Task, state: WorkerState, job: Any, exc: ImageqError
-) -> dict[str, Any] | None:
-    """Storage or network trouble: back off and retry a few times, then fail cleanly."""
-    settings = state.settings
-    job_id = job.get("id") if isinstance(job, dict) else None
-    runtime = state.require()
-    store = runtime.ctx.store
-    tries = int(store.redis.incr(store.key("transient", str(job_id))))
-    store.redis.expire(store.key("transient", str(job_id)), settings.result_ttl_s)
-    if tries <= settings.storage_retries:
-        delay = settings.storage_retry_base_s * 2**tries
-        log.warning("job %s: %s; retry %d in %.1f s", job_id, exc.message, tries, delay)
-        # The lease was released on the way out, so the retry may run anywhere.
-        store.update(str(job_id), _back_to_queued)
-        raise _retry(task, job, delay) from None
-    try:
-        runtime.runner.fail(
-            str(job_id), InternalError(f"gave up after {tries} tries: {exc.message}")
-        )
-    except ImageqError as still_down:
-        # The record and the final event are out; only result.json waits for storage.
-        log.warning("job %s failed; result.json not written: %s", job_id, still_down.message)
-    return {"kind": job.get("kind"), "status": "failed"} if isinstance(job, dict) else None
-
-
-def _back_to_queued(record: JobRecord) -> JobRecord | None:
-    if record.status != JobStatus.RUNNING:
-        return None
-    record.status = JobStatus.QUEUED
-    # The try that hit a transient error does not count as a lost worker.
-    record.attempt = max(0, record.attempt - 1)
-    return record
-
-
 def register_tasks(app: Celery, state: WorkerState) -> None:
     for kind in KINDS:
-        app.task(name=task_name(kind), **TASK_OPTIONS)(_job_task(state))
+        app.task(name=task_name(kind), **TASK_OPTIONS, **JOB_TASK_OPTIONS)(_job_task(state))
 
     @app.task(name=WEBHOOK_TASK, **TASK_OPTIONS)
     def deliver_webhook(task: Task, event: dict[str, Any]) -> str:

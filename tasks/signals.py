@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import Any
 
 from celery import signals
 
 from api_client.kinds import JOB_KINDS
+from tasks.outcome import counted
 from tasks.state import WorkerState
 from workers.ops.live_workers import WorkerRegistry
 from workers.ops.metrics import Metrics
@@ -18,9 +18,30 @@ from workers.ops.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+def reserved_not_started() -> dict[str, int]:
+    """Messages this worker took from its queues but has not handed to its pool yet
+    (Celery's reserved requests, and those waiting for an ETA or countdown), by queue."""
+    from celery.worker import state as worker_state
+
+    for _ in range(3):  # the sets change under us while tasks come and go
+        try:
+            active = set(worker_state.active_requests)
+            waiting = [r for r in list(worker_state.requests.values()) if r not in active]
+            break
+        except RuntimeError:
+            continue
+    else:
+        return {}
+    counts: dict[str, int] = {}
+    for request in waiting:
+        queue = str((request.delivery_info or {}).get("routing_key") or "")
+        if queue:
+            counts[queue] = counts.get(queue, 0) + 1
+    return counts
+
+
 def connect_signals(state: WorkerState) -> None:
     job_tasks = {spec.task_name for spec in JOB_KINDS.values()}
-    started: dict[str, float] = {}
     holder: dict[str, Any] = {}
 
     @signals.worker_init.connect(weak=False)
@@ -45,6 +66,7 @@ def connect_signals(state: WorkerState) -> None:
                 "queues": [],
                 "model_load_s": runtime.model_load_s,
             },
+            reserved=reserved_not_started,
         )
         holder["registry"] = registry
 
@@ -58,6 +80,13 @@ def connect_signals(state: WorkerState) -> None:
             registry.info["queues"] = [q.name for q in consumer.queues]
         registry.start()
 
+    @signals.worker_shutting_down.connect(weak=False)
+    def draining(**_: Any) -> None:
+        # Sent from the SIGTERM handler, before the warm shutdown waits for running
+        # tasks: a fine-tune saves a checkpoint at its next step and hands its job back,
+        # so the worker exits within its stop grace period (docker/compose.yaml).
+        state.draining()
+
     @signals.worker_shutdown.connect(weak=False)
     def shutdown(**_: Any) -> None:
         registry: WorkerRegistry | None = holder.get("registry")
@@ -67,17 +96,21 @@ def connect_signals(state: WorkerState) -> None:
 
     @signals.task_prerun.connect(weak=False)
     def prerun(task_id: str, task: Any, args: Any = (), **_: Any) -> None:
-        started[task_id] = time.monotonic()
         registry: WorkerRegistry | None = holder.get("registry")
         if registry is not None and task.name in job_tasks:
             registry.job_started(task_id, task.name.split(".", 1)[1])
 
     @signals.task_postrun.connect(weak=False)
-    def postrun(task_id: str, task: Any, retval: Any = None, **_: Any) -> None:
-        began = started.pop(task_id, None)
-        registry: WorkerRegistry | None = holder.get("registry")
-        if registry is not None and task.name in job_tasks:
-            registry.job_finished(task_id)
+    def postrun(task_id: str, task: Any, **_: Any) -> None:
+        if task.name not in job_tasks:
+            return
+        # The job's final record when this delivery is the one that counts it (once per
+        # job, whatever the task's state: tasks/outcome.py). Metrics first, then the
+        # registry, which publishes at once so that `imageq status` counts the job.
+        record = counted(task)
         metrics: Metrics | None = holder.get("metrics")
-        if metrics is not None and task.name in job_tasks and isinstance(retval, dict):
-            metrics.job_done(task_id, retval, None if began is None else time.monotonic() - began)
+        if metrics is not None and record is not None:
+            metrics.job_done(record)
+        registry: WorkerRegistry | None = holder.get("registry")
+        if registry is not None:
+            registry.job_finished(task_id, done=record is not None)

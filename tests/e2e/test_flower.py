@@ -1,15 +1,19 @@
-"""``imageq flower`` as a real process: basic auth enforced, jobs listed by id and name."""
+"""``imageq flower`` as a real process: basic auth enforced, jobs listed by id and name,
+each job's task in the state its job ended in, and the counts agreeing everywhere."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from api_client.settings import Settings
 from tests.fixtures.services import Stack
@@ -19,6 +23,11 @@ from workers.testing.services import free_port, wait_until
 
 AUTH = ("ops", "s3cret-flower")
 WORKER = "caption-flower@test"
+MIXED_WORKER = "caption-mixed@test"
+# Workers here refuse private and metadata addresses (forbidden_url), and photos over
+# 40,000 pixels (invalid_input), as a production worker does with its own limits.
+STRICT = {"IMAGEQ_ALLOW_PRIVATE_URLS": "0", "IMAGEQ_MAX_IMAGE_PIXELS": "40000"}
+METADATA_URL = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
 
 
 def flower_command(*extra: str) -> list[str]:
@@ -28,7 +37,7 @@ def flower_command(*extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def stack(make_stack: Callable[..., Stack], tiny_caption_model: Path) -> Stack:
     s = make_stack(IMAGEQ_MODEL_CAPTION=str(tiny_caption_model))
-    s.worker("caption", WORKER)
+    s.worker("caption", WORKER, **STRICT)
     return s
 
 
@@ -149,3 +158,179 @@ def test_job_listed_by_id_with_kind_task_name(stack: Stack, flower: str) -> None
         flower + "/api/tasks", params={"taskname": "imageq.caption"}, auth=AUTH, timeout=10
     ).json()
     assert job.id in by_name
+
+
+def task_info(flower: str, job_id: str) -> dict[str, Any]:
+    answer = requests.get(f"{flower}/api/task/info/{job_id}", auth=AUTH, timeout=10)
+    return dict(answer.json()) if answer.ok else {}
+
+
+def wait_for_state(flower: str, job_id: str, state: str) -> dict[str, Any]:
+    wait_until(
+        lambda: task_info(flower, job_id).get("state") == state,
+        30,
+        f"Flower to show {job_id} as {state} (now {task_info(flower, job_id).get('state')})",
+        every_s=0.3,
+    )
+    return task_info(flower, job_id)
+
+
+def test_failed_jobs_are_failed_tasks(stack: Stack, flower: str) -> None:
+    good = stack.client.caption(image=png_uri((30, 160, 60)))
+    # An oversized photo (400 x 300 over this worker's 40,000-pixel cap) and a URL of a
+    # cloud metadata service: both fail, each with its own code.
+    big = stack.client.caption(image=png_uri((200, 200, 10), (400, 300)))
+    metadata = stack.client.caption(image=METADATA_URL)
+    assert stack.client.wait(good.id, 60).status == "succeeded"
+    big_record = stack.client.wait(big.id, 60)
+    assert big_record.status == "failed" and big_record.error is not None
+    assert big_record.error.code == "invalid_input"
+    metadata_record = stack.client.wait(metadata.id, 60)
+    assert metadata_record.status == "failed" and metadata_record.error is not None
+    assert metadata_record.error.code == "forbidden_url"
+
+    ok = wait_for_state(flower, good.id, "SUCCESS")
+    assert "'succeeded'" in str(ok.get("result"))
+    failed_big = wait_for_state(flower, big.id, "FAILURE")
+    # The exception names the error code in its type and its message, and carries the
+    # record's message; an expected failure shows no traceback.
+    assert failed_big["exception"] == repr_of("InvalidInput", big_record.error)
+    assert not failed_big.get("traceback")
+    failed_metadata = wait_for_state(flower, metadata.id, "FAILURE")
+    assert failed_metadata["exception"] == repr_of("ForbiddenUrl", metadata_record.error)
+    assert not failed_metadata.get("traceback")
+    for info in (failed_big, failed_metadata):
+        assert info["worker"] == WORKER and not info.get("retries")
+
+    # One attempt each, acknowledged: no retry, no redelivery.
+    for job in (good, big, metadata):
+        assert stack.client.get(job.id).attempt == 1
+    assert not unacked_ids(stack) & {good.id, big.id, metadata.id}
+    # result.json is written for every final status, failures included.
+    for job in (big, metadata):
+        stored = json.loads(stack.storage_path("jobs", job.id, "result.json").read_text())
+        assert stored["status"] == "failed"
+    # Celery logs expected failures on one line at INFO, without a traceback.
+    log = (stack.tmp / "logs" / f"{WORKER}.log").read_text()
+    expected = [line for line in log.splitlines() if big.id in line and "raised expected" in line]
+    assert expected and "InvalidInput('invalid_input:" in expected[0]
+    assert "raised unexpected" not in log and "Traceback" not in log
+
+
+def repr_of(type_name: str, error: Any) -> str:
+    return f"{type_name}({f'{error.code}: {error.message}'!r})"
+
+
+def unacked_ids(stack: Stack) -> set[str]:
+    """Task ids of every message some worker holds unacknowledged (kombu's hash)."""
+    ids = set()
+    for raw in stack.redis.hvals("unacked"):
+        message = json.loads(raw)[0]
+        ids.add(str((message.get("headers") or {}).get("id")))
+    return ids
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    text = requests.get(url, auth=AUTH, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_mixed_run_counts_agree_everywhere(
+    make_stack: Callable[..., Stack], tiny_caption_model: Path, flower: str
+) -> None:
+    """30 jobs end succeeded, failed (two codes) and canceled; Flower's task states and
+    dashboard counters, Flower's and the worker's Prometheus counters, the records and
+    `imageq status` all tell the same story."""
+    mixed = make_stack(IMAGEQ_MODEL_CAPTION=str(tiny_caption_model))
+    good = [mixed.client.caption(image=png_uri((i * 12, 90, 200))) for i in range(21)]
+    big = [mixed.client.caption(image=png_uri((i * 40, 9, 9), (300, 300))) for i in range(5)]
+    metadata = [mixed.client.caption(image=METADATA_URL) for _ in range(4)]
+    # Nobody serves the queue yet: these five are canceled while queued, deterministically.
+    canceled = good[:5]
+    for job in canceled:
+        assert mixed.client.cancel(job.id).status == "canceled"
+    port = free_port()
+    mixed.worker(
+        "caption",
+        MIXED_WORKER,
+        IMAGEQ_METRICS_PORT=str(port),
+        IMAGEQ_METRICS_ADDRESS="127.0.0.1",
+        **STRICT,
+    )
+    ids = {job.id for job in good + big + metadata}
+    assert len(ids) == 30
+    # The worker still receives the canceled jobs' messages: each ends REVOKED there.
+    records = {job_id: mixed.client.wait(job_id, 120) for job_id in ids}
+    by_status = Counter(str(r.status) for r in records.values())
+    assert by_status == {"succeeded": 16, "failed": 9, "canceled": 5}
+    codes = Counter(r.error.code for r in records.values() if r.error is not None)
+    assert codes == {"invalid_input": 5, "forbidden_url": 4, "canceled": 5}
+    listed = Counter(str(r.status) for r in mixed.client.list(kind="caption") if r.id in ids)
+    assert listed == by_status
+
+    # `imageq status` right after the last job: the worker's done count has every job.
+    status = subprocess.run(
+        [sys.executable, "-m", "api_client.cli", "status"],
+        env=mixed.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if x.startswith(MIXED_WORKER))
+    assert line.split()[-3] == "30", status.stdout  # done
+    caption = next(x for x in status.stdout.splitlines() if x.split()[:1] == ["caption"])
+    assert caption.split()[1:6] == ["0", "0", "16", "9", "5"], status.stdout
+
+    state_of = {"succeeded": "SUCCESS", "failed": "FAILURE", "canceled": "REVOKED"}
+    expected_states = Counter(state_of[s] for s in by_status.elements())
+
+    def flower_states() -> Counter[str]:
+        tasks = requests.get(
+            flower + "/api/tasks", params={"workername": MIXED_WORKER}, auth=AUTH, timeout=10
+        ).json()
+        return Counter(t["state"] for job_id, t in tasks.items() if job_id in ids)
+
+    wait_until(lambda: flower_states() == expected_states, 30, "Flower's task states")
+    # Canceled tasks say why, in grey rather than red.
+    revoked = task_info(flower, canceled[0].id)
+    assert revoked["state"] == "REVOKED"
+    assert "canceled: canceled before it started" in str(revoked.get("exception"))
+
+    # Flower's dashboard counters (the Workers page) for this worker.
+    dashboard = requests.get(flower + "/workers", params={"json": 1}, auth=AUTH, timeout=10)
+    row = next(w for w in dashboard.json()["data"] if w.get("hostname") == MIXED_WORKER)
+    assert row.get("task-received") == 30
+    assert row.get("task-succeeded") == 16 and row.get("task-failed") == 9
+    assert row.get("task-revoked") == 5 and not row.get("task-retried")
+
+    # Flower's Prometheus counters, then the worker's own.
+    flower_metrics = scrape(flower + "/metrics")
+
+    def events(kind: str) -> float:
+        labels = (("task", "imageq.caption"), ("type", kind), ("worker", MIXED_WORKER))
+        return flower_metrics.get(("flower_events_total", labels), 0.0)
+
+    assert (events("task-succeeded"), events("task-failed"), events("task-revoked")) == (
+        16,
+        9,
+        5,
+    )
+    worker_metrics = scrape(f"http://127.0.0.1:{port}/metrics")
+    for status_name, count in by_status.items():
+        labels = (("kind", "caption"), ("status", status_name))
+        assert worker_metrics[("imageq_jobs_total", labels)] == count, status_name
+    # Only the jobs that ran have a run time; the canceled ones never started.
+    assert worker_metrics[("imageq_run_seconds_count", (("kind", "caption"),))] == 25
+
+    # Delivery unchanged: one attempt for each job that ran, every message acknowledged,
+    # result.json for every final status.
+    assert all(records[j].attempt == 1 for j in ids if records[j].status != "canceled")
+    assert not unacked_ids(mixed) & ids
+    for job_id, record in records.items():
+        stored = json.loads(mixed.storage_path("jobs", job_id, "result.json").read_text())
+        assert stored["status"] == record.status

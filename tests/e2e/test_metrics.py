@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,9 +102,44 @@ def test_queue_depth_counts_every_priority(stack: Stack) -> None:
         )
     samples = scrape(stack)
     assert value(samples, "imageq_queue_depth", queue=prefix + "match") == 3
+    assert value(samples, "imageq_queue_backlog", queue=prefix + "match") == 3
     assert value(samples, "imageq_queue_depth", queue=prefix + "generate") == 0
     queues = {dict(labels)["queue"] for name, labels in samples if name == "imageq_queue_depth"}
     assert {prefix + q for q in ("caption", "match", "generate", "finetune", "webhooks")} <= queues
+    backlogs = {dict(labels)["queue"] for name, labels in samples if name == "imageq_queue_backlog"}
+    assert backlogs == queues
+
+
+def test_backlog_adds_messages_reserved_but_not_started(stack: Stack) -> None:
+    """A job message held for its countdown has left the queue list (depth 0) but no
+    worker started it: the backlog an autoscaler should see still counts it."""
+    from celery import Celery
+
+    from api_client.celery_config import celery_config
+
+    queue = stack.settings.queue_prefix + "caption"
+    app = Celery("raw-producer", set_as_current=False)
+    app.conf.update(celery_config(stack.settings))
+    doc = {"id": str(uuid.uuid4()), "kind": "caption", "input": {"image": png_uri()}}
+    app.send_task("imageq.caption", args=[doc], task_id=doc["id"], queue=queue, countdown=4)
+    app.close()
+    wait_until(
+        lambda: value(scrape(stack), "imageq_queue_backlog", queue=queue) == 1,
+        10,
+        "the reserved message in the backlog",
+        every_s=0.2,
+    )
+    assert value(scrape(stack), "imageq_queue_depth", queue=queue) == 0
+    # Once its countdown is over it runs (a raw message: its record appears then), and
+    # the backlog is empty again.
+    wait_until(lambda: stack.store.get(doc["id"]) is not None, 20, "the job to start")
+    assert stack.client.wait(doc["id"], 60).status == "succeeded"
+    wait_until(
+        lambda: value(scrape(stack), "imageq_queue_backlog", queue=queue) == 0,
+        10,
+        "an empty backlog",
+        every_s=0.2,
+    )
 
 
 def test_gpu_memory_and_a_redis_that_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,4 +180,4 @@ def test_gpu_memory_and_a_redis_that_is_away(monkeypatch: pytest.MonkeyPatch) ->
     assert value(samples, "imageq_gpu_memory_bytes", device="cuda:1", state="reserved") == 5 * gib
     assert value(samples, "imageq_gpu_memory_bytes", device="cuda:1", state="total") == 80 * gib
     assert value(samples, "imageq_model_load_seconds") == 12.5
-    assert not [key for key in samples if key[0] == "imageq_queue_depth"]
+    assert not [key for key in samples if key[0] in ("imageq_queue_depth", "imageq_queue_backlog")]

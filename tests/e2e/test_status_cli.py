@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -82,9 +83,9 @@ def test_status_shows_queues_workers_current_job_and_throughput(
     out = result.stdout
 
     queues = section(out, "QUEUES")
-    assert queues[0].split() == ["queue", "depth", "workers"]
-    assert row(queues, prefix + "match")[1:] == ["2", "0"]
-    assert row(queues, prefix + "caption")[1:] == ["0", "1"]
+    assert queues[0].split() == ["queue", "depth", "reserved", "backlog", "workers"]
+    assert row(queues, prefix + "match")[1:] == ["2", "0", "2", "0"]
+    assert row(queues, prefix + "caption")[1:] == ["0", "0", "0", "1"]
     assert row(queues, prefix + "generate")[1] == "0"
 
     workers = section(out, "WORKERS (1 live)")
@@ -92,7 +93,7 @@ def test_status_shows_queues_workers_current_job_and_throughput(
     cells = line.split()
     assert cells[1:3] == ["caption", "cpu"]
     assert f"caption {slow.id}" in line
-    assert int(cells[-3]) >= 3  # done
+    assert cells[-3] == "3"  # done: every finished job, the last one included
 
     throughput = section(out, "THROUGHPUT")
     assert throughput[0].split()[:6] == [
@@ -109,6 +110,32 @@ def test_status_shows_queues_workers_current_job_and_throughput(
     assert row(throughput, "match")[1] == "2"
 
     assert stack.client.wait(slow.id, 60).status == "succeeded"
+
+
+def test_backlog_counts_messages_reserved_but_not_started(stack: Stack) -> None:
+    """A message the worker took but holds for its countdown is no longer in the queue
+    list, yet no worker has started it: backlog, not depth."""
+    from celery import Celery
+
+    from api_client.celery_config import celery_config
+
+    prefix = stack.settings.queue_prefix
+    app = Celery("raw-producer", set_as_current=False)
+    app.conf.update(celery_config(stack.settings))
+    doc = {"id": str(uuid.uuid4()), "kind": "caption", "input": {"image": png_uri()}}
+    app.send_task(
+        "imageq.caption", args=[doc], task_id=doc["id"], queue=prefix + "caption", countdown=25
+    )
+
+    def reserved() -> bool:
+        raw = stack.redis.get(stack.store.key("worker", WORKER))
+        return bool(raw) and (json.loads(raw).get("reserved") or {}).get(prefix + "caption") == 1
+
+    wait_until(reserved, 15, "the worker to report the reserved message", every_s=0.2)
+    result = run_status(stack.env)
+    assert result.returncode == 0, result.stderr
+    assert row(section(result.stdout, "QUEUES"), prefix + "caption")[1:] == ["0", "1", "1", "1"]
+    app.close()
 
 
 def test_status_without_redis_is_a_clear_error(stack: Stack) -> None:

@@ -1,4 +1,11 @@
-"""Live workers announce themselves in Redis, so ``imageq status`` can list them."""
+"""Live workers announce themselves in Redis, so ``imageq status`` can list them.
+
+Each worker keeps one key, ``worker:<name>`` (JSON, expiring three beats after its last
+write), and a score in the ``workers`` index (a sorted set: name -> when the key
+expires), so readers find the live workers without scanning the keyspace. A worker
+writes its key every ``every_s`` and at once whenever a job ends here, so a finished job
+is in ``processed`` by the time anyone can see its final record and ask.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,34 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from api_client.records import RecordStore, utcnow
 
 log = logging.getLogger(__name__)
 
+#: Messages this worker holds but has not started, by queue (from the Celery side).
+Reserved = Callable[[], dict[str, int]]
+
+
+def _nothing_reserved() -> dict[str, int]:
+    return {}
+
 
 class WorkerRegistry:
     def __init__(
-        self, store: RecordStore, name: str, info: dict[str, Any], every_s: float = 2.0
+        self,
+        store: RecordStore,
+        name: str,
+        info: dict[str, Any],
+        every_s: float = 2.0,
+        reserved: Reserved = _nothing_reserved,
     ) -> None:
         self.store = store
         self.name = name
         self.every_s = every_s
+        self.reserved = reserved
         self.info = {
             **info,
             "name": name,
@@ -33,6 +54,9 @@ class WorkerRegistry:
         self.processed = 0
         self._done_times: list[float] = []
         self._lock = threading.Lock()
+        # Writes in the order their snapshots were taken: a batch of jobs ends in many
+        # threads at once, and an older snapshot must never overwrite a newer one.
+        self._publish_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imageq-registry", daemon=True)
 
@@ -40,30 +64,54 @@ class WorkerRegistry:
     def key(self) -> str:
         return self.store.key("worker", self.name)
 
+    @property
+    def index_key(self) -> str:
+        return self.store.key("workers")
+
     def job_started(self, job_id: str, kind: str) -> None:
         with self._lock:
             self.current[job_id] = kind
 
-    def job_finished(self, job_id: str) -> None:
+    def job_finished(self, job_id: str, *, done: bool = True) -> None:
+        """The job's task ended here; ``done``: its job ended and counts (once per job)."""
         with self._lock:
             self.current.pop(job_id, None)
-            self.processed += 1
-            now = time.monotonic()
-            self._done_times = [t for t in self._done_times if now - t < 60] + [now]
+            if done:
+                self.processed += 1
+                now = time.monotonic()
+                self._done_times = [t for t in self._done_times if now - t < 60] + [now]
+        try:
+            self.publish()
+        except Exception as exc:  # the heartbeat thread writes it again within every_s
+            log.warning("registry publish: %s", exc)
 
     def snapshot(self) -> dict[str, Any]:
+        try:
+            reserved = self.reserved()
+        except Exception as exc:  # a snapshot is never lost to a count
+            log.debug("reserved messages: %s", exc)
+            reserved = {}
         with self._lock:
             return {
                 **self.info,
                 "current": dict(self.current),
                 "processed": self.processed,
                 "jobs_per_min": len(self._done_times),
+                "reserved": reserved,
                 "seen_at": utcnow(),
             }
 
     def publish(self) -> None:
         ttl = max(3, int(self.every_s * 3))
-        self.store.redis.set(self.key, json.dumps(self.snapshot()), ex=ttl)
+        with self._publish_lock:
+            snapshot = self.snapshot()
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.set(self.key, json.dumps(snapshot), ex=ttl)
+            now = time.time()
+            pipe.zadd(self.index_key, {self.name: now + ttl})
+            # Workers that stopped beating without a goodbye (killed) leave the index.
+            pipe.zremrangebyscore(self.index_key, "-inf", now - 60)
+            pipe.execute()
 
     def start(self) -> None:
         self.publish()
@@ -73,7 +121,10 @@ class WorkerRegistry:
         self._stop.set()
         self._thread.join(5)
         try:
-            self.store.redis.delete(self.key)
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.delete(self.key)
+            pipe.zrem(self.index_key, self.name)
+            pipe.execute()
         except Exception as exc:  # Redis may already be gone at shutdown
             log.debug("registry cleanup: %s", exc)
 

@@ -1,8 +1,9 @@
 """Prometheus metrics of one worker, served on ``IMAGEQ_METRICS_PORT`` when it is set.
 
 Counters and histograms move as jobs end on this worker (``job_done``, called from the
-``task_postrun`` signal). Queue depths and GPU memory are read at scrape time, so they
-are current even when the worker is idle. Every worker reports every queue's depth:
+``task_postrun`` signal with the job's final record, once per job across the fleet).
+Queue depths, backlogs and GPU memory are read at scrape time, so they are current even
+when the worker is idle. Every worker reports every queue's depth and backlog:
 aggregate with ``max by (queue)``, not ``sum``.
 """
 
@@ -15,7 +16,9 @@ from typing import Any
 import redis
 
 from api_client.names import WORKER_QUEUES, queue_name
-from api_client.queues import queue_depth
+from api_client.queues import live_workers, queue_depth, reserved_by_queue
+from api_client.records import RecordStore
+from api_client.schemas import JobRecord
 from api_client.settings import Settings
 from workers.runtime.build import Runtime
 
@@ -103,18 +106,16 @@ class Metrics:
         log.info("metrics on %s:%d/metrics", settings.metrics_address, settings.metrics_port)
         return metrics
 
-    def job_done(self, job_id: str, summary: dict[str, Any], task_s: float | None) -> None:
-        """Count a job that ended here; ``summary`` is the task's return value."""
-        kind, status = str(summary.get("kind")), str(summary.get("status"))
-        metrics = summary.get("metrics") or {}
+    def job_done(self, record: JobRecord) -> None:
+        """Count a job that ended (its final record); called once per job."""
+        kind, status = record.kind, str(record.status)
+        metrics = record.metrics
         self.jobs.labels(kind, status).inc()
         if metrics.get("queue_s") is not None:
             self.queue_wait.labels(kind).observe(float(metrics["queue_s"]))
-        run_s = metrics.get("run_s")
-        if run_s is None:
-            run_s = task_s
-        if run_s is not None:
-            self.run_time.labels(kind).observe(float(run_s))
+        # A job that never started (canceled while queued, refused) has no run time.
+        if metrics.get("run_s") is not None:
+            self.run_time.labels(kind).observe(float(metrics["run_s"]))
         if metrics.get("batch_size"):
             self.batch_size.labels(kind).observe(float(metrics["batch_size"]))
         if metrics.get("images"):
@@ -140,13 +141,15 @@ def broker_queues(settings: Settings) -> dict[str, list[str]]:
 
 
 class _LiveCollector:
-    """Read at scrape time: queue depths (which Flower lacks) and GPU memory."""
+    """Read at scrape time: queue depths and backlogs (which Flower lacks), GPU memory."""
 
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self.settings = settings
         self.runtime = runtime
         # The broker, not the records store: a deployment may keep them apart.
         self._brokers = {url: _scrape_connection(url) for url in broker_queues(settings)}
+        # Worker heartbeats (with what each worker reserved) live beside the records.
+        self._records = RecordStore(_scrape_connection(settings.records_redis_url), settings)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -154,13 +157,29 @@ class _LiveCollector:
         depth = GaugeMetricFamily(
             "imageq_queue_depth", "Messages waiting in the broker, all priorities", labels=["queue"]
         )
+        backlog = GaugeMetricFamily(
+            "imageq_queue_backlog",
+            "Messages no worker has started: waiting in the broker (all priorities) plus "
+            "reserved by a live worker but not started",
+            labels=["queue"],
+        )
+        try:
+            reserved: dict[str, int] | None = reserved_by_queue(live_workers(self._records))
+        except redis.RedisError as exc:  # Redis away: no backlog series
+            log.debug("reserved messages: %s", exc)
+            reserved = None
         for url, names in broker_queues(self.settings).items():
             for name in names:
                 try:
-                    depth.add_metric([name], queue_depth(self._brokers[url], name))
+                    waiting = queue_depth(self._brokers[url], name)
                 except redis.RedisError as exc:  # Redis away: leave the series out
                     log.debug("queue depth of %s: %s", name, exc)
+                    continue
+                depth.add_metric([name], waiting)
+                if reserved is not None:
+                    backlog.add_metric([name], waiting + reserved.get(name, 0))
         yield depth
+        yield backlog
         yield self._gpu_memory(GaugeMetricFamily)
 
     def _gpu_memory(self, family: Any) -> Any:
