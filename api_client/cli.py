@@ -1,8 +1,9 @@
 """The ``imageq`` command line.
 
 Client commands (submit, get, wait, cancel, list, status, adapters) run here with the
-light install. Worker-side commands (worker, fleet, demo, flower) run ``python -m
-workers``, which needs the ``imageq[worker]`` extra; this module never imports it.
+light install. Worker-side commands (worker, fleet, demo, flower, and the HTTP gateway's
+gateway and tokens) run ``python -m workers``, which needs the ``imageq[worker]`` extra
+(``imageq[server]`` for the gateway's); this module never imports it.
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a, c: _print(c.adapters()))
 
     for name in WORKER_COMMANDS:
-        sub.add_parser(name, help=f"{name} (needs imageq[worker])", add_help=False)
+        # The gateway's commands run on the light server install; the rest need torch.
+        extra = "server" if name in ("gateway", "tokens") else "worker"
+        sub.add_parser(name, help=f"{name} (needs imageq[{extra}])", add_help=False)
     return parser
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
 
 from api_client.celery_config import celery_config
-from api_client.errors import InvalidInput, JobTimeout, NotFound
+from api_client.errors import IdempotencyConflict, InvalidInput, JobTimeout, NotFound
 from api_client.kinds import JOB_KINDS
 from api_client.names import (
     FINALIZE_TASK,
@@ -23,13 +25,23 @@ from api_client.names import (
     task_name,
 )
 from api_client.queue_scan import find_queued
-from api_client.records import RecordStore, connect, new_record, utcnow
+from api_client.records import (
+    RecordStore,
+    connect,
+    decode_cursor,
+    encode_cursor,
+    new_record,
+    utcnow,
+)
 from api_client.redact import redact_document
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus, job_id_for, parse_job
 from api_client.settings import Settings
+from api_client.uploads import IMAGE_TYPES, put_object, sniff_format, storage_ref, upload_key
 
 OnUpdate = Callable[[JobRecord], None]
 _DOCUMENT_OPTIONS = ("webhook", "idempotency_key", "priority", "timeout_s", "metadata")
+# The most jobs one list_page call looks at when filters skip most of them.
+_PAGE_SCAN = 1000
 
 
 class Client:
@@ -83,15 +95,55 @@ class Client:
         priority: int = 5,
         timeout_s: float | None = None,
         metadata: dict[str, Any] | None = None,
+        tenant: str | None = None,
     ) -> JobRecord:
-        """Validate, record and enqueue a job; a repeated idempotency key returns the first."""
+        """Validate, record and enqueue a job; a repeated idempotency key returns the first.
+
+        Reusing a key with a different document raises ``IdempotencyConflict``.
+        """
+        record, _ = self.submit_once(
+            kind,
+            input,
+            webhook=webhook,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            timeout_s=timeout_s,
+            metadata=metadata,
+            tenant=tenant,
+        )
+        return record
+
+    def submit_once(
+        self,
+        kind: str,
+        input: dict[str, Any],
+        *,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 5,
+        timeout_s: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        tenant: str | None = None,
+        job_id: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """``submit``, also saying whether this call created the job (False: a replay of
+        an idempotency key, which returns the first job as it stands now).
+
+        ``job_id`` names a job without an idempotency key beforehand (a fresh uuid4),
+        for a caller that must know it before the job exists: the gateway counts it
+        in its tenant's jobs in flight first.
+        """
+        if job_id is not None and idempotency_key is not None:
+            raise InvalidInput("id: derives from idempotency_key; give one or the other")
         document: dict[str, Any] = {
-            "id": job_id_for(idempotency_key),
+            "id": job_id or job_id_for(idempotency_key, tenant),
             "kind": kind,
             "input": input,
             "priority": priority,
             "metadata": metadata or {},
         }
+        if tenant is not None:
+            document["tenant"] = tenant
         if webhook is not None:
             document["webhook"] = {"url": webhook} if isinstance(webhook, str) else webhook
             if not self.settings.webhook_secret:
@@ -101,9 +153,17 @@ class Client:
         if timeout_s is not None:
             document["timeout_s"] = timeout_s
         doc = parse_job(document).wire()
-        record, created = self.store.create(new_record(doc), doc)
+        fingerprint = None if idempotency_key is None else document_fingerprint(doc)
+        record, created = self.store.create(new_record(doc), doc, fingerprint)
         if not created:
-            return record
+            stored = self.store.fingerprint(doc["id"])
+            # No fingerprint: a job from before fingerprints, or a raw producer's.
+            if fingerprint is not None and stored is not None and stored != fingerprint:
+                raise IdempotencyConflict(
+                    "idempotency_key: already used for a different job document "
+                    f"(job {doc['id']}); use a new key for a new job"
+                )
+            return record, False
         try:
             self._app(JOB_KINDS[kind].long_job).send_task(
                 task_name(kind),
@@ -115,9 +175,9 @@ class Client:
                 argsrepr=json.dumps([redact_document(doc)]),
             )
         except Exception:
-            self.store.delete(doc["id"])
+            self.store.delete(doc["id"], tenant)
             raise
-        return record
+        return record, True
 
     def _kind(self, kind: str, fields: dict[str, Any], **named: Any) -> JobRecord:
         """Job-document options (webhook, priority, ...) apart, the rest is the input."""
@@ -210,17 +270,94 @@ class Client:
             pubsub.close()
 
     def list(
-        self, status: str | None = None, kind: str | None = None, limit: int = 100
+        self,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        tenant: str | None = None,
     ) -> builtins.list[JobRecord]:
-        """Newest first, filtered by status and kind, from the last ``limit`` jobs."""
+        """Newest first, filtered by status and kind, from the last ``limit`` jobs (of
+        one gateway tenant's jobs when ``tenant`` is given)."""
         out = []
-        for record in self.store.iter_records(limit):
+        for record in self.store.iter_records(limit, tenant):
             if status and record.status != status:
                 continue
             if kind and record.kind != kind:
                 continue
             out.append(record)
         return out
+
+    def list_page(
+        self,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        tenant: str | None = None,
+    ) -> tuple[builtins.list[JobRecord], str | None]:
+        """One page of jobs, newest first, and the cursor of the next (None: no more).
+
+        Filters apply while paging, so a page may hold fewer than ``limit`` jobs when
+        matches are rare (at most ``_PAGE_SCAN`` jobs are looked at per page).
+        """
+        after = None if cursor is None else decode_cursor(cursor)
+        found: builtins.list[JobRecord] = []
+        scanned = 0
+        last: tuple[float, str] | None = None
+        batch = max(limit, 50)
+        while scanned < _PAGE_SCAN:
+            rows = self.store.page_ids(tenant, after, batch)
+            if not rows:
+                return found, None
+            created = dict(rows)
+            for record in self.store.records([job_id for job_id, _ in rows], tenant):
+                last = (created[record.id], record.id)
+                if (status and record.status != status) or (kind and record.kind != kind):
+                    continue
+                found.append(record)
+                if len(found) == limit:
+                    return found, encode_cursor(last)
+            scanned += len(rows)
+            after = (rows[-1][1], rows[-1][0])
+            if len(rows) < batch:
+                return found, None
+        return found, None if last is None else encode_cursor(after or last)
+
+    # -- upload -----------------------------------------------------------------------
+    def upload(
+        self,
+        path_or_bytes: str | Path | bytes,
+        content_type: str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> str:
+        """Put an image in the deployment's storage; returns its ``storage://uploads/...``
+        reference, usable in any image field of a job.
+
+        The bytes must be a JPEG, PNG, WebP, GIF or BMP within ``IMAGEQ_MAX_IMAGE_BYTES``
+        (workers check the pixel cap when they decode it).
+        """
+        if isinstance(path_or_bytes, bytes | bytearray):
+            data = bytes(path_or_bytes)
+        else:
+            path = Path(path_or_bytes)
+            if path.stat().st_size > self.settings.max_image_bytes:
+                raise InvalidInput(
+                    f"upload: larger than the limit of {self.settings.max_image_bytes} bytes"
+                )
+            data = path.read_bytes()
+        if len(data) > self.settings.max_image_bytes:
+            raise InvalidInput(
+                f"upload: larger than the limit of {self.settings.max_image_bytes} bytes"
+            )
+        if content_type is not None and not content_type.lower().startswith("image/"):
+            raise InvalidInput(f"upload: content type {content_type!r} is not an image type")
+        fmt = sniff_format(data)
+        if fmt is None:
+            raise InvalidInput("upload: not a JPEG, PNG, WebP, GIF or BMP image")
+        key = upload_key(fmt, tenant)
+        put_object(self.settings, key, data, IMAGE_TYPES[fmt][0])
+        return storage_ref(key)
 
     # -- cancel -----------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobRecord:
@@ -245,6 +382,14 @@ class Client:
         raw = self.redis.hgetall(self.store.key("adapters"))
         entries = [json.loads(v) for v in raw.values()]
         return sorted(entries, key=lambda e: str(e.get("created_at", "")), reverse=True)
+
+
+def document_fingerprint(document: dict[str, Any]) -> str:
+    """A hash of what a job asks for (its id aside, which the key derives), compared
+    when an idempotency key comes back."""
+    canonical = {k: v for k, v in document.items() if k != "id"}
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()
 
 
 def _cancel_if_queued(record: JobRecord) -> JobRecord | None:

@@ -19,6 +19,8 @@ ERROR_CODES = (
     "worker_lost",
     "canceled",
     "internal",
+    # Submit only (never a job's error): the idempotency key was used for another document.
+    "idempotency_conflict",
 )
 
 
@@ -90,6 +92,13 @@ class TransientError(ImageqError):
     retryable = True
 
 
+class IdempotencyConflict(ImageqError):
+    """A submit reused an idempotency key with a different job document (Stripe's rule:
+    one key, one request); the first job stands, unchanged."""
+
+    code = "idempotency_conflict"
+
+
 class NotFound(ImageqError):
     """A job or adapter id that the records do not know (client side only)."""
 
@@ -108,5 +117,6 @@ _BY_CODE: dict[str, type[ImageqError]] = {
         WorkerLost,
         Canceled,
         InternalError,
+        IdempotencyConflict,
     )
 }

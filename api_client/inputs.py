@@ -10,7 +10,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IMAGE_SCHEMES = ("s3://", "https://", "http://", "data:image/", "file://")
+from api_client.languages import language_tag
+
+# storage://uploads/... names an upload in the deployment's own storage (api_client.uploads).
+IMAGE_SCHEMES = ("s3://", "https://", "http://", "data:image/", "file://", "storage://uploads/")
 SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "default")
 # The display names (AUTOMATIC1111's, diffusers') are accepted too, in any case.
 SCHEDULER_ALIASES = {
@@ -27,8 +30,9 @@ def _check_image_ref(value: str) -> str:
         raise ValueError("an image reference must be a non-empty string")
     if not value.startswith(IMAGE_SCHEMES):
         raise ValueError(
-            "unsupported image reference: use s3://, https://, http://, data:image/... "
-            "or file:// (where the deployment allows local files)"
+            "unsupported image reference: use s3://, https://, http://, data:image/..., "
+            "storage://uploads/... (an upload) or file:// (where the deployment allows "
+            "local files)"
         )
     if len(value) > 4096 and not value.startswith("data:"):
         raise ValueError("image URL longer than 4096 characters")
@@ -36,6 +40,8 @@ def _check_image_ref(value: str) -> str:
 
 
 ImageRef = Annotated[str, Field(min_length=1), AfterValidator(_check_image_ref)]
+#: A BCP 47 language tag, stored in canonical case ("fr", "ja", "pt-BR", "zh-Hant").
+LanguageTag = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(language_tag)]
 
 
 class Strict(BaseModel):
@@ -96,6 +102,8 @@ class CaptionInput(_ImagesInput):
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
     attention: bool = False
     adapter: str | None = Field(default=None, min_length=1, max_length=128)
+    #: Without ``adapter``: the newest published caption adapter for this language.
+    language: LanguageTag | None = None
 
 
 class MatchInput(_ImagesInput):
@@ -167,6 +175,34 @@ class StyleInput(_DiffusionCommon):
         return self
 
 
+class VocabularyOptions(Strict):
+    """How a caption adapter writes its language (docs/finetune.md, "Vocabulary").
+
+    ``base``: BLIP's own tokenizer; ``extend``: BLIP's WordPiece plus the dataset's
+    missing characters and frequent sub-words; ``replace``: the tokenizer in the folder
+    ``tokenizer`` names, with embeddings re-initialised for it. A plain string is
+    shorthand for ``{"strategy": ...}``.
+    """
+
+    strategy: Literal["base", "extend", "replace"]
+    #: ``replace`` only: a tokenizer folder (a storage prefix, or a zip/tar archive of
+    #: one), referenced like a dataset.
+    tokenizer: str | None = Field(default=None, min_length=1, max_length=4096)
+    #: ``extend`` only: at most this many frequent sub-words join the missing characters.
+    max_subwords: int = Field(default=1000, ge=0, le=100_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"strategy": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _tokenizer_for_replace(self) -> VocabularyOptions:
+        if (self.strategy == "replace") != (self.tokenizer is not None):
+            raise ValueError("give a tokenizer with the replace strategy, and only with it")
+        return self
+
+
 class FinetuneInput(JobInput):
     target: Literal["diffusion", "caption"]
     dataset: str = Field(min_length=1, max_length=4096)
@@ -181,6 +217,11 @@ class FinetuneInput(JobInput):
     auto_caption: bool = False
     overwrite: bool = False
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    #: Caption fine-tunes: the language the captions are in (kept with the adapter).
+    language: LanguageTag | None = None
+    #: Caption fine-tunes: how the adapter's tokenizer writes that language; by default
+    #: ``extend`` when BLIP's vocabulary cannot write the captions exactly, else ``base``.
+    vocabulary: VocabularyOptions | None = None
 
     @field_validator("resolution")
     @classmethod
@@ -188,3 +229,9 @@ class FinetuneInput(JobInput):
         if value % 8:
             raise ValueError("must be a multiple of 8")
         return value
+
+    @model_validator(mode="after")
+    def _caption_only(self) -> FinetuneInput:
+        if self.target != "caption" and (self.language or self.vocabulary):
+            raise ValueError("language and vocabulary apply to caption fine-tunes only")
+        return self

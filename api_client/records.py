@@ -7,6 +7,7 @@ channel, so a waiting client wakes at once instead of polling.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 import redis
 
-from api_client.errors import ImageqError
+from api_client.errors import ImageqError, InvalidInput
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus
 from api_client.settings import Settings
 
@@ -68,45 +69,103 @@ class RecordStore:
         raw = self.redis.get(self.key("doc", job_id))
         return None if raw is None else json.loads(raw)
 
-    def list_ids(self, limit: int = 100) -> list[str]:
-        """Newest first; entries whose record expired are pruned on the way."""
-        self.redis.zremrangebyscore(
-            self.key("jobs"), "-inf", time.time() - self.settings.result_ttl_s
-        )
-        return [str(i) for i in self.redis.zrevrange(self.key("jobs"), 0, max(0, limit - 1))]
+    def index(self, tenant: str | None = None) -> str:
+        """The sorted set of job ids by creation time: all jobs, or one tenant's."""
+        return self.key("jobs") if tenant is None else self.key("tenant", tenant, "jobs")
 
-    def iter_records(self, limit: int = 100) -> Iterator[JobRecord]:
-        ids = self.list_ids(limit)
+    def list_ids(self, limit: int = 100, tenant: str | None = None) -> list[str]:
+        """Newest first; entries whose record expired are pruned on the way."""
+        index = self.index(tenant)
+        self.redis.zremrangebyscore(index, "-inf", time.time() - self.settings.result_ttl_s)
+        return [str(i) for i in self.redis.zrevrange(index, 0, max(0, limit - 1))]
+
+    def page_ids(
+        self, tenant: str | None, after: tuple[float, str] | None, count: int
+    ) -> list[tuple[str, float]]:
+        """Up to ``count`` (id, created) pairs, newest first, strictly after ``after``.
+
+        A (score, id) position rather than an offset: jobs submitted while a client
+        pages through do not shift the pages it has yet to read.
+        """
+        index = self.index(tenant)
+        if after is None:
+            self.redis.zremrangebyscore(index, "-inf", time.time() - self.settings.result_ttl_s)
+            rows: Any = self.redis.zrevrange(index, 0, max(0, count - 1), withscores=True)
+            return [(str(m), float(s)) for m, s in rows]
+        score, last = after
+        # Inclusive of the position's score, then members sharing it are told apart by id
+        # (Redis orders equal scores by member, descending, in a reverse range).
+        spare = 64
+        rows = self.redis.zrevrangebyscore(
+            index, repr(score), "-inf", start=0, num=count + spare, withscores=True
+        )
+        out = [
+            (str(m), float(s))
+            for m, s in rows
+            if float(s) < score or (float(s) == score and str(m) < last)
+        ]
+        return out[:count]
+
+    def iter_records(self, limit: int = 100, tenant: str | None = None) -> Iterator[JobRecord]:
+        ids = self.list_ids(limit, tenant)
+        yield from self.records(ids, tenant)
+
+    def records(self, ids: list[str], tenant: str | None = None) -> Iterator[JobRecord]:
+        """The records of ``ids`` in order; ids whose record expired leave the index."""
         if not ids:
             return
         raws = self.redis.mget([self.key("job", i) for i in ids])
         for job_id, raw in zip(ids, raws, strict=True):
             if raw is None:
-                self.redis.zrem(self.key("jobs"), job_id)
+                self.redis.zrem(self.index(tenant), job_id)
                 continue
             yield JobRecord.model_validate_json(raw)
 
+    def fingerprint(self, job_id: str) -> str | None:
+        """The hash of the document an idempotent job was created with (see ``create``)."""
+        value = self.redis.get(self.key("fingerprint", job_id))
+        return None if value is None else str(value)
+
     # -- writes -----------------------------------------------------------------------
-    def create(self, record: JobRecord, document: Document) -> tuple[JobRecord, bool]:
-        """Store a new record unless one exists; returns (record, created)."""
+    def create(
+        self, record: JobRecord, document: Document, fingerprint: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Store a new record unless one exists; returns (record, created).
+
+        ``fingerprint`` (a hash of an idempotent job's document) is kept beside the
+        record, written before it, so whoever finds the record finds the fingerprint.
+        """
         ttl = self.settings.result_ttl_s
         key = self.key("job", record.id)
+        fingerprint_key = self.key("fingerprint", record.id)
+        if fingerprint is not None:
+            self.redis.set(fingerprint_key, fingerprint, nx=True, ex=ttl)
         encoded = json.dumps(record.to_json())
         if not self.redis.set(key, encoded, nx=True, ex=ttl):
             existing = self.get(record.id)
             if existing is not None:
                 return existing, False
             self.redis.set(key, encoded, ex=ttl)
+        now = time.time()
         pipe = self.redis.pipeline(transaction=True)
+        if fingerprint is not None:
+            # Ours now, even over a stale one left by an expired job of the same key.
+            pipe.set(fingerprint_key, fingerprint, ex=ttl)
         pipe.set(self.key("doc", record.id), json.dumps(document), ex=ttl)
-        pipe.zadd(self.key("jobs"), {record.id: time.time()})
+        pipe.zadd(self.key("jobs"), {record.id: now})
+        if record.tenant is not None:
+            pipe.zadd(self.index(record.tenant), {record.id: now})
         pipe.publish(self.channel(record.id), encoded)
         pipe.execute()
         return record, True
 
-    def delete(self, job_id: str) -> None:
-        self.redis.delete(self.key("job", job_id), self.key("doc", job_id))
+    def delete(self, job_id: str, tenant: str | None = None) -> None:
+        self.redis.delete(
+            self.key("job", job_id), self.key("doc", job_id), self.key("fingerprint", job_id)
+        )
         self.redis.zrem(self.key("jobs"), job_id)
+        if tenant is not None:
+            self.redis.zrem(self.index(tenant), job_id)
 
     def save_document(self, job_id: str, document: Document) -> None:
         self.redis.set(self.key("doc", job_id), json.dumps(document), ex=self.settings.result_ttl_s)
@@ -156,9 +215,7 @@ class RecordStore:
 
         return self.update(job_id, mutate)
 
-    def replace_unless_final(
-        self, job_id: str, final: JobRecord
-    ) -> tuple[JobRecord | None, bool]:
+    def replace_unless_final(self, job_id: str, final: JobRecord) -> tuple[JobRecord | None, bool]:
         """Store a final record computed beforehand, unless the job already ended."""
         return self.update(job_id, lambda rec: None if rec.is_final else final)
 
@@ -222,6 +279,21 @@ return 0
 """
 
 
+def encode_cursor(position: tuple[float, str]) -> str:
+    """A page position (created, id) as an opaque, URL-safe cursor."""
+    raw = json.dumps([repr(position[0]), position[1]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        score, job_id = json.loads(raw)
+        return float(score), str(job_id)
+    except (ValueError, TypeError):
+        raise InvalidInput("cursor: not a cursor this API returned") from None
+
+
 def new_record(document: Document, *, now: str | None = None) -> JobRecord:
     """The record of a job that has just been accepted (DESIGN §4)."""
     return JobRecord(
@@ -231,6 +303,7 @@ def new_record(document: Document, *, now: str | None = None) -> JobRecord:
         created_at=now or utcnow(),
         metrics={"queue_s": None, "run_s": None},
         metadata=document.get("metadata") or {},
+        tenant=document.get("tenant"),
     )
 
 

@@ -27,6 +27,8 @@ from api_client.errors import InvalidInput
 from api_client.inputs import JobInput, Strict
 from api_client.kinds import JOB_KINDS, KINDS
 
+# A gateway tenant's name: short, and safe inside Redis keys and storage paths.
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled")
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f5bd2-4b8e-4d64-8f0f-2a3c86d5a4e1")
 
@@ -80,6 +82,8 @@ class JobDocument(Strict):
     priority: int = Field(default=5, ge=0, le=9)
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Who submitted it through the HTTP gateway; a tenant sees only its own jobs.
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)
 
     @field_validator("kind")
     @classmethod
@@ -149,6 +153,8 @@ class JobRecord(BaseModel):
     result_url: str | None = None
     #: While queued, when read through ``get``: messages that will be taken before it.
     queue_position: int | None = None
+    #: The gateway tenant that submitted the job (None: submitted without the gateway).
+    tenant: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -157,9 +163,9 @@ class JobRecord(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The record as JSON (what Redis, result.json and webhooks carry)."""
         data = self.model_dump(mode="json")
-        # Only S3 deployments have a result_url, and only a read of a queued job a
-        # position: other records stay as they were.
-        for optional in ("result_url", "queue_position"):
+        # Only S3 deployments have a result_url, only a read of a queued job a
+        # position and only a gateway job a tenant: other records stay as they were.
+        for optional in ("result_url", "queue_position", "tenant"):
             if data.get(optional) is None:
                 data.pop(optional, None)
         return data
@@ -217,8 +223,15 @@ def parse_job(data: Any) -> JobDocument:
     return doc
 
 
-def job_id_for(idempotency_key: str | None) -> str:
-    """Ids derive from the idempotency key, so two submits of one key share one id."""
+def job_id_for(idempotency_key: str | None, tenant: str | None = None) -> str:
+    """Ids derive from the idempotency key, so two submits of one key share one id.
+
+    A tenant's keys live in a namespace of their own: two tenants that both use
+    "order-1" get two jobs, and neither learns of the other's.
+    """
     if idempotency_key:
-        return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, idempotency_key))
+        namespace = IDEMPOTENCY_NAMESPACE
+        if tenant is not None:
+            namespace = uuid.uuid5(IDEMPOTENCY_NAMESPACE, "tenant:" + tenant)
+        return str(uuid.uuid5(namespace, idempotency_key))
     return str(uuid.uuid4())

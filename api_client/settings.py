@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     gateway_queue_scan_max: int = 1000
     # A valid token is remembered this long: a revoked one works at most this long more.
     gateway_token_cache_s: float = 1.0
+    # Threads that submit, cancel and list per gateway process (Redis round trips: a few
+    # keep a core busy; more only contend for the GIL). Uploads have threads of their own.
+    gateway_threads: int = 4
 
     @field_validator("webhook_extra_secrets", "webhook_schedule_s", mode="before")
     @classmethod

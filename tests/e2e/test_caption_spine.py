@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
-from api_client.errors import InvalidInput
+from api_client.errors import IdempotencyConflict, InvalidInput
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
 from workers.testing.services import WebhookReceiver, wait_until
@@ -135,8 +135,11 @@ def test_invalid_input_refused_before_enqueue(stack: Stack) -> None:
 
 def test_duplicate_idempotency_key_returns_first_job(stack: Stack) -> None:
     first = stack.client.caption(image=png_uri(), idempotency_key="order-1234")
-    second = stack.client.caption(image=png_uri((1, 2, 3)), idempotency_key="order-1234")
+    second = stack.client.caption(image=png_uri(), idempotency_key="order-1234")
     assert first.id == second.id
+    # The same key for a different document is a mistake, not a replay (Stripe's rule).
+    with pytest.raises(IdempotencyConflict, match="idempotency_key"):
+        stack.client.caption(image=png_uri((1, 2, 3)), idempotency_key="order-1234")
     record = stack.client.wait(first.id, 60)
     assert record.status == "succeeded" and record.attempt == 1
     third = stack.client.caption(image=png_uri(), idempotency_key="order-1234")

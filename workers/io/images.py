@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
 from api_client.redact import redact_ref
 from api_client.settings import Settings
+from api_client.uploads import ref_key
 from workers.io.netguard import Deadline, check_url, safe_session
 from workers.io.storage import Storage, file_uri_path, open_storage
 
@@ -128,14 +129,24 @@ def fetch_bytes(
         return _decode_data_uri(ref, settings)
     if scheme == "file":
         return _read_file(ref, settings)
-    if scheme == "s3":
-        data = (storage if storage is not None else open_storage(settings)).read_uri(ref)
+    if scheme in ("s3", "storage"):
+        store = storage if storage is not None else open_storage(settings)
+        if scheme == "s3":
+            data = store.read_uri(ref)
+        else:
+            # An upload (api_client.uploads): a key under uploads/ of this deployment's
+            # own storage, whatever its backend; nothing else there can be named.
+            try:
+                key = ref_key(ref)
+            except InvalidInput as exc:
+                raise ForbiddenUrl(exc.message) from None
+            data = store.get(key)
         if len(data) > settings.max_image_bytes:
             raise _too_big("the object", settings.max_image_bytes)
         return data
     raise ForbiddenUrl(
         f"unsupported image reference scheme {scheme!r}: use s3://, https://, http://, "
-        "data:image/... or file:// (where allowed)"
+        "data:image/..., storage://uploads/... or file:// (where allowed)"
     )
 
 
