@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import mimetypes
 import os
 import sys
 import time
@@ -19,25 +18,51 @@ from pathlib import Path
 from typing import Any
 
 from api_client.client import Client
-from api_client.errors import ImageqError
+from api_client.errors import ImageqError, InvalidInput
+from api_client.image_header import image_size
 from api_client.kinds import KINDS
 from api_client.progress import ProgressBar
 from api_client.records import parse_time
 from api_client.schemas import JobRecord
 from api_client.settings import Settings, SettingsError
+from api_client.uploads import IMAGE_TYPES, sniff_format
 
 WORKER_COMMANDS = ("worker", "fleet", "demo", "flower", "gateway", "tokens")
 
 
-def image_ref(arg: str) -> str:
-    """A URL or reference passes through; a local path becomes a data URI."""
+def image_ref(arg: str, client: Client) -> str:
+    """A URL or reference passes through; a local file travels inline when small, else
+    it is uploaded to the deployment's storage (``storage://uploads/...``).
+
+    A file the workers would refuse (over their byte or pixel cap, not an image) is
+    refused here, naming the cap, before anything is sent.
+    """
     if "://" in arg or arg.startswith("data:"):
         return arg
     path = Path(arg)
     if not path.is_file():
         raise ImageqError(f"image: {arg} is neither a URL nor a readable file")
-    mime = mimetypes.guess_type(path.name)[0] or "image/png"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    settings = client.settings
+    size = path.stat().st_size
+    if size > settings.max_image_bytes:
+        raise InvalidInput(
+            f"image: {arg} is {size} bytes, over the workers' limit of "
+            f"{settings.max_image_bytes} bytes (IMAGEQ_MAX_IMAGE_BYTES)"
+        )
+    data = path.read_bytes()
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidInput(f"image: {arg} is not a JPEG, PNG, WebP, GIF or BMP image")
+    dims = image_size(data)
+    if dims is not None and dims[0] * dims[1] > settings.max_image_pixels:
+        raise InvalidInput(
+            f"image: {arg} is {dims[0]}x{dims[1]} = {dims[0] * dims[1]} pixels, over the "
+            f"workers' limit of {settings.max_image_pixels} (IMAGEQ_MAX_IMAGE_PIXELS)"
+        )
+    if len(data) <= settings.max_data_uri_bytes:
+        mime = IMAGE_TYPES[fmt][0]
+        return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return client.upload(data, IMAGE_TYPES[fmt][0])
 
 
 def _print(record: JobRecord | dict[str, Any] | list[Any]) -> int:
@@ -58,7 +83,7 @@ def _wait(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
 def _submit(args: argparse.Namespace, client: Client) -> int:
     inp: dict[str, Any] = json.loads(args.input) if args.input else {}
     if args.images:
-        refs = [image_ref(i) for i in args.images]
+        refs = [image_ref(i, client) for i in args.images]
         if args.kind in ("caption", "match"):
             inp["images"] = refs
         else:
@@ -93,9 +118,11 @@ def _submit(args: argparse.Namespace, client: Client) -> int:
 
 
 def _get(args: argparse.Namespace, client: Client) -> int:
-    record = client.get(args.id)
+    record = client.get(args.id, presign=args.urls)
     if args.follow and not record.is_final:
         record = _wait(client, args.id, None)
+        if args.urls:
+            record = client.get(args.id, presign=True)
     _print(record)
     return 0
 
@@ -173,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("get", help="print a job's record")
     p.add_argument("id")
     p.add_argument("--follow", action="store_true", help="show progress until it ends")
+    p.add_argument(
+        "--urls", action="store_true", help="sign fresh URLs for the stored outputs (S3)"
+    )
     p.set_defaults(func=_get)
 
     p = sub.add_parser("wait", help="wait for a job to end")

@@ -24,6 +24,7 @@ from api_client.names import (
     queue_name,
     task_name,
 )
+from api_client.object_urls import with_fresh_urls
 from api_client.queue_scan import find_queued
 from api_client.records import (
     RecordStore,
@@ -205,10 +206,14 @@ class Client:
         return self._kind("finetune", fields, target=target, dataset=dataset, name=name)
 
     # -- read -------------------------------------------------------------------------
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, *, presign: bool = False) -> JobRecord:
+        """The job's record; with ``presign``, every stored S3 file (and result.json)
+        gets a freshly signed URL valid for ``IMAGEQ_PRESIGN_TTL_S``."""
         record = self.store.get(job_id) or self._from_queue(job_id)
         if record is None:
             raise NotFound(f"id: no job {job_id!r} (unknown, or expired after the result TTL)")
+        if presign:
+            return with_fresh_urls(record, self.settings.presign_ttl_s)
         return record
 
     def _from_queue(self, job_id: str) -> JobRecord | None:

@@ -123,7 +123,7 @@ def _put_local(root: Path, key: str, data: bytes) -> None:
 
 
 @functools.cache
-def _s3_client() -> Any:
+def s3_client() -> Any:
     # One per process: making a boto3 client costs tens of milliseconds. boto3 finds
     # credentials, region and AWS_ENDPOINT_URL itself, as the workers' storage does.
     try:
@@ -137,7 +137,7 @@ def _s3_client() -> Any:
 
 
 def _put_s3(bucket: str, key: str, data: bytes, content_type: str) -> None:
-    client = _s3_client()
+    client = s3_client()
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:

@@ -69,3 +69,54 @@ def test_demo_tiny_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> 
     assert "signature verified" in run.stdout
     result = next((tmp_path / "data" / "jobs").glob("*/result.json"))
     assert json.loads(result.read_text())["status"] == "succeeded"
+
+
+@pytest.fixture(scope="module")
+def camera_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A photo the size a phone takes: 4000x3000 pixels, several MB of JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    # Smooth gradients plus sensor noise: compresses like a real photo, not like a flat fill.
+    y, x = np.mgrid[0:3000, 0:4000]
+    base = np.stack([(x // 16) % 256, (y // 12) % 256, ((x + y) // 20) % 256], axis=-1)
+    noisy = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("photos") / "IMG_0001.jpg"
+    Image.fromarray(noisy).save(path, format="JPEG", quality=90)
+    return path
+
+
+def test_a_camera_photo_is_uploaded_and_captioned(stack: Stack, camera_photo: Path) -> None:
+    size = camera_photo.stat().st_size
+    assert size > 3 * 1024 * 1024, size  # far over the inline (data URI) cap
+    done = imageq(stack.env, "submit", "caption", str(camera_photo), "--wait")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["status"] == "succeeded", record["error"]
+    assert record["output"]["captions"][0]["text"]
+    uploads = list(stack.storage_path("uploads").rglob("*.jpg"))
+    assert [p.stat().st_size for p in uploads] == [size]
+
+
+def test_a_photo_over_the_caps_is_refused_before_anything_is_sent(
+    stack: Stack, camera_photo: Path
+) -> None:
+    before = (
+        set(stack.storage_path("uploads").rglob("*"))
+        if stack.storage_path("uploads").exists()
+        else set()
+    )
+    few_pixels = {**stack.env, "IMAGEQ_MAX_IMAGE_PIXELS": "1000000"}
+    refused = imageq(few_pixels, "submit", "caption", str(camera_photo))
+    assert refused.returncode == 2
+    assert "4000x3000" in refused.stderr and "IMAGEQ_MAX_IMAGE_PIXELS" in refused.stderr
+    few_bytes = {**stack.env, "IMAGEQ_MAX_IMAGE_BYTES": "1000000"}
+    refused = imageq(few_bytes, "submit", "caption", str(camera_photo))
+    assert refused.returncode == 2 and "IMAGEQ_MAX_IMAGE_BYTES" in refused.stderr
+    after = (
+        set(stack.storage_path("uploads").rglob("*"))
+        if stack.storage_path("uploads").exists()
+        else set()
+    )
+    assert after == before

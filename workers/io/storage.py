@@ -33,12 +33,11 @@ from api_client.errors import (
     InvalidInput,
     TransientError,
 )
+from api_client.object_urls import MAX_PRESIGN_TTL_S
 from api_client.settings import Settings
 
 T = TypeVar("T")
 
-# SigV4 presigned URLs cannot live longer than seven days.
-MAX_PRESIGN_TTL_S = 7 * 24 * 3600
 _TMP_PREFIX = ".imageq-tmp-"
 _THROTTLING_CODES = frozenset(
     {
