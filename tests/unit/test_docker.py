@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from api_client.kinds import JOB_KINDS, all_queues, worker_queues
 from api_client.settings import Settings
 from workers.testing.services import free_port
 
@@ -149,14 +150,42 @@ def test_compose_services(config: dict[str, Any]) -> None:
 
 def test_gpu_workers_each_reserve_their_own_device(config: dict[str, Any]) -> None:
     services = config["services"]
-    for name, gpu in (("caption", "0"), ("diffusion", "1"), ("finetune", "2")):
+    gpus = {"caption": "0", "match": "0", "diffusion": "1", "inpaint": "2", "finetune": "3"}
+    for name, gpu in gpus.items():
         service = services[name]
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}]
         assert service["command"][:2] == ["worker", name]
         assert any(v["target"] == "/models" for v in service["volumes"]), name
+        # The node name says which host GPU it holds, whatever the container calls it.
+        name_arg = service["command"][service["command"].index("--name") + 1]
+        assert name_arg.startswith(f"{name}-gpu{gpu}@"), name_arg
     for name in ("webhooks", "flower", "redis", "minio"):
         assert "deploy" not in services[name], name
+
+
+def test_every_queue_of_the_contract_has_a_consumer(config: dict[str, Any]) -> None:
+    consumed: dict[str, list[str]] = {}
+    for name, service in config["services"].items():
+        command = service.get("command") or []
+        if command[:1] != ["worker"]:
+            continue
+        kind = command[1]
+        queues = (
+            command[command.index("--queues") + 1].split(",")
+            if "--queues" in command
+            else list(worker_queues(kind))
+        )
+        for queue in queues:
+            consumed.setdefault(queue, []).append(name)
+    missing = [q for q in all_queues() if q not in consumed]
+    assert not missing, f"queues with no consumer in compose.yaml: {missing}"
+    assert set(all_queues()) == {spec.queue for spec in JOB_KINDS.values()} | {"webhooks"}
+
+
+def test_style_reference_images_work_with_the_shipped_settings(config: dict[str, Any]) -> None:
+    settings = Settings.from_env(_env(config["services"]["diffusion"]))
+    assert settings.ip_adapter, "a style job with style_image would fail as invalid_input"
 
 
 def test_everything_is_configured_through_the_settings(config: dict[str, Any]) -> None:

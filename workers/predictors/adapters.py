@@ -195,12 +195,15 @@ def ip_adapter_files(location: str | Path) -> tuple[Path, str]:
     """Where the IP-Adapter weights are: ``(folder, weight file name)``.
 
     ``location`` (``IMAGEQ_IP_ADAPTER``) is a local folder laid out like h94/IP-Adapter's
-    ``models/`` folder, or the weights file inside one::
+    ``models/`` folder, the weights file inside one, or a hub repository with that folder
+    (``h94/IP-Adapter/models``: fetched once into the hub cache, as model ids are)::
 
         folder/ip-adapter_sd15.safetensors   (or the folder's only *.safetensors file)
         folder/image_encoder/                CLIPVisionModelWithProjection (config + weights)
     """
     path = Path(location)
+    if not path.exists() and _HUB_ID.match(str(location)):
+        path = _from_hub(str(location))
     if path.is_file():
         folder, weight_name = path.parent, path.name
     elif path.is_dir():
@@ -220,6 +223,28 @@ def ip_adapter_files(location: str | Path) -> tuple[Path, str]:
     if not (folder / IP_IMAGE_ENCODER_FOLDER).is_dir():
         raise ModelError(f"ip_adapter: {folder} has no {IP_IMAGE_ENCODER_FOLDER}/ folder")
     return folder, weight_name
+
+
+# owner/repo or owner/repo/sub/folder: a hub repository (a local path that exists wins).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
+
+
+def _from_hub(location: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    owner, repo, *sub = location.split("/")
+    folder = "/".join(sub)
+    try:
+        local = snapshot_download(
+            f"{owner}/{repo}",
+            # The weights and the image encoder only: the repo holds many variants.
+            allow_patterns=[f"{folder}/*.safetensors", f"{folder}/image_encoder/*"]
+            if folder
+            else ["*.safetensors", "image_encoder/*"],
+        )
+    except Exception as exc:
+        raise ModelError(f"ip_adapter: cannot fetch {location!r} from the hub: {exc}") from exc
+    return Path(local) / folder if folder else Path(local)
 
 
 class IpAdapterSwitch:
