@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from api_client.client import Client
-from api_client.errors import ImageqError, InvalidInput
+from api_client.errors import ImageqError, InvalidInput, NotFound
 from api_client.image_header import image_size
 from api_client.kinds import KINDS
 from api_client.progress import ProgressBar
@@ -26,6 +26,7 @@ from api_client.records import parse_time
 from api_client.schemas import JobRecord
 from api_client.settings import Settings, SettingsError
 from api_client.uploads import IMAGE_TYPES, sniff_format
+from api_client.webhook_log import KeptOutcome, parse_since
 
 WORKER_COMMANDS = ("worker", "fleet", "demo", "flower", "gateway", "tokens")
 
@@ -170,6 +171,28 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
+def _since(value: str | None) -> float | None:
+    try:
+        return None if value is None else parse_since(value)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def _webhooks_list(args: argparse.Namespace, client: Client) -> int:
+    outcome = KeptOutcome.FAILED if args.failed else KeptOutcome.GONE if args.gone else None
+    kept = client.failed_webhooks(outcome, _since(args.since), args.limit)
+    return _print([k.model_dump(mode="json") for k in kept])
+
+
+def _webhooks_replay(args: argparse.Namespace, client: Client) -> int:
+    if (args.id is None) == (args.job is None and args.since is None):
+        raise InvalidInput("replay: give a webhook id, or --job JOB and/or --since TIME")
+    sent = client.replay_webhooks(args.id, job_id=args.job, since=_since(args.since))
+    if args.id is not None and not sent:
+        raise NotFound(f"webhook {args.id!r}: no kept delivery with that id")
+    return _print({"replayed": sent})
+
+
 def _status(args: argparse.Namespace, client: Client) -> int:
     from api_client.status import render_status
 
@@ -220,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true", help="print the whole records as JSON")
     p.set_defaults(func=_list)
+
+    p = sub.add_parser("webhooks", help="deliveries that failed for good; send them again")
+    hooks = p.add_subparsers(dest="action", required=True)
+    q = hooks.add_parser("list", help="kept deliveries, newest first")
+    which = q.add_mutually_exclusive_group()
+    which.add_argument("--failed", action="store_true", help="retries spent")
+    which.add_argument("--gone", action="store_true", help="the receiver answered 410")
+    q.add_argument("--since", help="ISO 8601 time, or an age: 30m, 2h, 7d")
+    q.add_argument("--limit", type=int, default=100)
+    q.set_defaults(func=_webhooks_list)
+    q = hooks.add_parser("replay", help="send kept deliveries again (same webhook id)")
+    q.add_argument("id", nargs="?", help="a webhook id from `imageq webhooks list`")
+    q.add_argument("--job", help="every kept delivery of this job")
+    q.add_argument("--since", help="every kept delivery since: ISO 8601 time, or 30m, 2h, 7d")
+    q.set_defaults(func=_webhooks_replay)
 
     p = sub.add_parser("status", help="queues, depths and live workers")
     p.set_defaults(func=_status)

@@ -19,13 +19,14 @@ from api_client.kinds import JOB_KINDS
 from api_client.names import (
     FINALIZE_TASK,
     WEBHOOK_QUEUE,
+    WEBHOOK_TASK,
     celery_priority,
     job_queue,
     queue_name,
     task_name,
 )
 from api_client.object_urls import with_fresh_urls
-from api_client.queue_scan import find_queued
+from api_client.queue_scan import record_from_queue
 from api_client.records import (
     RecordStore,
     connect,
@@ -38,6 +39,7 @@ from api_client.redact import redact_document
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus, job_id_for, parse_job
 from api_client.settings import Settings
 from api_client.uploads import IMAGE_TYPES, put_object, sniff_format, storage_ref, upload_key
+from api_client.webhook_log import KeptDelivery, KeptOutcome, WebhookLog
 
 OnUpdate = Callable[[JobRecord], None]
 _DOCUMENT_OPTIONS = ("webhook", "idempotency_key", "priority", "timeout_s", "metadata")
@@ -217,32 +219,8 @@ class Client:
         return record
 
     def _from_queue(self, job_id: str) -> JobRecord | None:
-        """A job another Celery client enqueued, not picked up yet: record it now, so that
-        it can be followed and canceled like any other (the worker finds the record)."""
-        for spec in JOB_KINDS.values():
-            url = self.settings.long_broker_url if spec.long_job else self.settings.broker_url
-            broker = self.redis if url == self.settings.records_redis_url else connect(url)
-            try:
-                found = find_queued(
-                    broker, job_queue(spec.name, self.settings.queue_prefix), job_id
-                )
-            finally:
-                if broker is not self.redis:
-                    broker.close()
-            if found is None:
-                continue
-            try:
-                doc = parse_job(found.document).wire()
-            except InvalidInput:
-                # The worker will refuse it with a record of its own; until then it waits.
-                doc = {"id": job_id, "kind": spec.name}
-            if doc["id"] != job_id:
-                return None
-            record = new_record(doc)
-            if "input" in doc:
-                record, _ = self.store.create(record, doc)
-            return record.model_copy(update={"queue_position": found.position})
-        return None
+        """A job another Celery client enqueued, not picked up yet: recorded now."""
+        return record_from_queue(self.store, self.redis, job_id)
 
     def wait(
         self, job_id: str, timeout_s: float | None = None, on_update: OnUpdate | None = None
@@ -380,6 +358,43 @@ class Client:
                 queue=queue_name(WEBHOOK_QUEUE, self.settings.queue_prefix),
             )
         return self.get(job_id)
+
+    # -- webhooks ---------------------------------------------------------------------
+    def failed_webhooks(
+        self,
+        outcome: KeptOutcome | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> builtins.list[KeptDelivery]:
+        """Deliveries that failed for good (retries spent) or were refused with 410."""
+        return WebhookLog(self.store).listing(outcome=outcome, since=since, limit=limit)
+
+    def replay_webhooks(
+        self,
+        webhook_id: str | None = None,
+        *,
+        job_id: str | None = None,
+        since: float | None = None,
+    ) -> builtins.list[str]:
+        """Send kept deliveries again (same webhook id, fresh signature); returns their ids."""
+        log = WebhookLog(self.store)
+        if webhook_id is not None:
+            ids = [webhook_id]
+        else:
+            ids = [i for i, _ in log.entries(job_id=job_id, since=since, limit=10_000)]
+        sent = []
+        for kept_id in ids:
+            event = log.take(kept_id)
+            if event is None:
+                continue
+            self._app(False).send_task(
+                WEBHOOK_TASK,
+                args=[event],
+                queue=queue_name(WEBHOOK_QUEUE, self.settings.queue_prefix),
+                argsrepr=json.dumps([{"webhook_id": kept_id, "replay": True}]),
+            )
+            sent.append(kept_id)
+        return sent
 
     # -- adapters ---------------------------------------------------------------------
     def adapters(self) -> builtins.list[dict[str, Any]]:

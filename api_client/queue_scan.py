@@ -15,7 +15,12 @@ from typing import Any
 
 import redis
 
+from api_client.errors import InvalidInput
+from api_client.kinds import JOB_KINDS
+from api_client.names import job_queue
 from api_client.queues import priority_lists
+from api_client.records import RecordStore, connect, new_record
+from api_client.schemas import JobRecord, parse_job
 
 # Returns {list index, position in that list} of the first message whose headers carry
 # the id; kombu LPUSHes and BRPOPs, so the message nearest the tail runs first.
@@ -83,4 +88,32 @@ def _document(message: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if len(args) == 1 and isinstance(args[0], dict):
         return args[0]
+    return None
+
+
+def record_from_queue(store: RecordStore, records: redis.Redis, job_id: str) -> JobRecord | None:
+    """The record of a job that waits in a queue but has none yet, created now (so it can
+    be followed and canceled like any other; the worker finds it), with its position."""
+    settings = store.settings
+    for spec in JOB_KINDS.values():
+        url = settings.long_broker_url if spec.long_job else settings.broker_url
+        broker = records if url == settings.records_redis_url else connect(url)
+        try:
+            found = find_queued(broker, job_queue(spec.name, settings.queue_prefix), job_id)
+        finally:
+            if broker is not records:
+                broker.close()
+        if found is None:
+            continue
+        try:
+            doc = parse_job(found.document).wire()
+        except InvalidInput:
+            # The worker will refuse it with a record of its own; until then it waits.
+            doc = {"id": job_id, "kind": spec.name}
+        if doc["id"] != job_id:
+            return None
+        record = new_record(doc)
+        if "input" in doc:
+            record, _ = store.create(record, doc)
+        return record.model_copy(update={"queue_position": found.position})
     return None

@@ -140,8 +140,17 @@ class Settings(BaseSettings):
     failover_scan_s: float = 5.0
     # How long a second delivery waits before it looks at a live lease again.
     lease_wait_s: float = 10.0
+    # Caption and match: images in one forward pass. Unless this is set, a worker
+    # measures at warm-up which size feeds its device best (batch_tuning) and uses that;
+    # this value is then only the size when tuning is off.
     max_batch_images: int = 32
     max_batch_wait_ms: int = 10
+    # The warm-up measurement: on or off, the largest size tried, its time budget (it
+    # stops early past the knee of the curve), and the caption length it measures with.
+    batch_tuning: bool = True
+    batch_tuning_max_images: int = 256
+    batch_tuning_budget_s: float = 120.0
+    batch_tuning_tokens: int = 20
     max_image_bytes: int = 20 * 1024 * 1024
     max_data_uri_bytes: int = 256 * 1024
     max_image_pixels: int = 40_000_000
@@ -151,6 +160,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 10.0
     webhook_jitter: float = 0.1
     progress_webhook_interval_s: float = 2.0
+    # Deliveries that failed for good (retries spent, or 410) are kept this long, at most
+    # this many, for `imageq webhooks list` and `replay`.
+    webhook_keep_s: int = 7 * 24 * 3600
+    webhook_keep_max: int = 100_000
     # Storage trouble, one layer per concern. One S3 request: botocore's standard retry
     # mode makes this many attempts beyond the first (its own short, jittered backoff).
     # A job whose storage call still failed: deferred and re-run this many times, the
@@ -162,6 +175,9 @@ class Settings(BaseSettings):
     worker_kind: str = ""
     device: str = "auto"
     worker_name: str = ""
+    # Jobs in flight given with --concurrency; 0: imageq sizes the pool (launch.pool_size),
+    # for a batching kind from the batch size it measured.
+    worker_concurrency: int = 0
     half_precision: bool = True
     # Caption and match models: auto (fp16 on CUDA when half_precision, else fp32),
     # fp32, fp16 or bf16; channels-last pixels and torch.compile of the vision encoder.
@@ -251,8 +267,15 @@ class Settings(BaseSettings):
             raise SettingsError(problems) from None
 
     def with_(self, **changes: Any) -> Settings:
-        """A copy with ``changes`` (field names), validated like the original."""
-        return self._build({**dict(self), **changes}, set())
+        """A copy with ``changes`` (field names), validated like the original; a field
+        left at its default stays unset (``is_set``)."""
+        given = {name: getattr(self, name) for name in self.model_fields_set}
+        return self._build({**given, **changes}, set())
+
+    def is_set(self, name: str) -> bool:
+        """Whether field ``name`` was given (a variable, an override), not defaulted:
+        some defaults mean "decide for me" (``max_batch_images``: tune it)."""
+        return name in self.model_fields_set
 
     @property
     def records_redis_url(self) -> str:

@@ -168,3 +168,69 @@ def test_410_stops_and_302_is_not_followed(
         assert len([h for h in hooks.for_path("/gone") if job_id in h.webhook_id]) == 1
     assert [h.webhook_id for h in hooks.for_path("/moved")] == [webhook_id] * 4
     assert hooks.for_path("/redirect-target") == []
+
+
+def _imageq(stack: Stack, *args: str) -> Any:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "api_client.cli", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_failed_and_gone_deliveries_are_kept_and_replayed(
+    make_stack: Callable[..., Stack], hooks: Receiver, webhook_secret: str
+) -> None:
+    if not hooks.running:
+        hooks.start()
+    hooks.status["/down-long"] = 503
+    hooks.status["/gone-then-back"] = 410
+    stack = make_stack(IMAGEQ_WEBHOOK_SCHEDULE_S="0,0.2,0.2")
+    stack.worker("webhooks", "webhooks@replay")
+    failed = _canceled_jobs(stack, hooks.url("/down-long"), 2)
+    gone = _canceled_jobs(stack, hooks.url("/gone-then-back"), 1)
+    failed_ids = {f"msg_{job_id}_canceled" for job_id in failed}
+    gone_id = f"msg_{gone[0]}_canceled"
+    wait_until(lambda: all(_done(stack, i) == "retry" for i in failed_ids), 30, "retries spent")
+    wait_until(lambda: _done(stack, gone_id) == "gone", 30, "410")
+
+    listed = _imageq(stack, "webhooks", "list")
+    assert {k["webhook_id"] for k in listed} == failed_ids | {gone_id}
+    only_failed = _imageq(stack, "webhooks", "list", "--failed", "--since", "10m")
+    assert {k["webhook_id"] for k in only_failed} == failed_ids
+    assert all(k["attempts"] == 3 and k["type"] == "job.canceled" for k in only_failed)
+    assert [k["webhook_id"] for k in _imageq(stack, "webhooks", "list", "--gone")] == [gone_id]
+
+    # The consumers come back: replay one job's delivery, then everything since a time.
+    hooks.status["/down-long"] = 200
+    hooks.status["/gone-then-back"] = 200
+    first = sorted(failed)[0]
+    replayed = _imageq(stack, "webhooks", "replay", "--job", first)["replayed"]
+    assert replayed == [f"msg_{first}_canceled"]
+    wait_until(lambda: _done(stack, replayed[0]) == "delivered", 30, "replayed delivery")
+    rest = _imageq(stack, "webhooks", "replay", "--since", "1h")["replayed"]
+    assert set(rest) == (failed_ids | {gone_id}) - set(replayed)
+    wait_until(
+        lambda: all(_done(stack, i) == "delivered" for i in failed_ids | {gone_id}), 30, "all"
+    )
+    for webhook_id in failed_ids | {gone_id}:
+        path = "/gone-then-back" if webhook_id == gone_id else "/down-long"
+        mine = [h for h in hooks.for_path(path) if h.webhook_id == webhook_id]
+        delivered = [h for h in mine if h.status == 200]
+        assert len(delivered) == 1, mine
+        # Same id, a fresh signature timestamp, and it verifies.
+        assert int(delivered[0].headers["webhook-timestamp"]) >= int(
+            mine[0].headers["webhook-timestamp"]
+        )
+        assert verify(delivered[0].headers, delivered[0].body, webhook_secret)["type"] == (
+            "job.canceled"
+        )
+    assert _imageq(stack, "webhooks", "list") == []

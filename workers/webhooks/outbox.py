@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from api_client.records import RecordStore
+from api_client.webhook_log import KeptOutcome, WebhookLog
 from workers.webhooks.post import DeliveryOutcome, WebhookEvent, deliver, next_delay_s
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class WebhookDispatcher:
         self.store = store
         self.settings = store.settings
         self.enqueue = enqueue
+        self.log = WebhookLog(store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -46,7 +48,13 @@ class WebhookDispatcher:
                 if delay is not None:
                     self.schedule(event, delay)
                     return str(outcome.value)
-                log.warning("webhook %s: retries exhausted", event.webhook_id)
+                log.warning("webhook %s: retries exhausted; kept for replay", event.webhook_id)
+                self.log.keep(event.to_dict(), KeptOutcome.FAILED)
+            elif outcome == DeliveryOutcome.gone:
+                log.warning(
+                    "webhook %s: the receiver answered 410; kept for replay", event.webhook_id
+                )
+                self.log.keep(event.to_dict(), KeptOutcome.GONE)
             r.set(
                 self._done_key(event.webhook_id),
                 outcome.value,
