@@ -12,8 +12,10 @@ from celery import signals
 from api_client.kinds import JOB_KINDS
 from tasks.outcome import counted
 from tasks.state import WorkerState
+from workers.ops.launch import batch_pool_size
 from workers.ops.live_workers import WorkerRegistry
 from workers.ops.metrics import Metrics
+from workers.runtime.autobatch import measured_batch
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def connect_signals(state: WorkerState) -> None:
     holder: dict[str, Any] = {}
 
     @signals.worker_init.connect(weak=False)
-    def load_model(**_: Any) -> None:
+    def load_model(sender: Any = None, **_: Any) -> None:
         try:
             runtime = state.start()
         except Exception as exc:
@@ -54,6 +56,12 @@ def connect_signals(state: WorkerState) -> None:
             log.error(message)
             print(message, file=sys.stderr, flush=True)
             os._exit(3)
+        measured = measured_batch(runtime.runner.handlers)
+        if measured and not state.settings.worker_concurrency and sender is not None:
+            # Sent before Celery builds its pool and consumer from ``concurrency``: jobs
+            # in flight follow the batch size the worker measured, not the default one.
+            sender.concurrency = batch_pool_size(measured)
+            log.info("%d jobs in flight (batch size %d)", sender.concurrency, measured)
         metrics = Metrics.maybe_start(state.settings, runtime)
         holder["metrics"] = metrics
         registry = WorkerRegistry(

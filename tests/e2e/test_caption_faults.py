@@ -59,7 +59,7 @@ def test_outputs_and_result_go_to_s3_with_presigned_urls(s3_stack: Stack) -> Non
     assert overlay["uri"].startswith(f"s3://{bucket}/deploy/jobs/{job.id}/")
     fetched = requests.get(overlay["url"], timeout=10)
     assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
-    assert record.model_extra and record.model_extra.get("result_url", "").startswith("http")
+    assert record.result_url is not None and record.result_url.startswith("http")
 
 
 @pytest.mark.parametrize(

@@ -188,3 +188,31 @@ def test_resume_takes_exactly_the_steps_an_unbroken_run_takes(storage: LocalStor
     done = run_training(ToyTrainer(), config, store, recorder("broken"))
     assert done.resumed_from_step == 20 and done.steps_run == 0
     assert done.final_loss == whole.final_loss
+
+
+def test_a_hand_back_checkpoints_the_step_it_stops_at(storage: LocalStorage) -> None:
+    """SIGTERM mid-run: the step just taken is saved, off the checkpoint_every grid, and
+    the resumed run continues from it exactly as an unbroken run would."""
+    from workers.runtime.control import HandedBack
+
+    config = LoopConfig(
+        max_steps=20, batch_size=2, learning_rate=0.05, checkpoint_every=5, seed=1, examples=6
+    )
+    unbroken = ToyTrainer()
+    run_training(unbroken, config, CheckpointStore(storage, "a/"), lambda *_: None)
+
+    store = CheckpointStore(storage, "b/")
+    seen: list[int] = []
+    with pytest.raises(HandedBack, match="step 7"):
+        run_training(
+            ToyTrainer(),
+            config,
+            store,
+            lambda step, total, extra: seen.append(step),
+            stop_requested=lambda: len(seen) >= 6,
+        )
+    assert store.steps() == [5, 7] and seen == [1, 2, 3, 4, 5, 6]
+    resumed_trainer = ToyTrainer()
+    resumed = run_training(resumed_trainer, config, store, lambda *_: None)
+    assert resumed.resumed_from_step == 7 and resumed.steps_run == 13
+    assert torch.equal(resumed_trainer.a, unbroken.a) and torch.equal(resumed_trainer.b, unbroken.b)

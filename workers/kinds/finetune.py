@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from api_client.errors import InvalidInput, ModelError
-from api_client.schemas import FinetuneInput, JobDocument
+from api_client.inputs import FinetuneInput
+from api_client.schemas import JobDocument
 from api_client.settings import Settings
 from workers.io.adapter_registry import AdapterRegistry
 from workers.runtime.control import JobControl
@@ -48,6 +49,9 @@ class FinetuneHandler:
         return self.settings.model_caption if target == "caption" else self.settings.model_diffusion
 
     def handle(self, job: JobDocument, inp: FinetuneInput, control: JobControl) -> dict[str, Any]:
+        # On SIGTERM a fine-tune stops at its next step and resumes on another worker
+        # from the checkpoint it saves there, instead of holding the worker for hours.
+        control.hands_back = True
         self.check_name(job.id, inp)
         work = work_root(self.settings) / job.id
         remove_tree(work)  # a crashed attempt's leftovers
@@ -68,8 +72,10 @@ class FinetuneHandler:
     ) -> dict[str, Any]:
         dataset = self._dataset(job_id, inp, control, work)
         control(0, inp.max_steps, {"stage": "preparing"})
-        trainer = self._trainer(inp, dataset)
+        trainer = self._trainer(inp, dataset, work)
         result = self._train(job_id, inp, dataset, trainer, control)
+        # Trained: publishing takes seconds, so a SIGTERM now waits for it.
+        control.hands_back = False
         control(inp.max_steps, inp.max_steps, {"stage": "publishing"})
         return self._publish(job_id, inp, dataset, trainer, result)
 
@@ -111,12 +117,26 @@ class FinetuneHandler:
         )
         return dataset.with_texts(texts)
 
-    def _trainer(self, inp: FinetuneInput, dataset: Dataset) -> Trainer:
+    def _trainer(self, inp: FinetuneInput, dataset: Dataset, work: Path) -> Trainer:
         if inp.target == "caption":
             from workers.training.lora_caption import CaptionTrainer
+            from workers.training.vocabulary import fetch_tokenizer
 
+            vocabulary = inp.vocabulary
+            tokenizer_dir = None
+            if vocabulary is not None and vocabulary.tokenizer is not None:
+                ref, storage = vocabulary.tokenizer, self.ctx.storage
+                tokenizer_dir = fetch_tokenizer(ref, work / "tokenizer", self.settings, storage)
             return CaptionTrainer(
-                self.settings, self.device, dataset, rank=inp.rank, alpha=inp.alpha
+                self.settings,
+                self.device,
+                dataset,
+                rank=inp.rank,
+                alpha=inp.alpha,
+                language=inp.language,
+                vocabulary=vocabulary,
+                tokenizer_dir=tokenizer_dir,
+                seed=inp.seed,
             )
         from workers.training.lora_diffusion import DiffusionTrainer
 
@@ -159,7 +179,9 @@ class FinetuneHandler:
             control.metrics["last_checkpoint_step"] = step
             control.metrics["last_checkpoint"] = uri
 
-        result = run_training(trainer, config, checkpoints, control, on_checkpoint)
+        result = run_training(
+            trainer, config, checkpoints, control, on_checkpoint, control.hand_back_requested
+        )
         # What storage still holds (older ones are pruned), not every step ever saved.
         result.checkpoints = checkpoints.steps()
         control.metrics.update(
@@ -197,6 +219,10 @@ class FinetuneHandler:
         }
         if inp.target == "diffusion":
             info["resolution"] = inp.resolution
+        # A caption adapter's language and vocabulary (CaptionTrainer.published_info).
+        published_info = getattr(trainer, "published_info", None)
+        if callable(published_info):
+            info.update(published_info())
         files = trainer.export()
         files[INFO_FILE] = json.dumps(info, indent=1).encode()
         # Ours already when a crash came between publishing and the final record.
@@ -220,6 +246,7 @@ class FinetuneHandler:
                 "uri": store,
                 "steps": result.checkpoints,
             },
+            **{k: info[k] for k in ("language", "vocabulary") if k in info},
         }
 
 

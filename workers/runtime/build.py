@@ -18,6 +18,7 @@ from api_client.records import RecordStore, connect
 from api_client.settings import Settings
 from workers.io.storage import open_storage
 from workers.ops.devices import resolve_device
+from workers.runtime.failover import FailoverSweeper, SendJob
 from workers.runtime.lifecycle import Built, Handler, JobRunner, WorkerContext
 from workers.webhooks.outbox import WebhookDispatcher
 from workers.webhooks.post import WebhookEvent
@@ -58,7 +59,11 @@ def load_builder(worker_kind: str) -> Builder:
     return builder
 
 
-def build_runtime(settings: Settings, send_webhook: SendWebhook) -> Runtime:
+def build_runtime(
+    settings: Settings, send_webhook: SendWebhook, send_job: SendJob | None = None
+) -> Runtime:
+    """``send_job`` re-sends job documents (hand-back on SIGTERM, failover of a dead
+    worker's jobs); without it this worker runs no failover sweeper."""
     kind = settings.worker_kind
     store = RecordStore(connect(settings.records_redis_url), settings)
     storage = open_storage(settings)
@@ -69,6 +74,7 @@ def build_runtime(settings: Settings, send_webhook: SendWebhook) -> Runtime:
         send_webhook=send_webhook,
         worker_name=settings.worker_name or kind,
         model_id=settings.model_for(kind),
+        send_job=send_job,
     )
     handlers: dict[str, Handler] = {}
     stops: list[Callable[[], None]] = []
@@ -91,6 +97,17 @@ def build_runtime(settings: Settings, send_webhook: SendWebhook) -> Runtime:
         runtime.dispatcher = WebhookDispatcher(store, send_webhook)
         runtime.dispatcher.start()
         runtime.on_stop.append(runtime.dispatcher.stop)
+    if send_job is not None:
+        # In every worker, so that jobs fail over while any worker of the fleet lives.
+        sweeper = FailoverSweeper(
+            store,
+            send_job,
+            runtime.runner.finalize,
+            every_s=settings.failover_scan_s,
+            worker_name=ctx.worker_name,
+        )
+        sweeper.start()
+        runtime.on_stop.append(sweeper.stop)
     log.info(
         "worker %s ready on %s (model load %.2f s)", ctx.worker_name, device, runtime.model_load_s
     )

@@ -1,4 +1,11 @@
-"""What a running job can ask of the system: stop?, report progress, keep its lease."""
+"""What a running job can ask of the system: stop?, report progress, keep its lease.
+
+A run can also end without a final status, because the job is no longer this run's to
+finish: ``LeaseLost`` (another worker holds it now) and ``HandedBack`` (this worker is
+shutting down and gave the job back). Both are ``ImageqError``s so that they pass
+through ``model_errors`` and the batchers unchanged, and the runner catches them before
+any other error: neither may record anything.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,33 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from api_client.errors import Canceled, JobTimeout
+import redis
+
+from api_client.errors import Canceled, ImageqError, JobTimeout
 from api_client.records import RecordStore
 from api_client.schemas import JobRecord, JobStatus
+from workers.runtime.failover import RunningSet
 
 log = logging.getLogger(__name__)
 
 ProgressSink = Callable[[dict[str, Any]], None]
+
+#: How often a step re-reads the lease itself rather than trusting the heartbeat thread:
+#: a worker frozen past its TTL (SIGSTOP, a paused VM) resumes in its step loop, maybe
+#: before its heartbeat thread has run at all.
+VERIFY_EVERY_S = 1.0
+
+
+class RunInterrupted(ImageqError):
+    """The run stopped and the job is someone else's to finish: record nothing."""
+
+
+class LeaseLost(RunInterrupted):
+    """Another worker holds this job's lease now (this one stalled or was cut off)."""
+
+
+class HandedBack(RunInterrupted):
+    """The worker is shutting down: the run saved what it could and gave the job back."""
 
 
 class JobControl:
@@ -34,6 +61,8 @@ class JobControl:
         timeout_s: float | None,
         on_progress: ProgressSink | None = None,
         progress_every_s: float = 2.0,
+        lease: LeaseKeeper | None = None,
+        draining: threading.Event | None = None,
     ) -> None:
         self.job_id = job_id
         self.store = store
@@ -42,6 +71,11 @@ class JobControl:
         self.timeout_s = timeout_s
         self.on_progress = on_progress
         self.progress_every_s = progress_every_s
+        self.lease = lease
+        self.draining = draining
+        #: Set by a handler whose job can stop and resume elsewhere (a fine-tune, from its
+        #: checkpoints): on SIGTERM it is handed back; other jobs finish on SIGTERM.
+        self.hands_back = False
         self._last_record = 0.0
         self._last_event = 0.0
         self.metrics: dict[str, Any] = {}
@@ -49,11 +83,26 @@ class JobControl:
     def is_canceled(self) -> bool:
         return self.store.cancel_requested(self.job_id)
 
+    def hand_back_requested(self) -> bool:
+        """The worker is shutting down and this job resumes elsewhere (see ``hands_back``)."""
+        return self.hands_back and self.draining is not None and self.draining.is_set()
+
     def _stop_reason(self) -> Exception | None:
+        if self.lease is not None:
+            try:
+                self.lease.verify(max_age_s=VERIFY_EVERY_S)
+            except LeaseLost as lost:
+                return lost
+            except redis.RedisError as exc:
+                # Redis restarting: the heartbeat keeps trying, and the job goes on; the
+                # final record is written only after a check that did reach Redis.
+                log.debug("job %s: lease not checked: %s", self.job_id, exc)
         if self.deadline is not None and time.monotonic() > self.deadline:
             return JobTimeout(f"job ran past its timeout_s of {self.timeout_s}")
         if self.is_canceled():
             return Canceled("canceled while running")
+        if self.hand_back_requested():
+            return HandedBack("the worker is shutting down")
         return None
 
     def check(self) -> None:
@@ -69,13 +118,20 @@ class JobControl:
         last = step >= total
         # The step a job stopped at is always recorded, throttled or not.
         reason = self._stop_reason()
-        if last or reason is not None or now - self._last_record >= self.RECORD_EVERY_S:
+        # A lost lease leaves the record to the run that holds it now.
+        record = not isinstance(reason, LeaseLost)
+        if record and (
+            last or reason is not None or now - self._last_record >= self.RECORD_EVERY_S
+        ):
             self._last_record = now
             progress = {"step": step, "total": total, **extra}
+            attempt = None if self.lease is None else self.lease.attempt
 
             def mutate(rec: JobRecord) -> JobRecord | None:
                 if rec.status != JobStatus.RUNNING:
                     return None
+                if attempt is not None and rec.attempt != attempt:
+                    return None  # a newer run's record
                 rec.progress = progress
                 return rec
 
@@ -88,33 +144,137 @@ class JobControl:
         if reason is not None:
             raise reason
 
+    def images_progress(self, stage: str, images: int) -> Callable[[int, int], None] | None:
+        """Progress of a job of several images (``images_done`` of ``images``), as its
+        batches come back; a single image has nothing to report in between."""
+        if images < 2:
+            return None
+
+        def report(done: int, total: int) -> None:
+            self.progress(done, total, stage=stage, images_done=done, images=total)
+
+        return report
+
 
 class LeaseKeeper:
-    """Renews a job's lease while it runs, so a redelivered copy waits instead of running."""
+    """Holds a job's lease while it runs, so a redelivered copy waits instead of running.
 
-    def __init__(self, store: RecordStore, job_id: str, token: str, every_s: float) -> None:
+    A heartbeat thread renews it every ``every_s`` and keeps the job in the running set,
+    where the failover sweepers look for runs whose lease lapsed. ``verify`` checks it
+    synchronously (before a step, an output or the final record), since a worker that
+    was frozen may resume before its heartbeat thread does.
+    """
+
+    def __init__(
+        self,
+        store: RecordStore,
+        job_id: str,
+        token: str,
+        every_s: float,
+        running: RunningSet | None = None,
+    ) -> None:
         self.store, self.job_id, self.token, self.every_s = store, job_id, token, every_s
+        self.running = running
+        self.ttl_s = store.settings.lease_ttl_s
+        #: The attempt this run recorded; None until it started (the runner sets it).
+        self.attempt: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        self._verified = time.monotonic()
+        self._released = False
         self.lost = False
 
     def __enter__(self) -> LeaseKeeper:
+        self._watch()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def stop_renewing(self) -> None:
+        """Stop the heartbeat (which would put the job back in the running set), still
+        holding the lease: what a run does before it lets go of the job."""
         self._stop.set()
-        self._thread.join(5)
-        self.store.release_lease(self.job_id, self.token)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def release(self) -> None:
+        """Stop renewing and give the lease up (never one another worker holds)."""
+        self.stop_renewing()
+        if not self._released:
+            self._released = True
+            self.store.release_lease(self.job_id, self.token)
+
+    def _watch(self) -> None:
+        if self.running is not None:
+            # A sweeper looks only once the lease could have lapsed without a renewal.
+            self.running.watch(self.job_id, self.ttl_s)
+
+    def _still_ours(self) -> bool:
+        """The lease expired unnoticed: is the job still this run's to take back?"""
+        record = self.store.get(self.job_id)
+        if record is None:
+            return True  # nothing says another run took it
+        if record.is_final:
+            return False
+        if self.attempt is None:
+            return record.status == JobStatus.QUEUED or record.status == JobStatus.RUNNING
+        return record.status == JobStatus.RUNNING and record.attempt == self.attempt
+
+    def _keep(self) -> bool:
+        """Renew, or take back a lapsed lease nobody else took; False when lost."""
+        if self.store.renew_lease(self.job_id, self.token):
+            self._watch()
+            return True
+        # Expired but free (Redis was away longer than the TTL, the worker was frozen):
+        # take it back while the job is still this run's, or an hours-long job would run
+        # on unprotected from a redelivered copy.
+        if (
+            self.store.lease_holder(self.job_id) is None
+            and self._still_ours()
+            and self.store.acquire_lease(self.job_id, self.token)
+        ):
+            self._watch()
+            log.warning("job %s: lease had lapsed (worker stalled?); taken back", self.job_id)
+            return True
+        return False
+
+    def _mark_lost(self) -> None:
+        if not self.lost:
+            self.lost = True
+            holder = self.store.lease_holder(self.job_id)
+            log.warning(
+                "job %s: lease lost to %s (this worker stalled past the %.0f s TTL); "
+                "abandoning attempt %s to the holder",
+                self.job_id,
+                holder or "another run",
+                self.ttl_s,
+                self.attempt,
+            )
+
+    def verify(self, max_age_s: float = 0.0) -> None:
+        """Raise ``LeaseLost`` unless this run still holds the lease (checked in Redis
+        when the last check is older than ``max_age_s``)."""
+        if self.lost:
+            raise LeaseLost(f"job {self.job_id}: another worker holds the job now")
+        now = time.monotonic()
+        if max_age_s and now - self._verified < max_age_s:
+            return
+        if self.store.lease_holder(self.job_id) == self.token or self._keep():
+            self._verified = now
+            return
+        self._mark_lost()
+        raise LeaseLost(f"job {self.job_id}: another worker holds the job now")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every_s):
+            if self.lost:
+                return
             try:
-                renewed = self.store.renew_lease(self.job_id, self.token)
-                # Expired but free (Redis was away longer than the TTL): take it back, or
-                # an hours-long job would run on unprotected from a redelivered copy.
-                if not renewed and not self.store.acquire_lease(self.job_id, self.token):
-                    self.lost = True
-                    log.warning("job %s: lease lost (stalled past its TTL?)", self.job_id)
+                if self._keep():
+                    self._verified = time.monotonic()
+                else:
+                    self._mark_lost()
             except Exception as exc:  # Redis restarting: keep trying, the job goes on.
                 log.warning("job %s: lease renewal failed: %s", self.job_id, exc)

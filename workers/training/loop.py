@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from api_client.errors import ModelError
 from workers.predictors.base import model_errors
+from workers.runtime.control import HandedBack
 from workers.training.checkpoints import Checkpoint, CheckpointStore
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int, dict[str, Any]], None]
 # Called after each checkpoint with its step and manifest URI.
 CheckpointCallback = Callable[[int, str], None]
+# Asked after every step: should the run stop here and resume elsewhere (SIGTERM)?
+StopRequested = Callable[[], bool]
 
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 1e-2
@@ -113,8 +116,14 @@ def run_training(
     checkpoints: CheckpointStore,
     control: StepCallback,
     on_checkpoint: CheckpointCallback | None = None,
+    stop_requested: StopRequested | None = None,
 ) -> LoopResult:
-    """Train to ``config.max_steps``, starting from the newest complete checkpoint."""
+    """Train to ``config.max_steps``, starting from the newest complete checkpoint.
+
+    When ``stop_requested`` says so (the worker is shutting down), the step just taken
+    is checkpointed and ``HandedBack`` raised: another worker resumes from it, losing
+    no step.
+    """
     import torch
 
     named = trainer.trainable()
@@ -160,12 +169,16 @@ def run_training(
         elapsed = time.monotonic() - began
         rate = result.steps_run / elapsed if elapsed > 0 else 0.0
         result.samples_per_s = round(rate * config.batch_size, 3)
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
+        stop = stop_requested is not None and step < config.max_steps and stop_requested()
+        if step % config.checkpoint_every == 0 or step == config.max_steps or stop:
             state = _state(optimizer, scheduler, result)
             uri = checkpoints.save(step, _tensors(trainer, optimizer, generator), state)
             result.checkpoints.append(step)
             if on_checkpoint is not None:
                 on_checkpoint(step, uri)
+        if stop:
+            log.info("stopping at step %d (checkpoint saved) to resume elsewhere", step)
+            raise HandedBack(f"the worker is shutting down; checkpoint saved at step {step}")
         eta = (config.max_steps - step) / rate if rate > 0 else None
         # After the checkpoint: a cancel at this step keeps what was just saved.
         control(

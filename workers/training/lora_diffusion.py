@@ -68,15 +68,24 @@ class DiffusionTrainer:
         self.dtype = torch.bfloat16 if bf16 else torch.float16 if half else torch.float32
         try:
             dtype = self.dtype
-            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+            # safetensors only, as the serving workers load: a pickled checkpoint could run
+            # code while it loads, and a base model is data this process must not trust.
+            unet = UNet2DConditionModel.from_pretrained(
+                model, subfolder="unet", torch_dtype=dtype, use_safetensors=True
+            )
+            vae = AutoencoderKL.from_pretrained(
+                model, subfolder="vae", torch_dtype=dtype, use_safetensors=True
+            )
             text_encoder = CLIPTextModel.from_pretrained(
-                model, subfolder="text_encoder", dtype=dtype
+                model, subfolder="text_encoder", dtype=dtype, use_safetensors=True
             )
             tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
             self.noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
         except Exception as exc:
-            raise ModelError(f"cannot load diffusion model {model!r}: {exc}") from exc
+            raise ModelError(
+                f"cannot load diffusion model {model!r} "
+                f"(training loads safetensors weights only): {exc}"
+            ) from exc
         if resolution % (2 ** (len(vae.config.block_out_channels) - 1)):
             raise ModelError(f"resolution {resolution} does not fit the VAE's downsampling")
         # Any: transformers annotates PreTrainedModel.to in a way mypy cannot call.

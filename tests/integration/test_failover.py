@@ -1,0 +1,362 @@
+"""Failover, lease loss, hand-back and once-only final side effects against a real Redis,
+without Celery: several runners and sweepers share one Redis as a fleet's workers do."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api_client.errors import TransientError
+from api_client.records import Document, RecordStore, connect, new_record
+from api_client.schemas import JobDocument, JobStatus, parse_job
+from api_client.settings import Settings
+from workers.io.storage import LocalStorage
+from workers.runtime.control import JobControl, LeaseKeeper, LeaseLost
+from workers.runtime.failover import FailoverSweeper, RunningSet
+from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
+from workers.testing.services import RedisServer, WebhookReceiver
+from workers.webhooks.outbox import WebhookDispatcher
+from workers.webhooks.post import WebhookEvent
+
+_n = itertools.count()
+
+
+class Handler:
+    """Steps through a job; ``on_step`` lets a test act in the middle of a run."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.steps = 3
+        self.on_step: Any = None
+
+    def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]:
+        self.calls += 1
+        for step in range(1, self.steps + 1):
+            if self.on_step is not None:
+                self.on_step(step, control)
+            control(step, self.steps, {"stage": "denoising"})
+        ref = self.ctx.put_output(job.id, "out.txt", b"x", "text/plain")
+        return {"file": ref}
+
+    ctx: WorkerContext
+
+
+@dataclass
+class Worker:
+    """One simulated worker process: its runner, its sweeper and what it sent."""
+
+    runner: JobRunner
+    handler: Handler
+    sweeper: FailoverSweeper
+    webhooks: list[WebhookEvent] = field(default_factory=list)
+    jobs: list[Document] = field(default_factory=list)
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
+    prefix = f"fo{next(_n)}-"
+    made: list[Worker] = []
+
+    def make(name: str, **overrides: Any) -> Worker:
+        values: dict[str, Any] = {
+            "broker_url": redis_server.url,
+            "queue_prefix": prefix,
+            "storage_url": f"file://{tmp_path}",
+            "max_attempts": 3,
+            "storage_retries": 1,
+            "storage_retry_base_s": 0.01,
+        }
+        settings = Settings.from_env({}, **{**values, **overrides})
+        store = RecordStore(connect(redis_server.url), settings)
+        webhooks: list[WebhookEvent] = []
+        jobs: list[Document] = []
+        ctx = WorkerContext(
+            settings=settings,
+            store=store,
+            storage=LocalStorage(tmp_path),
+            send_webhook=webhooks.append,
+            worker_name=name,
+            model_id="tiny",
+            send_job=jobs.append,
+        )
+        handler = Handler()
+        handler.ctx = ctx
+        runner = JobRunner(ctx, {"caption": handler})
+        sweeper = FailoverSweeper(store, jobs.append, runner.finalize, every_s=1, worker_name=name)
+        worker = Worker(runner, handler, sweeper, webhooks, jobs)
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.runner.store.redis.close()
+
+
+def _doc() -> Document:
+    """A job document as the client stores it (defaults filled in)."""
+    return parse_job(
+        {
+            "id": str(uuid.uuid4()),
+            "kind": "caption",
+            "input": {"image": "https://example.com/x.png"},
+            "webhook": {"url": "https://example.com/hook"},
+        }
+    ).wire()
+
+
+def _died_mid_run(worker: Worker, doc: Document) -> None:
+    """What a SIGKILL leaves: a running record, its lease expired, the job still watched."""
+    store = worker.runner.store
+    store.create(new_record(doc), doc)
+    store.update(
+        doc["id"], lambda r: r.model_copy(update={"status": JobStatus.RUNNING, "attempt": 1})
+    )
+    RunningSet(store).watch(doc["id"], -1)
+
+
+def test_a_lapsed_lease_is_redispatched_exactly_once_by_many_sweepers(fleet: Any) -> None:
+    sweepers = [fleet(f"w{i}") for i in range(4)]
+    doc = _doc()
+    _died_mid_run(sweepers[0], doc)
+    barrier = threading.Barrier(len(sweepers))
+
+    def sweep(worker: Worker) -> None:
+        barrier.wait()
+        worker.sweeper.sweep()
+
+    threads = [threading.Thread(target=sweep, args=(w,)) for w in sweepers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sent = [job for w in sweepers for job in w.jobs]
+    assert [job["id"] for job in sent] == [doc["id"]]
+    assert sent[0] == sweepers[0].runner.store.get_document(doc["id"])
+    # A second pass finds nothing: the lapse was claimed.
+    assert all(w.sweeper.sweep() == [] for w in sweepers)
+
+    # The re-sent job runs as attempt 2 and succeeds; the broker's own redelivery of the
+    # dead worker's message later is a no-op.
+    runner = sweepers[1].runner
+    record = runner.execute(sent[0], "t")
+    assert record is not None and record.status == "succeeded" and record.attempt == 2
+    assert runner.execute(doc, "t") is None
+    assert sweepers[1].handler.calls == 1
+    assert [e.type for e in sweepers[1].webhooks] == ["job.succeeded"]
+    assert RunningSet(runner.store).score(doc["id"]) is None
+
+
+def test_a_live_lease_is_left_alone_and_looked_at_again_later(fleet: Any) -> None:
+    worker = fleet("w")
+    doc = _doc()
+    _died_mid_run(worker, doc)
+    store = worker.runner.store
+    assert store.acquire_lease(doc["id"], "slow-worker/1")
+    assert worker.sweeper.sweep() == [] and worker.jobs == []
+    score = RunningSet(store).score(doc["id"])
+    assert score is not None and score > 0
+    assert RunningSet(store).due() == []
+
+
+def test_max_attempts_ends_it_as_worker_lost_with_result_json_first(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = fleet("w", max_attempts=1)
+    doc = _doc()
+    _died_mid_run(worker, doc)
+    store = worker.runner.store
+    seen: list[str] = []
+    storage = worker.runner.ctx.storage
+    put = storage.put
+
+    def checked_put(key: str, data: bytes, content_type: str) -> str:
+        # result.json lands while the record is not final yet.
+        current = store.get(doc["id"])
+        assert current is not None
+        seen.append(str(current.status))
+        return put(key, data, content_type)
+
+    monkeypatch.setattr(storage, "put", checked_put)
+    assert worker.sweeper.sweep() == [(doc["id"], "redispatch")]
+    (job,) = worker.jobs
+    record = worker.runner.execute(job, "t")
+    assert record is not None and record.status == "failed" and record.attempt == 1
+    assert record.error is not None and record.error.code == "worker_lost"
+    assert seen == ["running"] and worker.handler.calls == 0
+    result = json.loads(storage.get(f"jobs/{doc['id']}/result.json"))
+    assert result["error"]["code"] == "worker_lost"
+
+
+def test_a_worker_that_died_between_the_final_record_and_the_event_is_completed(
+    fleet: Any,
+) -> None:
+    dead, sweeper = fleet("dead"), fleet("sweeper")
+    doc = _doc()
+    store = dead.runner.store
+    store.create(new_record(doc), doc)
+    store.finish(doc["id"], JobStatus.SUCCEEDED, output={"captions": []})
+    RunningSet(store).watch(doc["id"], -1)
+    assert sweeper.sweeper.sweep() == [(doc["id"], "finalize")]
+    assert [e.webhook_id for e in sweeper.webhooks] == [f"msg_{doc['id']}_succeeded"]
+    assert sweeper.runner.ctx.storage.exists(f"jobs/{doc['id']}/result.json")
+    assert sweeper.jobs == [] and sweeper.sweeper.sweep() == []
+
+
+def test_the_final_event_is_sent_before_it_is_marked_done(fleet: Any) -> None:
+    """A crash between sending and marking sends it again (same id); never zero times."""
+    worker = fleet("w")
+    doc = _doc()
+    store = worker.runner.store
+    store.create(new_record(doc), doc)
+    store.finish(doc["id"], JobStatus.SUCCEEDED, output={})
+    record = store.get(doc["id"])
+    assert record is not None
+
+    def crash(event: WebhookEvent) -> None:
+        raise KeyboardInterrupt  # stands for the process dying inside the send
+
+    worker.runner.ctx.send_webhook = crash
+    with pytest.raises(KeyboardInterrupt):
+        worker.runner.emit(doc["id"], "job.succeeded", record)
+    assert not store.done_once(doc["id"], "webhook:job.succeeded")
+    worker.runner.ctx.send_webhook = worker.webhooks.append
+    worker.runner.finalize(doc["id"])
+    worker.runner.finalize(doc["id"])
+    assert [e.type for e in worker.webhooks] == ["job.succeeded"]
+
+
+def test_the_webhooks_worker_delivers_one_webhook_id_once(
+    fleet: Any, receiver: WebhookReceiver
+) -> None:
+    worker = fleet(
+        "w", webhook_secret="whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", allow_private_urls=True
+    )
+    dispatcher = WebhookDispatcher(worker.runner.store, lambda e: None)
+    event_id = f"msg_{uuid.uuid4()}_succeeded"
+
+    def event() -> WebhookEvent:
+        return WebhookEvent(event_id, receiver.url("/once"), "job.succeeded", "t", {"id": "x"})
+
+    assert dispatcher.handle(event()) == "delivered"
+    assert dispatcher.handle(event()) == "duplicate"
+    assert len([d for d in receiver.deliveries if d.headers["webhook-id"] == event_id]) == 1
+
+
+def test_a_run_that_lost_its_lease_stops_and_records_nothing(fleet: Any) -> None:
+    worker = fleet("w")
+    doc = _doc()
+    store = worker.runner.store
+
+    def taken_over(step: int, control: JobControl) -> None:
+        if step == 2:  # this worker stalled; another one took the job
+            store.redis.set(store.key("lease", doc["id"]), "other/1")
+            store.update(doc["id"], lambda r: r.model_copy(update={"attempt": 2}))
+
+    worker.handler.on_step = taken_over
+    assert worker.runner.execute(doc, "t") is None
+    record = store.get(doc["id"])
+    assert record is not None and record.status == "running" and record.attempt == 2
+    assert record.progress is not None and record.progress["step"] == 1
+    assert not worker.runner.ctx.storage.exists(f"jobs/{doc['id']}/out.txt")
+    assert [e.type for e in worker.webhooks] == []
+    # The holder's lease and its place in the running set are left alone.
+    assert store.lease_holder(doc["id"]) == "other/1"
+    assert RunningSet(store).score(doc["id"]) is not None
+
+
+def test_a_stalled_run_finds_its_job_moved_on_even_with_no_lease_left(fleet: Any) -> None:
+    """SIGSTOP past the TTL, SIGCONT after the other run finished and released it."""
+    worker = fleet("w")
+    store = worker.runner.store
+    doc = _doc()
+    store.create(new_record(doc), doc)
+    store.update(
+        doc["id"], lambda r: r.model_copy(update={"status": JobStatus.RUNNING, "attempt": 1})
+    )
+    assert store.acquire_lease(doc["id"], "me/1")
+    keeper = LeaseKeeper(store, doc["id"], "me/1", every_s=60)
+    keeper.attempt = 1
+    keeper.verify()
+    store.redis.delete(store.key("lease", doc["id"]))  # lapsed while frozen
+    keeper.verify()  # still ours: taken back
+    assert store.lease_holder(doc["id"]) == "me/1"
+    store.redis.delete(store.key("lease", doc["id"]))
+    store.finish(doc["id"], JobStatus.SUCCEEDED, output={})  # attempt 1 finished elsewhere
+    with pytest.raises(LeaseLost):
+        keeper.verify()
+    assert store.lease_holder(doc["id"]) is None
+
+
+def test_a_hand_back_requeues_without_counting_and_resends_at_once(fleet: Any) -> None:
+    leaving, staying = fleet("leaving"), fleet("staying")
+    doc = _doc()
+    store = leaving.runner.store
+
+    def sigterm(step: int, control: JobControl) -> None:
+        control.hands_back = True  # a fine-tune's handler says so
+        if step == 2:
+            leaving.runner.ctx.draining.set()
+
+    leaving.handler.on_step = sigterm
+    assert leaving.runner.execute(doc, "t") is None
+    record = store.get(doc["id"])
+    assert record is not None and record.status == "queued" and record.attempt == 0
+    assert store.lease_holder(doc["id"]) is None
+    assert [job["id"] for job in leaving.jobs] == [doc["id"]]
+    assert RunningSet(store).score(doc["id"]) is None
+    assert leaving.webhooks == []  # a hand-back is not an event: the job goes on
+    done = staying.runner.execute(leaving.jobs[0], "t")
+    assert done is not None and done.status == "succeeded" and done.attempt == 1
+
+
+def test_a_hand_back_that_could_not_resend_is_resent_by_a_sweeper(fleet: Any) -> None:
+    leaving, sweeper = fleet("leaving", failover_scan_s=0.0), fleet("sweeper")
+    doc = _doc()
+
+    def broker_down(document: Document) -> None:
+        raise ConnectionError("broker away")
+
+    leaving.runner.ctx.send_job = broker_down
+    leaving.runner.ctx.draining.set()
+
+    def fine_tune(step: int, control: JobControl) -> None:
+        control.hands_back = True
+
+    leaving.handler.on_step = fine_tune
+    assert leaving.runner.execute(doc, "t") is None
+    assert sweeper.sweeper.sweep() == [(doc["id"], "redispatch")]
+    assert [job["id"] for job in sweeper.jobs] == [doc["id"]]
+
+
+def test_transient_errors_retry_without_counting_then_fail_with_result_json(
+    fleet: Any,
+) -> None:
+    worker = fleet("w")
+    doc = _doc()
+    store = worker.runner.store
+
+    def storage_down(step: int, control: JobControl) -> None:
+        raise TransientError("storage away")
+
+    worker.handler.on_step = storage_down
+    with pytest.raises(Deferred):
+        worker.runner.execute(doc, "t")
+    record = store.get(doc["id"])
+    assert record is not None and record.status == "queued" and record.attempt == 0
+    # Watched until the retry runs: a sweeper re-sends it if the retry's worker dies.
+    score = RunningSet(store).score(doc["id"])
+    assert score is not None
+    record = worker.runner.execute(doc, "t")  # the retry; storage_retries=1 is spent
+    assert record is not None and record.status == "failed" and record.attempt == 1
+    assert record.error is not None and "gave up after 2 tries" in record.error.message
+    result = json.loads(worker.runner.ctx.storage.get(f"jobs/{doc['id']}/result.json"))
+    assert result["status"] == "failed"
+    assert RunningSet(store).score(doc["id"]) is None

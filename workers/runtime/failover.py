@@ -1,0 +1,275 @@
+"""Fast failover: a job whose worker died runs again within seconds, not after the broker's
+visibility timeout.
+
+Every run holds a lease in Redis renewed by a heartbeat (``control.LeaseKeeper``). A run
+also keeps its job in the *running set*, a sorted set whose score is the time its lease
+could next lapse; each renewal pushes it forward. Every worker process (GPU kinds and the
+webhooks worker alike) runs a ``FailoverSweeper`` that looks only at entries whose time
+has come. One Lua script decides, atomically, for one entry:
+
+- the job's lease is still held: a live (slow) worker; look again when it could lapse;
+- no lease and the job is not final: its worker died (or stalled past the TTL, or
+  crashed between handing a job back and re-sending it). The script removes the entry,
+  so exactly one sweeper wins, and that one re-sends the stored job document to the
+  job's queue with the same task id. The next run takes a new lease, counts its
+  attempt and puts the job back in the set; ``max_attempts`` still ends a job that kills
+  every worker, as ``worker_lost``;
+- no lease and the job is final: the worker died between the final record and its last
+  side effects (``result.json``, the final webhook). The winner runs ``finalize``.
+
+The broker's own redelivery of the dead worker's message, an hour later, finds the job
+final (a no-op) or leased (it waits, as any second delivery does): the visibility
+timeout stays the backstop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from api_client.records import Document, RecordStore
+from api_client.schemas import JobRecord, JobStatus
+
+log = logging.getLogger(__name__)
+
+#: Sends a stored job document to its kind's queue, on its kind's broker.
+SendJob = Callable[[Document], None]
+
+_INSPECT_LUA = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then
+  return {'skip', '', '0', ''}
+end
+local raw = redis.call('GET', KEYS[2])
+if not raw then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return {'gone', '', '0', ''}
+end
+local rec = cjson.decode(raw)
+local status = tostring(rec['status'])
+local attempt = tostring(tonumber(rec['attempt']) or 0)
+local worker = rec['worker']
+if type(worker) ~= 'string' then worker = '' end
+local pttl = redis.call('PTTL', KEYS[3])
+if pttl ~= -2 then
+  local wait = tonumber(ARGV[3])
+  if pttl > 0 then wait = pttl / 1000 + 1 end
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + wait, ARGV[1])
+  return {'held', status, attempt, worker}
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if status == 'succeeded' or status == 'failed' or status == 'canceled' then
+  return {'finalize', status, attempt, worker}
+end
+return {'redispatch', status, attempt, worker}
+"""
+
+_FORGET_IF_FREE_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the sweeper found (and, for ``redispatch``/``finalize``, claimed) for a job."""
+
+    action: str  # skip (another sweeper was first) | held | gone | redispatch | finalize
+    status: str
+    attempt: int
+    worker: str
+
+
+class RunningSet:
+    """Jobs that a worker runs (or is about to run again), scored by when to look at them."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self.store = store
+        self.key = store.key("running")
+
+    def watch(self, job_id: str, look_in_s: float) -> None:
+        """Keep ``job_id`` in the set; a sweeper looks at it after ``look_in_s``."""
+        self.store.redis.zadd(self.key, {job_id: time.time() + look_in_s})
+
+    def forget(self, job_id: str) -> None:
+        """The run is over and all its side effects are done (called holding the lease)."""
+        self.store.redis.zrem(self.key, job_id)
+
+    def forget_if_free(self, job_id: str) -> bool:
+        """Forget unless a lease is held: a run that just started must stay watched."""
+        script = self.store.redis.register_script(_FORGET_IF_FREE_LUA)
+        keys = [self.key, self.store.key("lease", job_id)]
+        return bool(script(keys=keys, args=[job_id]))
+
+    def score(self, job_id: str) -> float | None:
+        value = self.store.redis.zscore(self.key, job_id)
+        return None if value is None else float(value)
+
+    def due(self, limit: int = 100) -> list[str]:
+        found = self.store.redis.zrangebyscore(self.key, "-inf", time.time(), start=0, num=limit)
+        return [str(job_id) for job_id in found]
+
+    def inspect(self, job_id: str, recheck_s: float) -> Verdict:
+        """Atomically: look at one due job and claim it if its lease lapsed."""
+        script = self.store.redis.register_script(_INSPECT_LUA)
+        keys = [self.key, self.store.key("job", job_id), self.store.key("lease", job_id)]
+        action, status, attempt, worker = script(keys=keys, args=[job_id, time.time(), recheck_s])
+        return Verdict(str(action), str(status), int(attempt), str(worker))
+
+
+class FailoverSweeper:
+    """Re-dispatches jobs whose lease lapsed and completes jobs that died while ending."""
+
+    def __init__(
+        self,
+        store: RecordStore,
+        send_job: SendJob,
+        finalize: Callable[[str], None],
+        *,
+        every_s: float,
+        worker_name: str,
+    ) -> None:
+        self.store = store
+        self.running = RunningSet(store)
+        self.send_job = send_job
+        self.finalize = finalize
+        self.every_s = max(0.05, every_s)
+        self.worker_name = worker_name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep(self) -> list[tuple[str, str]]:
+        """One pass over the due entries; returns (job id, action) for each one acted on."""
+        acted: list[tuple[str, str]] = []
+        for job_id in self.running.due():
+            verdict = self.running.inspect(job_id, recheck_s=self.every_s)
+            act = {"redispatch": self._redispatch, "finalize": self._finalize}.get(verdict.action)
+            if act is not None and act(job_id, verdict):
+                acted.append((job_id, verdict.action))
+        return acted
+
+    def _redispatch(self, job_id: str, verdict: Verdict) -> bool:
+        document = self.store.get_document(job_id)
+        if document is None:
+            log.error(
+                "job %s: lease lapsed but its document has expired; "
+                "left to the broker's redelivery",
+                job_id,
+            )
+            return False
+        try:
+            self.send_job(document)
+        except Exception as exc:
+            # Back in the set: the next pass (here or on another worker) tries again.
+            self.running.watch(job_id, self.every_s)
+            log.warning("job %s: re-dispatch failed (%s); will try again", job_id, exc)
+            return False
+        if verdict.status == "running":
+            log.warning(
+                "job %s: lease of worker %s lapsed during attempt %d (worker lost?); "
+                "re-dispatched by %s as attempt %d",
+                job_id,
+                verdict.worker or "?",
+                verdict.attempt,
+                self.worker_name,
+                verdict.attempt + 1,
+            )
+        else:
+            log.warning(
+                "job %s: %s without a lease (its worker stopped before re-sending it); "
+                "re-dispatched by %s",
+                job_id,
+                verdict.status,
+                self.worker_name,
+            )
+        return True
+
+    def _finalize(self, job_id: str, verdict: Verdict) -> bool:
+        log.warning(
+            "job %s: %s, but worker %s died before its last side effects; "
+            "%s completes result.json and the final webhook",
+            job_id,
+            verdict.status,
+            verdict.worker or "?",
+            self.worker_name,
+        )
+        try:
+            self.finalize(job_id)
+        except Exception as exc:  # storage or broker away: try again on a later pass
+            self.running.watch(job_id, self.every_s)
+            log.warning("job %s: finalize failed (%s); will try again", job_id, exc)
+            return False
+        return True
+
+    # -- the thread -----------------------------------------------------------------------
+    def start(self) -> None:
+        def loop() -> None:
+            # Jitter, so that the sweepers of a fleet started together do not run in step.
+            while not self._stop.wait(self.every_s * random.uniform(0.8, 1.2)):
+                try:
+                    self.sweep()
+                except Exception as exc:  # Redis away for a moment: try again next pass
+                    log.warning("failover sweeper: %s", exc)
+
+        self._thread = threading.Thread(target=loop, name="imageq-failover", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+# -- handing a job on -----------------------------------------------------------------------
+
+
+def back_to_queued(attempt: int | None) -> Callable[[JobRecord], JobRecord | None]:
+    """A run that stops without ending its job (hand-back, transient retry): queued
+    again, and the try not counted against ``max_attempts`` (it lost no worker)."""
+
+    def mutate(rec: JobRecord) -> JobRecord | None:
+        if rec.status != JobStatus.RUNNING or (attempt is not None and rec.attempt != attempt):
+            return None
+        rec.status = JobStatus.QUEUED
+        rec.attempt = max(0, rec.attempt - 1)
+        return rec
+
+    return mutate
+
+
+def hand_back(
+    running: RunningSet,
+    document: Document,
+    attempt: int | None,
+    release: Callable[[], None],
+    send_job: SendJob | None,
+) -> None:
+    """Give a stopped job back (its worker is shutting down) and re-send it at once.
+
+    Crash-safe in this order: the job stays in the running set (due soon) while queued
+    and unleased, so a sweeper re-sends it should this worker die before it does; the
+    lease goes before the message, so the next worker does not find it held and wait.
+    """
+    store, job_id = running.store, str(document["id"])
+    _, changed = store.update(job_id, back_to_queued(attempt))
+    if not changed:  # not this run's to hand back any more
+        release()
+        return
+    running.watch(job_id, 2 * store.settings.failover_scan_s)
+    release()
+    if send_job is None:
+        return
+    try:
+        send_job(document)
+    except Exception as exc:
+        log.warning("job %s: re-dispatch failed (%s); a sweeper re-sends it", job_id, exc)
+        return
+    # Unless the next run has started already (it watches the job itself now).
+    running.forget_if_free(job_id)
+    log.info("job %s: re-dispatched to its queue", job_id)
