@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -92,7 +93,19 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(24)).decode()
 
 
-def event_id(job_id: str, event_type: str, seq: int = 0) -> str:
-    """Deterministic, so a redelivered job re-sends the same id and receivers dedupe."""
+def event_id(job_id: str, event_type: str, key: str = "") -> str:
+    """Deterministic, so a re-sent event carries the same id and receivers dedupe.
+
+    A final event has one id per job (``msg_{job}_succeeded``); ``key`` tells apart the
+    events a job sends several of: ``job.started`` per attempt, ``job.progress`` per
+    attempt, stage and step (``progress_key``).
+    """
     suffix = event_type.replace("job.", "")
-    return f"msg_{job_id}_{suffix}" + (f"_{seq}" if seq else "")
+    return f"msg_{job_id}_{suffix}" + (f"_{key}" if key else "")
+
+
+def progress_key(attempt: int, progress: Mapping[str, Any]) -> str:
+    """``a{attempt}_{stage}_{step}``: stages (dataset, training, publishing...) may each
+    count from 0, and a run that resumes from a checkpoint repeats steps."""
+    stage = re.sub(r"[^A-Za-z0-9]+", "-", str(progress.get("stage") or "run")).strip("-")
+    return f"a{attempt}_{stage or 'run'}_{int(progress.get('step') or 0)}"

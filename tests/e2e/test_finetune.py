@@ -285,13 +285,35 @@ def test_a_bad_dataset_fails_as_invalid_input_naming_the_file(
     assert ft.extra["finetune"].alive()
 
 
-def test_auto_caption_uses_the_caption_workers(ft: Stack) -> None:
+def test_auto_caption_uses_the_caption_workers(ft: Stack, receiver: WebhookReceiver) -> None:
     dataset = make_dataset(ft, "unlabelled.zip", [TEXTS[0], None, None, None])
+    webhook = {"url": receiver.url("/ft-auto"), "events": ["job.progress", "job.succeeded"]}
     job = ft.client.finetune(
-        dataset=dataset, name="auto", auto_caption=True, **{**CAPTION, "max_steps": 4}
+        dataset=dataset,
+        name="auto",
+        auto_caption=True,
+        webhook=webhook,
+        **{**CAPTION, "max_steps": 4},
     )
     record = finished(ft, job)
     assert record.status == "succeeded", record.error
+    # Every progress event of every stage arrives: none shares a webhook-id with another
+    # (stages count from 0, and publishing follows the last step).
+    receiver.wait_for(
+        lambda d: d.path == "/ft-auto" and d.json()["type"] == "job.succeeded", timeout_s=30
+    )
+    events = [
+        d
+        for d in receiver.deliveries
+        if d.path == "/ft-auto" and d.json()["type"] == "job.progress"
+    ]
+    ids = [d.headers["webhook-id"] for d in events]
+    assert len(ids) == len(set(ids)), ids
+    stages = [d.json()["data"]["progress"].get("stage") for d in events]
+    assert {"dataset", "auto_caption", "training", "publishing"} <= set(stages), stages
+    assert len(events) >= 4 + len(set(stages)) - 1  # the 4 training steps and each stage
+    for webhook_id in ids:
+        assert ft.redis.get(ft.store.key("wh", webhook_id, "done")) == "delivered"
     assert record.metrics["auto_captioned"] == 3
     captions = json.loads(ft.storage_path("jobs", job.id, "auto_captions.json").read_text())
     assert sorted(captions) == ["1.png", "2.png", "3.png"] and all(captions.values())

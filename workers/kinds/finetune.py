@@ -105,7 +105,8 @@ class FinetuneHandler:
         from workers.training.autocaption import auto_caption
 
         def progress(done: int, total: int) -> None:
-            control(0, inp.max_steps, {"stage": "auto_caption", "captioned": done, "of": total})
+            # Steps of this stage (images captioned), so each report is its own event.
+            control(done, total, {"stage": "auto_caption", "captioned": done, "of": total})
 
         texts = auto_caption(
             missing, self.settings, self.ctx.storage, job_id, control.check, progress

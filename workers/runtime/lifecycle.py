@@ -29,7 +29,7 @@ from api_client.errors import (
 from api_client.records import Document, RecordStore, final_record, new_record, parse_time, utcnow
 from api_client.schemas import JobDocument, JobRecord, JobStatus, WebhookSpec, parse_job
 from api_client.settings import Settings
-from api_client.webhooks import event_id
+from api_client.webhooks import event_id, progress_key
 from workers.io.storage import Storage
 from workers.runtime.control import HandedBack, JobControl, LeaseKeeper, LeaseLost, RunInterrupted
 from workers.runtime.failover import RunningSet, SendJob, back_to_queued, hand_back
@@ -205,7 +205,7 @@ class JobRunner:
         lease.attempt = record.attempt
         if record.attempt > 1:
             log.info("job %s: attempt %d on %s", job.id, record.attempt, self.ctx.worker_name)
-        self.emit(job.id, "job.started", record)
+        self.emit(job.id, "job.started", record, key=f"a{record.attempt}")
         control = JobControl(
             job.id,
             self.store,
@@ -380,7 +380,7 @@ class JobRunner:
             # final event: the record in Redis is final either way.
             self.emit(job_id, "job." + record.status, record)
 
-    def emit(self, job_id: str, event_type: str, record: JobRecord, seq: int = 0) -> None:
+    def emit(self, job_id: str, event_type: str, record: JobRecord, key: str = "") -> None:
         document = self.store.get_document(job_id) or {}
         webhook = document.get("webhook")
         if not webhook or event_type not in webhook.get("events", ()):
@@ -390,7 +390,7 @@ class JobRunner:
         if final and self.store.done_once(job_id, done):
             return
         event = WebhookEvent(
-            webhook_id=event_id(job_id, event_type, seq),
+            webhook_id=event_id(job_id, event_type, key),
             url=webhook["url"],
             type=event_type,
             timestamp=utcnow(),
@@ -406,7 +406,8 @@ class JobRunner:
     def _progress_event(self, job_id: str, progress: dict[str, Any]) -> None:
         record = self.store.get(job_id)
         if record is not None:
-            self.emit(job_id, "job.progress", record, seq=int(progress.get("step", 0)))
+            key = progress_key(record.attempt, progress)
+            self.emit(job_id, "job.progress", record, key=key)
 
 
 def _result_json(record: JobRecord) -> bytes:
