@@ -6,17 +6,23 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from api_client.errors import ImageqError, InvalidInput
-from api_client.inputs import CaptionInput
+from api_client.inputs import CaptionInput, GenerationOptions
+from api_client.languages import BASE_LANGUAGE, best_matches, match_rank, primary
 from api_client.schemas import JobDocument
+from api_client.settings import Settings
 from workers.io.adapter_registry import AdapterRegistry
 from workers.io.images import load_image
 from workers.ops.devices import SpeedOptions
 from workers.predictors.adapters import peft_adapter_name
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
+from workers.runtime.autobatch import RunBatch, for_worker
 from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
 from workers.runtime.lifecycle import Built, WorkerContext
@@ -41,7 +47,39 @@ class CaptionAdapters:
         self.registry = registry
         self.predictor = predictor
         self._versions: dict[str, str] = {}
+        #: Registry name -> the language its entry declares (None: none declared).
+        self.languages: dict[str, str | None] = {}
         self._lock = threading.Lock()
+
+    def for_language(self, language: str) -> str | None:
+        """The newest caption adapter for ``language`` (RFC 4647 matching: the exact tag,
+        else a shorter one, else a more specific one); None: the base model writes it."""
+        offered: dict[str, list[dict[str, Any]]] = {}
+        for entry in self.registry.entries():
+            if entry.get("target", "caption") == "caption" and entry.get("language"):
+                offered.setdefault(str(entry["language"]), []).append(entry)
+        best = best_matches(language, offered)
+        if best:
+            candidates = [e for tag in best for e in offered[tag]]
+            newest = max(candidates, key=lambda e: (str(e.get("version", "")), str(e["name"])))
+            return str(newest["name"])
+        if primary(language) == BASE_LANGUAGE:
+            return None
+        available = ", ".join(sorted(offered)) or "none"
+        raise InvalidInput(
+            f"input.language: no caption adapter writes {language!r}; languages available: "
+            f"{available} (and {BASE_LANGUAGE!r}, the base model's)"
+        )
+
+    def check_language(self, name: str, language: str) -> None:
+        """Refuse a job naming both an adapter and a language that adapter does not write."""
+        entry = self.registry.get(name) or {}
+        written = entry.get("language")
+        if not written or match_rank(language, str(written)) is None:
+            raise InvalidInput(
+                f"input.language: adapter {name!r} writes {written or 'no declared language'}, "
+                f"not {language!r}"
+            )
 
     def ensure(self, name: str) -> str:
         """Load ``name`` if needed; returns the name the predictor knows it by."""
@@ -52,6 +90,7 @@ class CaptionAdapters:
         if target != "caption":
             raise InvalidInput(f"input.adapter: {name!r} is a {target} adapter, not a caption one")
         version = str(entry.get("version"))
+        self.languages[name] = entry.get("language")
         # Registry names may hold "." and "-", which peft cannot use in module keys.
         loaded = peft_adapter_name(name)
         with self._lock:
@@ -64,23 +103,30 @@ class CaptionAdapters:
 
 
 CaptionBatcher = Batcher[CaptionItem, CaptionResult]
+#: One image to the vision encoder's input tensor (``BlipPredictor.preprocess``).
+Preprocess = Callable[[Any], Any]
 
 
 class CaptionHandler:
     def __init__(
-        self, ctx: WorkerContext, batcher: CaptionBatcher, adapters: CaptionAdapters | None = None
+        self,
+        ctx: WorkerContext,
+        batcher: CaptionBatcher,
+        adapters: CaptionAdapters | None = None,
+        preprocess: Preprocess | None = None,
     ) -> None:
         self.ctx = ctx
         self.batcher = batcher
         self.adapters = adapters
+        # On this job's thread, not the batcher's (BlipPredictor.preprocess says why).
+        self.preprocess = preprocess
 
     def handle(self, job: JobDocument, inp: CaptionInput, control: JobControl) -> dict[str, Any]:
+        name = self._adapter_name(inp)
         adapter = None
-        if inp.adapter is not None:
+        if name is not None and self.adapters is not None:
             # Before joining a batch: a download must not hold a forming batch open.
-            if self.adapters is None:
-                raise InvalidInput("input.adapter: this worker has no adapter registry")
-            adapter = self.adapters.ensure(inp.adapter)
+            adapter = self.adapters.ensure(name)
         with self.batcher.incoming() as ticket:
             images = load_images(inp.images, self.ctx)
             control.check()
@@ -91,6 +137,7 @@ class CaptionHandler:
                     generation=inp.generation,
                     adapter=adapter,
                     attention=inp.attention,
+                    pixels=None if self.preprocess is None else self.preprocess(image),
                 )
                 for image in images
             ]
@@ -103,7 +150,25 @@ class CaptionHandler:
             self._caption(job.id, i, image, r.result, inp)
             for i, (image, r) in enumerate(zip(images, ran, strict=True))
         ]
-        return {"captions": captions}
+        out: dict[str, Any] = {"captions": captions}
+        if name is not None and self.adapters is not None:
+            out["adapter"] = name
+            if language := self.adapters.languages.get(name):
+                out["language"] = language
+        return out
+
+    def _adapter_name(self, inp: CaptionInput) -> str | None:
+        """The registry adapter the job asks for, by name or by language (None: none)."""
+        if inp.adapter is None and inp.language is None:
+            return None
+        if self.adapters is None:
+            field = "adapter" if inp.adapter is not None else "language"
+            raise InvalidInput(f"input.{field}: this worker has no adapter registry")
+        if inp.adapter is None:
+            return self.adapters.for_language(str(inp.language))
+        if inp.language is not None:
+            self.adapters.check_language(inp.adapter, inp.language)
+        return inp.adapter
 
     def _caption(
         self, job_id: str, index: int, image: Any, result: CaptionResult, inp: CaptionInput
@@ -156,6 +221,20 @@ class CaptionHandler:
         }
 
 
+def caption_probe(predictor: CaptionPredictor, settings: Settings) -> RunBatch:
+    """Synthetic batches to measure the batch size with: preprocessed as job threads hand
+    them over, captions of a fixed length (``IMAGEQ_BATCH_TUNING_TOKENS``)."""
+    image = Image.new("RGB", (640, 480), (90, 120, 150))
+    pixels = predictor.preprocess(image)
+    tokens = settings.batch_tuning_tokens
+    options = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens)
+
+    def run(n: int) -> None:
+        predictor.predict([CaptionItem(image, None, options, pixels=pixels) for _ in range(n)])
+
+    return run
+
+
 def build(ctx: WorkerContext, device: str) -> Built:
     """The caption worker: one warm BLIP behind a micro-batcher."""
     settings = ctx.settings
@@ -166,8 +245,9 @@ def build(ctx: WorkerContext, device: str) -> Built:
     else:
         cache, owned = Path(tempfile.mkdtemp(prefix="imageq-caption-adapters-")), True
     adapters = CaptionAdapters(AdapterRegistry(ctx.store, ctx.storage, cache), predictor)
+    max_batch, autobatch = for_worker(settings, device, caption_probe(predictor, settings))
     batcher = CaptionBatcher(
-        predictor, max_batch=settings.max_batch_images, max_wait_ms=settings.max_batch_wait_ms
+        predictor, max_batch=max_batch, max_wait_ms=settings.max_batch_wait_ms, autobatch=autobatch
     )
     batcher.start()
 
@@ -175,4 +255,5 @@ def build(ctx: WorkerContext, device: str) -> Built:
         if owned:
             shutil.rmtree(cache, ignore_errors=True)
 
-    return {"caption": CaptionHandler(ctx, batcher, adapters)}, [batcher.stop, remove_cache]
+    handler = CaptionHandler(ctx, batcher, adapters, preprocess=predictor.preprocess)
+    return {"caption": handler}, [batcher.stop, remove_cache]

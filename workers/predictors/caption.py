@@ -7,7 +7,9 @@ share a ``batch_key``: the same prompt, generation options, adapter and attentio
 
 Adapters are LoRA weights for the text decoder, trained with peft and saved with
 ``save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``), either on
-the whole ``BlipForConditionalGeneration`` or on its ``text_decoder``.
+the whole ``BlipForConditionalGeneration`` or on its ``text_decoder``. An adapter may
+carry its own vocabulary (``workers.predictors.caption_vocab``): its batches then
+tokenize, embed, score and decode with it, and every other batch with the base's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from workers.predictors.blip import BlipPredictor, check_local_model, load_check
 if TYPE_CHECKING:
     import torch
 
+    from workers.predictors.caption_vocab import AdapterVocabulary
+
 # The loading helpers stay importable from here: the training code and the finetune
 # kind import them from this module (their home is workers.predictors.blip).
 __all__ = [
@@ -59,6 +63,26 @@ class CaptionItem:
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     adapter: str | None = None
     attention: bool = False
+    #: ``image`` preprocessed on the job's thread (``preprocess``); None: on the batch's.
+    pixels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Words:
+    """The tokenizer and special ids one batch writes with: an adapter's or the base's."""
+
+    tokenizer: Any
+    bos: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def of(cls, vocabulary: AdapterVocabulary | None, base: Any, text_config: Any) -> _Words:
+        if vocabulary is not None:
+            v = vocabulary
+            return cls(v.tokenizer, v.bos_token_id, v.eos_token_id, v.pad_token_id)
+        c = text_config
+        return cls(base, c.bos_token_id, c.sep_token_id, c.pad_token_id)
 
 
 @dataclass
@@ -84,6 +108,8 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
     ) -> None:
         super().__init__(model_id, half_precision=half_precision, speed=speed)
         self._adapters: set[str] = set()
+        # Adapters that write with their own tokenizer and embedding rows.
+        self._vocabularies: dict[str, AdapterVocabulary] = {}
         # The batcher thread runs ``predict`` while another thread may load an adapter.
         self._lock = threading.RLock()
 
@@ -123,13 +149,25 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
 
     # -- one compatible group -------------------------------------------------------------
     def _run(self, items: Sequence[CaptionItem]) -> list[CaptionResult]:
+        from workers.predictors.caption_vocab import swapped
+
+        adapter = items[0].adapter
+        vocabulary = self._vocabularies.get(adapter) if adapter is not None else None
+        # The adapter's rows stand in for the base's only while its own batch runs.
+        with swapped(self.model.text_decoder, vocabulary):
+            return self._generate(items, vocabulary)
+
+    def _generate(
+        self, items: Sequence[CaptionItem], vocabulary: AdapterVocabulary | None
+    ) -> list[CaptionResult]:
         import torch
 
         first = items[0]
         options = first.generation
         model = self.model
         text_config = model.config.text_config
-        prompt_ids = self._prompt_ids(first.prompt)
+        words = _Words.of(vocabulary, self.processor.tokenizer, text_config)
+        prompt_ids = self._prompt_ids(first.prompt, words)
         if len(prompt_ids) + options.max_new_tokens > text_config.max_position_embeddings:
             raise InvalidInput(
                 f"prompt ({len(prompt_ids) - 1} tokens) plus max_new_tokens "
@@ -138,9 +176,7 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
             )
         self._use_adapter(first.adapter)
 
-        pixels = self.processor.image_processor(
-            images=[item.image.convert("RGB") for item in items], return_tensors="pt"
-        )["pixel_values"].to(self.device, self.dtype)
+        pixels = self.pixel_batch([i.image for i in items], [i.pixels for i in items])
         image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
         n = image_embeds.shape[0]
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
@@ -151,34 +187,36 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
             attention_mask=torch.ones_like(input_ids),
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=image_mask,
-            eos_token_id=text_config.sep_token_id,
-            pad_token_id=text_config.pad_token_id,
+            eos_token_id=words.eos,
+            pad_token_id=words.pad,
             **self._generate_kwargs(options),
         )
         k = options.num_return_sequences
         texts = [
-            t.strip() for t in self.processor.batch_decode(sequences, skip_special_tokens=True)
+            t.strip() for t in words.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         ]
         results = [CaptionResult(texts=texts[i * k : (i + 1) * k]) for i in range(n)]
         if first.attention:
             # generate() keeps no cross-attentions, so score the best sequence again.
             best = sequences[::k]
-            payloads = self._attention(best, image_embeds, len(prompt_ids), texts[::k])
+            payloads = self._attention(best, image_embeds, len(prompt_ids), texts[::k], words)
             for result, payload in zip(results, payloads, strict=True):
                 result.attention = payload
         return results
 
-    def _prompt_ids(self, prompt: str | None) -> list[int]:
+    def _prompt_ids(self, prompt: str | None, words: _Words | None = None) -> list[int]:
         """BLIP's decoder input: [DEC] then the prompt's tokens, without [CLS]/[SEP].
 
         ``BlipForConditionalGeneration.generate`` builds the same by overwriting [CLS]
-        with the bos id and cutting the trailing [SEP].
+        with the bos id and cutting the trailing [SEP]. ``words``: an adapter's own
+        tokenizer and ids (default: the base's).
         """
-        bos = self.model.config.text_config.bos_token_id
+        if words is None:
+            words = _Words.of(None, self.processor.tokenizer, self.model.config.text_config)
         if not prompt:
-            return [bos]
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return [bos, *ids]
+            return [words.bos]
+        ids = words.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return [words.bos, *ids]
 
     @staticmethod
     def _generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
@@ -201,12 +239,12 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
         image_embeds: torch.Tensor,
         prompt_len: int,
         texts: Sequence[str],
+        words: _Words,
     ) -> list[dict[str, Any]]:
         import torch
 
         model = self.model
-        text_config = model.config.text_config
-        sep, pad = text_config.sep_token_id, text_config.pad_token_id
+        sep, pad = words.eos, words.pad
         # Everything after a sequence's first [SEP] is padding from the batch.
         is_end = (sequences == sep) & (
             torch.arange(sequences.shape[1], device=sequences.device) >= prompt_len
@@ -225,7 +263,7 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
         )
         grid = patch_grid(model.config.vision_config)
         layers, mean = summarise_cross_attention(outputs.cross_attentions, grid)
-        tokenizer = self.processor.tokenizer
+        tokenizer = words.tokenizer
         special = set(tokenizer.all_special_ids) | {sep, pad}
         payloads = []
         for b, text in enumerate(texts):
@@ -251,17 +289,24 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
         """Names of the LoRA adapters loaded into the text decoder."""
         return sorted(self._adapters)
 
+    def vocabulary(self, name: str) -> AdapterVocabulary | None:
+        """The loaded adapter ``name``'s own vocabulary (None: it writes with the base's)."""
+        return self._vocabularies.get(name)
+
     def load_adapter(self, name: str, path: Path) -> None:
         """Load a peft LoRA adapter for the text decoder under ``name`` (replacing one).
 
         Only ``adapter_model.safetensors`` is read (never a pickle). Every weight must sit
         in the text decoder; the modules to adapt come from the weights themselves, so
         an adapter trained on the whole model and one trained on ``text_decoder`` load
-        the same way. The adapter stays inactive until an item names it.
+        the same way. An adapter with ``vocabulary.safetensors`` also brings its tokenizer
+        and embedding rows. The adapter stays inactive until an item names it.
         """
         from peft import LoraConfig, PeftConfig
         from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
         from safetensors.torch import load_file
+
+        from workers.predictors.caption_vocab import AdapterVocabulary
 
         decoder = self._require_model().text_decoder
         path = Path(path)
@@ -277,6 +322,7 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
                 if not isinstance(config, LoraConfig):
                     raise ModelError(f"adapter {name!r}: only LoRA adapters are supported")
                 state = _decoder_state(load_file(str(weights_file)))
+                vocabulary = AdapterVocabulary.load(path, decoder, self.device, self.dtype)
                 if name in self._adapters:
                     self.unload_adapter(name)
                 # Target exactly the modules the weights adapt, whatever patterns the
@@ -297,6 +343,8 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
                     )
                 decoder.to(self.device)
                 self._use_adapter(None)
+                if vocabulary is not None:
+                    self._vocabularies[name] = vocabulary
             except Exception as exc:
                 if name in self._adapters:
                     self.unload_adapter(name)
@@ -311,6 +359,7 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
             if name in self._adapters:
                 delete_adapter(self._require_model().text_decoder, name, prefix="lora_")
                 self._adapters.discard(name)
+            self._vocabularies.pop(name, None)
 
     def _use_adapter(self, name: str | None) -> None:
         from peft.functional import set_adapter
