@@ -39,7 +39,7 @@ class ImageqError(Exception):
 
     @staticmethod
     def from_record(record: dict[str, Any]) -> ImageqError:
-        cls = _BY_CODE.get(str(record.get("code")), InternalError)
+        cls = ERRORS_BY_CODE.get(str(record.get("code")), InternalError)
         return cls(str(record.get("message", "")))
 
     def __str__(self) -> str:
@@ -105,7 +105,7 @@ class NotFound(ImageqError):
     code = "invalid_input"
 
 
-_BY_CODE: dict[str, type[ImageqError]] = {
+ERRORS_BY_CODE: dict[str, type[ImageqError]] = {
     cls.code: cls
     for cls in (
         InvalidInput,

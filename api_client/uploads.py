@@ -105,10 +105,18 @@ def _local_root(url: str) -> Path:
 
 
 def _put_local(root: Path, key: str, data: bytes) -> None:
-    path = root / key
+    write_atomic(root / key, data)
+
+
+#: Half-written files start so; listings skip them.
+TMP_PREFIX = ".imageq-tmp-"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that no reader ever sees half of it (temp file, fsync, rename);
+    readable by others (0644), since a web server may serve the storage folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: a worker never reads half a file (temp file, fsync, rename).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".imageq-tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as handle:

@@ -41,6 +41,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.worker.request import Request
 
+from api_client.errors import ERRORS_BY_CODE
 from api_client.records import RecordStore
 from api_client.schemas import JobRecord, JobStatus
 
@@ -70,56 +71,16 @@ class JobFailed(Exception):
         return cls(f"{code}: {message}")
 
 
-class InvalidInput(JobFailed):
-    code = "invalid_input"
-
-
-class InputFetchFailed(JobFailed):
-    code = "input_fetch_failed"
-
-
-class ForbiddenUrl(JobFailed):
-    code = "forbidden_url"
-
-
-class ModelError(JobFailed):
-    code = "model_error"
-
-
-class OutOfMemory(JobFailed):
-    code = "out_of_memory"
-
-
-class Timeout(JobFailed):
-    code = "timeout"
-
-
-class WorkerLost(JobFailed):
-    code = "worker_lost"
-
-
-class Canceled(JobFailed):
-    code = "canceled"
-
-
-class Internal(JobFailed):
-    code = "internal"
-
-
+# One exception type per error code, named like api_client's (``InvalidInput``,
+# ``ForbiddenUrl``...), made from that one hierarchy: Flower shows the type's name.
 _FAILURES: dict[str, type[JobFailed]] = {
-    cls.code: cls
-    for cls in (
-        InvalidInput,
-        InputFetchFailed,
-        ForbiddenUrl,
-        ModelError,
-        OutOfMemory,
-        Timeout,
-        WorkerLost,
-        Canceled,
-        Internal,
-    )
+    code: type(error.__name__, (JobFailed,), {"code": code, "__module__": __name__})
+    for code, error in ERRORS_BY_CODE.items()
 }
+Internal = _FAILURES["internal"]
+# Module attributes too, so each type is found by its qualified name (Celery may pickle
+# an exception to check it is safe to report, even with the result backend off).
+globals().update({cls.__name__: cls for cls in _FAILURES.values()})
 
 
 class JobRequest(Request):

@@ -119,7 +119,7 @@ def test_every_job_error_code_has_its_type() -> None:
         names.add(type(exc).__name__)
     assert len(names) == len(JOB_ERROR_CODES)
     # A code without a type of its own keeps its name in the message.
-    assert type(JobFailed.of("no_such_code", "m")).__name__ == "Internal"
+    assert type(JobFailed.of("no_such_code", "m")).__name__ == "InternalError"
     assert str(JobFailed.of("no_such_code", "m")) == "no_such_code: m"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import os
-import tempfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -35,10 +34,10 @@ from api_client.errors import (
 )
 from api_client.object_urls import MAX_PRESIGN_TTL_S
 from api_client.settings import Settings
+from api_client.uploads import TMP_PREFIX, write_atomic
 
 T = TypeVar("T")
 
-_TMP_PREFIX = ".imageq-tmp-"
 _THROTTLING_CODES = frozenset(
     {
         "SlowDown",
@@ -140,20 +139,7 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
-        try:
-            # mkstemp's 0600 would hide outputs from a web server that serves this folder.
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data)
         _fsync_dir(path.parent)
         return self.uri(key)
 
@@ -176,7 +162,7 @@ class LocalStorage:
         keys = []
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if name.startswith(_TMP_PREFIX):
+                if name.startswith(TMP_PREFIX):
                     continue
                 key = (Path(dirpath) / name).relative_to(self.root).as_posix()
                 if key.startswith(prefix):
