@@ -12,9 +12,11 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from api_client.errors import ImageqError, InvalidInput
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus
@@ -36,15 +38,29 @@ def parse_time(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client that reconnects on its own after a Redis restart."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        health_check_interval=15,
-        socket_keepalive=True,
-        retry_on_timeout=True,
+def connect(url: str, max_connections: int | None = None) -> redis.Redis:
+    """A Redis client that reconnects on its own after a Redis restart.
+
+    Without ``max_connections``, one connection per thread that talks to Redis at once,
+    as many as that (redis-py 8 caps a pool at 100 and then *fails* the call, and a
+    gateway holds one per waiting client). With it, at most that many: a thread waits
+    for a free one, so a worker with hundreds of job threads (a pool sized for batches
+    of 256) keeps a bounded number of Redis clients.
+    """
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "health_check_interval": 15,
+        "socket_keepalive": True,
+        "retry_on_timeout": True,
+    }
+    if max_connections is None:
+        return redis.Redis.from_url(url, max_connections=2**31, **options)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=30, **options
     )
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 class RecordStore:
@@ -52,6 +68,21 @@ class RecordStore:
         self.redis = client
         self.settings = settings
         self.ns = f"imageq:{settings.queue_prefix}"
+        #: Called with a job id when this process requests a cancel (a worker's cancel
+        #: set hears other processes' cancels on the ``cancels`` channel).
+        self.cancel_listeners: list[Callable[[str], None]] = []
+
+    @cached_property
+    def _renew(self) -> Script:
+        return self.redis.register_script(_RENEW_LUA)
+
+    @cached_property
+    def _release(self) -> Script:
+        return self.redis.register_script(_RELEASE_LUA)
+
+    @cached_property
+    def _claim_once(self) -> Script:
+        return self.redis.register_script(_CLAIM_ONCE_LUA)
 
     # -- keys -------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -223,6 +254,8 @@ class RecordStore:
     def request_cancel(self, job_id: str) -> None:
         self.redis.set(self.key("cancel", job_id), "1", ex=self.settings.result_ttl_s)
         self.redis.publish(self.key("cancels"), job_id)
+        for listener in list(self.cancel_listeners):
+            listener(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.key("cancel", job_id)))
@@ -239,12 +272,10 @@ class RecordStore:
     def renew_lease(self, job_id: str, token: str) -> bool:
         key = self.key("lease", job_id)
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        renew = self.redis.register_script(_RENEW_LUA)
-        return bool(renew(keys=[key], args=[token, ttl_ms]))
+        return bool(self._renew(keys=[key], args=[token, ttl_ms]))
 
     def release_lease(self, job_id: str, token: str) -> None:
-        release = self.redis.register_script(_RELEASE_LUA)
-        release(keys=[self.key("lease", job_id)], args=[token])
+        self._release(keys=[self.key("lease", job_id)], args=[token])
 
     def lease_holder(self, job_id: str) -> str | None:
         value = self.redis.get(self.key("lease", job_id))
@@ -253,9 +284,8 @@ class RecordStore:
     # -- once-only side effects (final webhook, result.json) --------------------------
     def claim_once(self, job_id: str, what: str) -> bool:
         """True for exactly one caller per (job, what) within the record's lifetime."""
-        return bool(self.redis.hsetnx(self.key("once", job_id), what, utcnow())) and bool(
-            self.redis.expire(self.key("once", job_id), self.settings.result_ttl_s)
-        )
+        key = self.key("once", job_id)
+        return bool(self._claim_once(keys=[key], args=[what, utcnow(), self.settings.result_ttl_s]))
 
     def done_once(self, job_id: str, what: str) -> bool:
         return bool(self.redis.hexists(self.key("once", job_id), what))
@@ -267,6 +297,14 @@ class RecordStore:
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# One round trip: the expiry is set by the one caller that claimed.
+_CLAIM_ONCE_LUA = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  return redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 return 0
 """

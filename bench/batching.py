@@ -13,6 +13,7 @@ max_new_tokens``), so random weights cost what real ones would.
     python -m bench.batching                      # BLIP-base on this CPU, batch 1 vs 8
     python -m bench.batching --device cuda:0 --batches 1,32,128 --dtypes bf16,fp16
     python -m bench.batching --speed-options      # bare model: dtype, channels-last, compile
+    python -m bench.batching --defaults           # imageq untuned by hand vs bare best vs naive
 
 (from the repository's root, which ``-m`` puts on the path: the bare model runs as
 ``python -m bench.caption_models``).
@@ -236,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         help="worker jobs in flight = this x the batch size (default: the launcher's choice)",
     )
     parser.add_argument("--speed-options", action="store_true", help="bare model: each option")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="imageq with no batch setting vs the bare model at its best size vs a naive worker",
+    )
+    parser.add_argument("--jobs", type=int, default=24, help="--defaults: jobs per round")
+    parser.add_argument(
+        "--bare-sizes", default="1,2,4,8,16", help="--defaults: bare batch sizes to search"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="imageq-bench-batching-"))
@@ -263,7 +273,11 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         f"best of {args.rounds} rounds",
         targets=args.model == "base",
     )
-    if args.speed_options:
+    if args.defaults:
+        from bench.batching_defaults import run_defaults
+
+        run_defaults(args, path, env, tmp)
+    elif args.speed_options:
         speed_options(report, args, path, env, batches[-1])
     else:
         redis_server = RedisServer(tmp / "redis", appendonly=False).start()

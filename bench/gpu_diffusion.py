@@ -9,11 +9,16 @@ then the rate of single-image jobs submitted together, which the worker batches.
 
     python bench/gpu_diffusion.py --batch 1,4,8 --dtype fp16       # called by bench/gpu.sh
     python bench/gpu_diffusion.py --tiny                            # a CPU check of this script
+
+``--compile`` also measures the bare pipeline with its UNet under ``torch.compile``
+(one dynamic-shape graph for every batch size, compiled during the warm-up calls);
+``--json FILE`` writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -37,7 +42,14 @@ def sync(device: str) -> None:
 
 
 def bare_rates(
-    model: Path, device: str, fp16: bool, batches: list[int], size: int, steps: int, repeats: int
+    model: Path,
+    device: str,
+    fp16: bool,
+    batches: list[int],
+    size: int,
+    steps: int,
+    repeats: int,
+    compiled: bool = False,
 ) -> dict[int, float]:
     import torch
     from diffusers import StableDiffusionPipeline
@@ -47,6 +59,9 @@ def bare_rates(
         str(model), dtype=dtype, use_safetensors=True, safety_checker=None
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if compiled:
+        # One graph for every batch size: a static one per size would compile three times.
+        pipe.unet = torch.compile(pipe.unet, dynamic=True)
 
     def call(batch: int, seed: int) -> None:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
@@ -153,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="the tiny model on CPU (64x64): checks this script"
     )
+    parser.add_argument("--compile", action="store_true", help="also: bare, UNet compiled")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     if not batches or min(batches) < 1 or max(batches) > 8:
@@ -172,21 +189,40 @@ def main(argv: list[str] | None = None) -> int:
         label = "SD 1.5 (random weights)"
     bare = bare_rates(model, device, fp16, batches, size, args.steps, args.repeats)
     release(device)
+    compiled: dict[int, float] = {}
+    if args.compile:
+        compiled = bare_rates(model, device, fp16, batches, size, args.steps, args.repeats, True)
+        release(device)
     queued, burst, mean_jobs = queue_rates(
         model, device, fp16, batches, size, args.steps, args.repeats, tmp
     )
     dtype = "fp16" if fp16 else "fp32"
     print(f"\n{label}, {size}x{size}, {args.steps} steps, {dtype}, {device}")
-    print(f"{'batch':>6}{'bare img/s':>12}{'imageq img/s':>14}{'imageq/bare':>13}")
+    print(f"{'batch':>6}{'bare img/s':>12}{'imageq img/s':>14}{'imageq/bare':>13}{'compiled':>10}")
     for batch in batches:
+        done = f"{compiled[batch]:10.2f}" if compiled else f"{'-':>10}"
         print(
-            f"{batch:6d}{bare[batch]:12.2f}{queued[batch]:14.2f}{queued[batch] / bare[batch]:13.2f}"
+            f"{batch:6d}{bare[batch]:12.2f}{queued[batch]:14.2f}"
+            f"{queued[batch] / bare[batch]:13.2f}{done}"
         )
     top = max(batches)
     print(
         f"{top * args.repeats} single-image jobs at once: {burst:.2f} img/s through imageq, "
         f"mean {mean_jobs:.1f} jobs per pipeline call (batch cap {top})"
     )
+    if args.json:
+        figures = {
+            "model": label,
+            "size": size,
+            "steps": args.steps,
+            "dtype": dtype,
+            "device": device,
+            "bare": bare,
+            "bare_compiled": compiled,
+            "imageq": queued,
+            "single_image_jobs_at_once": {"images_per_s": burst, "mean_jobs_per_call": mean_jobs},
+        }
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

@@ -63,7 +63,8 @@ def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
         # The task ends as its job did (tasks/outcome.py): FAILURE for a failed job,
         # REVOKED for a canceled one, so Flower and task events tell the truth.
         store = runtime.ctx.store
-        return conclude(task, store, record or find_record(store, job, task_id))
+        counted = record is not None and runtime.runner.take_counted(record.id)
+        return conclude(task, store, record or find_record(store, job, task_id), counted=counted)
 
     return run
 

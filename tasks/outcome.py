@@ -114,8 +114,13 @@ def find_record(store: RecordStore, raw: Any, task_id: str) -> JobRecord | None:
     return None
 
 
-def conclude(task: Task, store: RecordStore, record: JobRecord | None) -> dict[str, Any] | None:
-    """End the task as its job ended (table above); ``record`` is the job's record now."""
+def conclude(
+    task: Task, store: RecordStore, record: JobRecord | None, *, counted: bool = False
+) -> dict[str, Any] | None:
+    """End the task as its job ended (table above); ``record`` is the job's record now.
+
+    ``counted``: the runner claimed the count already, with the final record it wrote.
+    """
     if record is None:
         return None  # nothing to report on (no record was ever made)
     if not record.is_final:
@@ -123,7 +128,7 @@ def conclude(task: Task, store: RecordStore, record: JobRecord | None) -> dict[s
             f"job {record.id} is {record.status} again: another delivery runs it",
             exc=None,
         )
-    if store.claim_once(record.id, "counted"):
+    if counted or store.claim_once(record.id, "counted"):
         setattr(task.request, _COUNTED, record)
     if record.status == JobStatus.SUCCEEDED:
         return {"kind": record.kind, "status": str(record.status), "metrics": record.metrics}

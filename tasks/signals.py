@@ -15,7 +15,7 @@ from tasks.state import WorkerState
 from workers.ops.launch import batch_pool_size
 from workers.ops.live_workers import WorkerRegistry
 from workers.ops.metrics import Metrics
-from workers.runtime.autobatch import measured_batch
+from workers.runtime.autobatch import measured
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,11 @@ def connect_signals(state: WorkerState) -> None:
             log.error(message)
             print(message, file=sys.stderr, flush=True)
             os._exit(3)
-        measured = measured_batch(runtime.runner.handlers)
-        if measured and not state.settings.worker_concurrency and sender is not None:
+        autobatch = measured(runtime.runner.handlers)
+        if autobatch is not None and not state.settings.worker_concurrency and sender is not None:
             # Sent before Celery builds its pool and consumer from ``concurrency``: jobs
             # in flight follow the batch size the worker measured, not the default one.
-            sender.concurrency = batch_pool_size(measured)
-            log.info("%d jobs in flight (batch size %d)", sender.concurrency, measured)
+            sender.concurrency = batch_pool_size(autobatch.size)
         metrics = Metrics.maybe_start(state.settings, runtime)
         holder["metrics"] = metrics
         registry = WorkerRegistry(
@@ -73,6 +72,10 @@ def connect_signals(state: WorkerState) -> None:
                 "model": runtime.ctx.model_id,
                 "queues": [],
                 "model_load_s": runtime.model_load_s,
+                # What the worker measured at warm-up (`imageq status --json` shows it).
+                "batch_tuning": None
+                if autobatch is None or autobatch.last is None
+                else autobatch.last.describe(),
             },
             reserved=reserved_not_started,
         )

@@ -133,3 +133,21 @@ def test_metrics_backlog_is_depth_plus_reserved(store: RecordStore) -> None:
     assert samples[("imageq_queue_backlog", (("queue", caption),))] == 5
     match = settings.queue_prefix + "match"
     assert samples[("imageq_queue_backlog", (("queue", match),))] == 0
+
+
+def test_the_rate_counts_the_last_minute_even_when_idle(
+    store: RecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.ops.live_workers as module
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    reg = registry(store, "caption-f@test", every_s=60)
+    for i in range(5):
+        reg.job_started(f"job-{i}", "caption")
+        reg.job_finished(f"job-{i}")
+        now[0] += 10
+    assert reg.snapshot()["jobs_per_min"] == 5
+    now[0] += 25  # the first two are more than a minute old now, and nothing ended since
+    assert reg.snapshot()["jobs_per_min"] == 3
+    assert reg.snapshot()["processed"] == 5

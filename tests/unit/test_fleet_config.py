@@ -244,3 +244,17 @@ def test_a_gpu_that_is_not_there_stops_the_launch(device: str, visible: str | No
     env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
     with pytest.raises(SystemExit, match=r"imageq: device '?cuda:"):
         exec_worker(WorkerSpec(kind="caption", device=device), Settings(), env)
+
+
+def test_several_processes_feed_one_device() -> None:
+    config = parse_config(
+        {"webhooks": 0, "workers": [{"kind": "caption", "device": "cuda:1", "processes": 3}]}
+    )
+    assert [(m.name, m.device) for m in config.members] == [
+        ("caption@gpu1", "cuda:1"),
+        ("caption-2@gpu1", "cuda:1"),
+        ("caption-3@gpu1", "cuda:1"),
+    ]
+    for bad in (0, 17, True, "2"):
+        with pytest.raises(FleetConfigError, match="processes"):
+            parse_config({"workers": [{"kind": "caption", "device": "cpu", "processes": bad}]})

@@ -35,6 +35,7 @@ from api_client.errors import (
 from api_client.object_urls import MAX_PRESIGN_TTL_S
 from api_client.settings import Settings
 from api_client.uploads import TMP_PREFIX, write_atomic
+from workers.io.s3_put import LightPut
 
 T = TypeVar("T")
 
@@ -141,7 +142,7 @@ class LocalStorage:
         path = self._path(key)
         write_atomic(path, data)
         _fsync_dir(path.parent)
-        return self.uri(key)
+        return path.as_uri()  # what uri(key) says, without resolving the path again
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -237,8 +238,12 @@ class _S3Client:
                 connect_timeout=10,
                 read_timeout=60,
                 signature_version="s3v4",
+                # One connection per job thread writing at once (a batch of jobs ends
+                # together); at botocore's 10, the rest connect anew for every request.
+                max_pool_connections=128,
             ),
         )
+        self.light = LightPut(self.client)
 
     def call(self, what: str, operation: Callable[[], T]) -> T:
         """``operation()``, with botocore's errors mapped to imageq's."""
@@ -300,6 +305,8 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         full = self._key(key)
+        if self._s3.light.put(self.bucket, full, data, content_type):
+            return self.uri(key)
         self._s3.call(
             f"put {self.uri(key)}",
             lambda: self._s3.client.put_object(

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from PIL import Image
+
 from api_client.errors import InvalidInput
 from api_client.inputs import MatchInput
 from api_client.schemas import JobDocument
 from workers.kinds.caption import load_images
 from workers.ops.devices import SpeedOptions
 from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
+from workers.runtime.autobatch import RunBatch, for_worker
 from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
 from workers.runtime.lifecycle import Built, WorkerContext
@@ -49,7 +52,11 @@ class MatchHandler:
             # One item per image: the batcher's size limit counts images, as for
             # captions, and the predictor runs the vision encoder once per image for
             # all its texts.
-            items = [MatchItem(image=image, texts=list(inp.texts)) for image in images]
+            # Pixels on this job's thread, not the batcher's (BlipPredictor.preprocess).
+            items = [
+                MatchItem(image, list(inp.texts), self.predictor.preprocess(image))
+                for image in images
+            ]
             ran = self.batcher.run(
                 items, control.check, ticket, control.images_progress("matching", len(items))
             )
@@ -97,13 +104,27 @@ class MatchHandler:
         }
 
 
+def match_probe(predictor: MatchPredictor) -> RunBatch:
+    """Synthetic batches to measure the batch size with: preprocessed as job threads hand
+    them over, each image against two texts."""
+    image = Image.new("RGB", (640, 480), (90, 120, 150))
+    pixels = predictor.preprocess(image)
+    texts = ["a photo of a dog on a beach", "two people riding bicycles in the city"]
+
+    def run(n: int) -> None:
+        predictor.predict([MatchItem(image, texts, pixels) for _ in range(n)])
+
+    return run
+
+
 def build(ctx: WorkerContext, device: str) -> Built:
     """The match worker: one warm BLIP-ITM behind a micro-batcher."""
     settings = ctx.settings
     predictor = MatchPredictor(settings.model_match, speed=SpeedOptions.from_settings(settings))
     predictor.setup(device)
+    max_batch, autobatch = for_worker(settings, device, match_probe(predictor))
     batcher = MatchBatcher(
-        predictor, max_batch=settings.max_batch_images, max_wait_ms=settings.max_batch_wait_ms
+        predictor, max_batch=max_batch, max_wait_ms=settings.max_batch_wait_ms, autobatch=autobatch
     )
     batcher.start()
     return {"match": MatchHandler(ctx, predictor, batcher)}, [batcher.stop]

@@ -14,6 +14,11 @@ webhook workers run beside them::
     device = "cuda:1"
     env = { IMAGEQ_MAX_DIFFUSION_BATCH_IMAGES = "4" }
 
+    [[workers]]
+    kind = "match"
+    device = "cuda:2"
+    processes = 4                # four processes feed GPU 2: match@gpu2, match-2@gpu2, ...
+
     [restart]                    # optional; these are the defaults
     backoff_initial_s = 1.0
     backoff_max_s = 60.0

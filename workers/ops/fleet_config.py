@@ -11,7 +11,7 @@ import socket
 import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,9 @@ class FleetConfig:
 
 
 _TOP_KEYS = {"workers", "webhooks", "restart", "log_dir", "loglevel"}
-_WORKER_KEYS = {"kind", "device", "name", "queues", "concurrency", "env"}
+_WORKER_KEYS = {"kind", "device", "name", "queues", "concurrency", "env", "processes"}
+#: The most worker processes one [[workers]] entry may start on its device.
+MAX_PROCESSES = 16
 
 
 def load_config(path: Path) -> FleetConfig:
@@ -98,7 +100,7 @@ def parse_config(data: Any, hostname: str = "localhost") -> FleetConfig:
     raw_workers = data.get("workers", [])
     if not isinstance(raw_workers, list):
         raise FleetConfigError("workers: expected a list of tables ([[workers]])")
-    members = [_member(raw, f"workers[{i}]") for i, raw in enumerate(raw_workers)]
+    members = [m for i, raw in enumerate(raw_workers) for m in _members(raw, f"workers[{i}]")]
     webhooks = data.get("webhooks", 1)
     if isinstance(webhooks, bool) or not isinstance(webhooks, int) or not 0 <= webhooks <= 64:
         raise FleetConfigError("webhooks: expected a number of webhook workers, 0 to 64")
@@ -133,6 +135,26 @@ def _no_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         raise FleetConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
         )
+
+
+def _members(raw: Any, where: str) -> list[MemberConfig]:
+    """An entry's worker processes: ``processes = N`` starts N on its one device.
+
+    Several processes per GPU: one process's Python (Celery, records, fetching and
+    decoding) tops out at a few hundred single-image jobs a second, well below what a
+    GPU captions; each process holds its own copy of the model (docs/performance.md).
+    The first keeps the entry's name, the others are ``KIND-2@...``, ``KIND-3@...``.
+    """
+    member = _member(raw, where)
+    processes = raw.get("processes", 1) if isinstance(raw, dict) else 1
+    if (
+        isinstance(processes, bool)
+        or not isinstance(processes, int)
+        or not 1 <= processes <= MAX_PROCESSES
+    ):
+        raise FleetConfigError(f"{where}.processes: expected 1 to {MAX_PROCESSES}")
+    base, _, host = member.name.partition("@")
+    return [member] + [replace(member, name=f"{base}-{i}@{host}") for i in range(2, processes + 1)]
 
 
 def _member(raw: Any, where: str) -> MemberConfig:

@@ -41,14 +41,13 @@ class WorkerSpec:
         return [queue_name(q, settings.queue_prefix) for q in bases]
 
     def pool_size(self, settings: Settings) -> int:
-        if self.concurrency:
-            return self.concurrency
+        if self.concurrency or settings.worker_concurrency:
+            return self.concurrency or settings.worker_concurrency
         in_flight = WORKER_KIND_SPECS[self.kind].in_flight
         if in_flight == "batch":
-            # Two batches' worth: one in the model, the next one fetching its images and
-            # waiting in the batcher, so a full batch is ready the moment the model frees
-            # up (docs/performance.md). Prefetch stays 1: no job waits unstarted here.
-            return 2 * max(1, settings.max_batch_images)
+            # Until the worker has measured its batch size (workers.runtime.autobatch),
+            # which then resizes the pool before it starts (tasks/signals.py).
+            return batch_pool_size(settings.max_batch_images)
         if in_flight == "pipeline":
             # One pipeline call at a time runs; the others fetch their images meanwhile
             # and wait, so compatible generate jobs can share the next call.
@@ -56,6 +55,14 @@ class WorkerSpec:
         if in_flight == "io":
             return 8
         return 1
+
+
+def batch_pool_size(max_batch_images: int) -> int:
+    """Jobs in flight for a batching worker: two batches' worth, one in the model and the
+    next one fetching its images and waiting in the batcher, so a full batch is ready the
+    moment the model frees up (docs/performance.md). Prefetch stays 1: no job waits
+    unstarted here."""
+    return 2 * max(1, max_batch_images)
 
 
 def celery_argv(spec: WorkerSpec, settings: Settings) -> list[str]:
@@ -97,6 +104,9 @@ def worker_env(spec: WorkerSpec, base: Mapping[str, str]) -> dict[str, str]:
     env["IMAGEQ_WORKER_KIND"] = spec.kind
     env["IMAGEQ_DEVICE"] = device
     env["IMAGEQ_WORKER_NAME"] = spec.node_name().replace("%h", _hostname())
+    if spec.concurrency:
+        # The pool size is the user's: the worker must not resize it to its batch size.
+        env["IMAGEQ_WORKER_CONCURRENCY"] = str(spec.concurrency)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

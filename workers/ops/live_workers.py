@@ -5,6 +5,11 @@ write), and a score in the ``workers`` index (a sorted set: name -> when the key
 expires), so readers find the live workers without scanning the keyspace. A worker
 writes its key every ``every_s`` and at once whenever a job ends here, so a finished job
 is in ``processed`` by the time anyone can see its final record and ask.
+
+At a thousand jobs a second jobs end in bursts (a batch of 32 at once): one write in
+flight takes along every job that ended meanwhile instead of queueing one write per
+job, and the last minute's completions are a deque pruned from the old end, not a list
+rebuilt per job.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -52,11 +58,14 @@ class WorkerRegistry:
         }
         self.current: dict[str, str] = {}
         self.processed = 0
-        self._done_times: list[float] = []
+        self._done_times: deque[float] = deque()
         self._lock = threading.Lock()
         # Writes in the order their snapshots were taken: a batch of jobs ends in many
         # threads at once, and an older snapshot must never overwrite a newer one.
         self._publish_lock = threading.Lock()
+        # A job ended since the write in flight took its snapshot / a thread is writing.
+        self._dirty = False
+        self._writing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imageq-registry", daemon=True)
 
@@ -78,12 +87,31 @@ class WorkerRegistry:
             self.current.pop(job_id, None)
             if done:
                 self.processed += 1
-                now = time.monotonic()
-                self._done_times = [t for t in self._done_times if now - t < 60] + [now]
+                self._done_times.append(time.monotonic())
+                self._prune()
+            self._dirty = True
+            if self._writing:
+                # The thread writing now writes again once it is done, with this job in.
+                return
+            self._writing = True
         try:
-            self.publish()
+            while True:
+                with self._lock:
+                    if not self._dirty:
+                        self._writing = False
+                        return
+                    self._dirty = False
+                self.publish(prune=False)
         except Exception as exc:  # the heartbeat thread writes it again within every_s
+            with self._lock:
+                self._writing = False
             log.warning("registry publish: %s", exc)
+
+    def _prune(self) -> None:
+        """Drop completions older than a minute (under ``_lock``)."""
+        horizon = time.monotonic() - 60
+        while self._done_times and self._done_times[0] <= horizon:
+            self._done_times.popleft()
 
     def snapshot(self) -> dict[str, Any]:
         try:
@@ -92,6 +120,7 @@ class WorkerRegistry:
             log.debug("reserved messages: %s", exc)
             reserved = {}
         with self._lock:
+            self._prune()  # an idle worker's rate falls to 0 within the minute
             return {
                 **self.info,
                 "current": dict(self.current),
@@ -101,7 +130,9 @@ class WorkerRegistry:
                 "seen_at": utcnow(),
             }
 
-    def publish(self) -> None:
+    def publish(self, prune: bool = True) -> None:
+        """Write this worker's key; ``prune``: also drop dead workers from the index (the
+        heartbeat's job, not every finished job's)."""
         ttl = max(3, int(self.every_s * 3))
         with self._publish_lock:
             snapshot = self.snapshot()
@@ -109,8 +140,9 @@ class WorkerRegistry:
             pipe.set(self.key, json.dumps(snapshot), ex=ttl)
             now = time.time()
             pipe.zadd(self.index_key, {self.name: now + ttl})
-            # Workers that stopped beating without a goodbye (killed) leave the index.
-            pipe.zremrangebyscore(self.index_key, "-inf", now - 60)
+            if prune:
+                # Workers that stopped beating without a goodbye (killed) leave the index.
+                pipe.zremrangebyscore(self.index_key, "-inf", now - 60)
             pipe.execute()
 
     def start(self) -> None:

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 class MatchItem:
     image: Image.Image
     texts: list[str]
+    #: ``image`` preprocessed on the job's thread (``preprocess``); None: on the batch's.
+    pixels: torch.Tensor | None = None
 
 
 @dataclass
@@ -126,10 +128,7 @@ class MatchPredictor(BlipPredictor, BatchedPredictor[MatchItem, MatchResult]):
         from torch.nn.functional import normalize
 
         model = self.model
-        dtype = model.dtype
-        pixels = self.processor.image_processor(
-            images=[item.image.convert("RGB") for item in batch], return_tensors="pt"
-        )["pixel_values"].to(self.device, dtype)
+        pixels = self.pixel_batch([i.image for i in batch], [i.pixels for i in batch])
         image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
         image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
 

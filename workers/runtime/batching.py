@@ -24,6 +24,9 @@ What every kind gets:
   requeues them at the head; alone, the item fails.
 - Any other failure of a shared call marks its items to run alone, and requeues them at
   the head, so one bad item fails only its own job.
+- With an ``AutoBatch`` (``workers.runtime.autobatch``), ``max_batch`` is the size it
+  measured; the batcher reports each call to it, and measures again when it asks to, at
+  a moment with nothing waiting.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Generic, TypeVar
 
 from api_client.errors import ModelError, OutOfMemory
 from workers.predictors.base import Batched, BatchInterrupted
+from workers.runtime.autobatch import AutoBatch
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +130,12 @@ class Batcher(Generic[ItemT, ResultT]):
         cost: Callable[[ItemT], int] = _unit_cost,
         poll_s: float = POLL_S,
         name: str = "imageq-batcher",
+        autobatch: AutoBatch | None = None,
     ) -> None:
         self.model = model
         #: The most summed cost one call may hold; lowered for good by out of memory.
         self.max_batch = max(1, max_batch)
+        self.autobatch = autobatch
         self.max_wait_s = max(0, max_wait_ms) / 1000.0
         self.poll_s = poll_s
         self._cost = cost
@@ -300,8 +306,27 @@ class Batcher(Generic[ItemT, ResultT]):
             self._pending[0:0] = entries
             self._cond.notify_all()
 
+    def _retune_if_idle(self) -> None:
+        """Measure the batch size again when the autobatch asks, but only while no job
+        waits or is on its way: the probes hold the model thread."""
+        autobatch = self.autobatch
+        if autobatch is None or not autobatch.due():
+            return
+        with self._cond:
+            if self._pending or self._incoming > 0 or self._stopping:
+                return
+        try:
+            size = autobatch.tune()
+        except Exception as exc:  # keep serving at the size it has
+            log.warning("batch size not measured again: %s", exc)
+            autobatch.postpone()
+            return
+        with self._cond:
+            self.max_batch = size
+
     def _loop(self) -> None:
         while True:
+            self._retune_if_idle()
             batch = self._take()
             if batch is None:
                 return
@@ -351,6 +376,8 @@ class Batcher(Generic[ItemT, ResultT]):
             cost = sum(entry.cost for entry in batch)
             half = max(1, cost // 2)
             self.max_batch = min(self.max_batch, half)
+            if self.autobatch is not None:
+                self.autobatch.cap(self.max_batch)
             log.warning("out of memory at batch %d; retrying at %d", cost, half)
             self._requeue(batch)
             return
@@ -366,6 +393,8 @@ class Batcher(Generic[ItemT, ResultT]):
         self.batches_run += 1
         elapsed = time.monotonic() - started
         size = sum(entry.cost for entry in batch)
+        if self.autobatch is not None:
+            self.autobatch.observe(size, elapsed)
         for entry, result in zip(batch, results, strict=True):
             entry.future.set_result(Ran(result, size, len(batch), elapsed))
 

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 SendWebhook = Callable[[WebhookEvent], None]
 
+#: Redis connections one worker process holds at most: its job threads (twice the batch
+#: size) take turns, and one stays with the cancel subscription (workers.runtime.leases).
+REDIS_CONNECTIONS = 64
+
 
 @dataclass
 class Runtime:
@@ -65,7 +69,7 @@ def build_runtime(
     """``send_job`` re-sends job documents (hand-back on SIGTERM, failover of a dead
     worker's jobs); without it this worker runs no failover sweeper."""
     kind = settings.worker_kind
-    store = RecordStore(connect(settings.records_redis_url), settings)
+    store = RecordStore(connect(settings.records_redis_url, REDIS_CONNECTIONS), settings)
     storage = open_storage(settings)
     ctx = WorkerContext(
         settings=settings,
@@ -93,6 +97,8 @@ def build_runtime(
         model_load_s=round(time.monotonic() - started, 3),
         on_stop=stops,
     )
+    # Stopped last (on_stop runs in reverse): batchers finish their jobs holding leases.
+    runtime.on_stop.insert(0, runtime.runner.close)
     if kind == "webhooks":
         runtime.dispatcher = WebhookDispatcher(store, send_webhook)
         runtime.dispatcher.start()

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -22,9 +22,14 @@ from api_client.records import RecordStore
 from api_client.schemas import JobRecord, JobStatus
 from workers.runtime.failover import RunningSet
 
+if TYPE_CHECKING:
+    from workers.runtime.leases import Heart
+
 log = logging.getLogger(__name__)
 
 ProgressSink = Callable[[dict[str, Any]], None]
+#: Writes a run's progress into its record (``transitions``); True when written.
+ProgressWriter = Callable[[dict[str, Any]], bool]
 
 #: How often a step re-reads the lease itself rather than trusting the heartbeat thread:
 #: a worker frozen past its TTL (SIGSTOP, a paused VM) resumes in its step loop, maybe
@@ -63,9 +68,14 @@ class JobControl:
         progress_every_s: float = 2.0,
         lease: LeaseKeeper | None = None,
         draining: threading.Event | None = None,
+        cancels: Heart | None = None,
+        write_progress: ProgressWriter | None = None,
     ) -> None:
         self.job_id = job_id
         self.store = store
+        # The worker's cancel set: a step's check costs no round trip (``leases``).
+        self.cancels = cancels
+        self.write_progress = write_progress
         self.started = time.monotonic()
         self.deadline = None if timeout_s is None else self.started + timeout_s
         self.timeout_s = timeout_s
@@ -81,6 +91,10 @@ class JobControl:
         self.metrics: dict[str, Any] = {}
 
     def is_canceled(self) -> bool:
+        if self.cancels is not None:
+            seen = self.cancels.canceled(self.job_id)
+            if seen is not None:
+                return seen
         return self.store.cancel_requested(self.job_id)
 
     def hand_back_requested(self) -> bool:
@@ -125,17 +139,10 @@ class JobControl:
         ):
             self._last_record = now
             progress = {"step": step, "total": total, **extra}
-            attempt = None if self.lease is None else self.lease.attempt
-
-            def mutate(rec: JobRecord) -> JobRecord | None:
-                if rec.status != JobStatus.RUNNING:
-                    return None
-                if attempt is not None and rec.attempt != attempt:
-                    return None  # a newer run's record
-                rec.progress = progress
-                return rec
-
-            self.store.update(self.job_id, mutate)
+            if self.write_progress is not None:
+                self.write_progress(progress)
+            else:
+                self._update_progress(progress)
             if self.on_progress is not None and (
                 last or now - self._last_event >= self.progress_every_s
             ):
@@ -143,6 +150,19 @@ class JobControl:
                 self.on_progress(progress)
         if reason is not None:
             raise reason
+
+    def _update_progress(self, progress: dict[str, Any]) -> None:
+        attempt = None if self.lease is None else self.lease.attempt
+
+        def mutate(rec: JobRecord) -> JobRecord | None:
+            if rec.status != JobStatus.RUNNING:
+                return None
+            if attempt is not None and rec.attempt != attempt:
+                return None  # a newer run's record
+            rec.progress = progress
+            return rec
+
+        self.store.update(self.job_id, mutate)
 
     def images_progress(self, stage: str, images: int) -> Callable[[int, int], None] | None:
         """Progress of a job of several images (``images_done`` of ``images``), as its
@@ -159,10 +179,11 @@ class JobControl:
 class LeaseKeeper:
     """Holds a job's lease while it runs, so a redelivered copy waits instead of running.
 
-    A heartbeat thread renews it every ``every_s`` and keeps the job in the running set,
-    where the failover sweepers look for runs whose lease lapsed. ``verify`` checks it
+    A heartbeat renews it every ``every_s`` and keeps the job in the running set, where
+    the failover sweepers look for runs whose lease lapsed: the worker's one lease thread
+    (``heart``, ``workers.runtime.leases``), or a thread of its own. ``verify`` checks it
     synchronously (before a step, an output or the final record), since a worker that
-    was frozen may resume before its heartbeat thread does.
+    was frozen may resume before its heartbeat does.
     """
 
     def __init__(
@@ -172,9 +193,15 @@ class LeaseKeeper:
         token: str,
         every_s: float,
         running: RunningSet | None = None,
+        *,
+        heart: Heart | None = None,
+        watched: bool = False,
     ) -> None:
         self.store, self.job_id, self.token, self.every_s = store, job_id, token, every_s
         self.running = running
+        self.heart = heart
+        # Already in the running set (the claim that took the lease put it there).
+        self._watched_at_start = watched
         self.ttl_s = store.settings.lease_ttl_s
         #: The attempt this run recorded; None until it started (the runner sets it).
         self.attempt: int | None = None
@@ -185,8 +212,12 @@ class LeaseKeeper:
         self.lost = False
 
     def __enter__(self) -> LeaseKeeper:
-        self._watch()
-        self._thread.start()
+        if not self._watched_at_start:
+            self._watch()
+        if self.heart is not None:
+            self.heart.add(self)
+        else:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -196,6 +227,8 @@ class LeaseKeeper:
         """Stop the heartbeat (which would put the job back in the running set), still
         holding the lease: what a run does before it lets go of the job."""
         self._stop.set()
+        if self.heart is not None:
+            self.heart.remove(self)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(5)
 
@@ -205,6 +238,27 @@ class LeaseKeeper:
         if not self._released:
             self._released = True
             self.store.release_lease(self.job_id, self.token)
+
+    def released(self) -> None:
+        """Given up by other means (``transitions.release``): nothing left to release."""
+        self.stop_renewing()
+        self._released = True
+
+    def renewed(self, now: float) -> None:
+        """The heart renewed the lease (and the job's place in the running set)."""
+        self._verified = now
+
+    def keep_or_lose(self) -> None:
+        """The heart could not renew the lease: take it back, or mark it lost."""
+        if self.lost or self._stop.is_set():
+            return
+        try:
+            if self._keep():
+                self._verified = time.monotonic()
+            else:
+                self._mark_lost()
+        except Exception as exc:  # Redis restarting: keep trying, the job goes on.
+            log.warning("job %s: lease renewal failed: %s", self.job_id, exc)
 
     def _watch(self) -> None:
         if self.running is not None:

@@ -1,0 +1,282 @@
+"""How a run ends: the final record, ``result.json`` before it, the final event after
+it, each once (and the side effects a crash skipped, completed by anyone later).
+
+``RunEnding`` is the half of ``JobRunner`` (``lifecycle``) that records and notifies; a
+run that holds its job's lease and knows its record ends with ``_finish`` (no re-reads,
+one script for the final record), everything else with ``_end``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from api_client.errors import Canceled, ImageqError, InternalError
+from api_client.records import Document, RecordStore, final_record, utcnow
+from api_client.schemas import JobDocument, JobRecord, JobStatus
+from api_client.settings import Settings
+from api_client.webhooks import event_id, progress_key
+from workers.runtime.context import Deferred, Output, WorkerContext
+from workers.runtime.control import LeaseKeeper, LeaseLost
+from workers.runtime.failover import RunningSet, back_to_queued
+from workers.runtime.transitions import RunRecord, Transitions, stored_webhook
+from workers.webhooks.post import WebhookEvent
+
+log = logging.getLogger(__name__)
+
+#: The once-only claim of the delivery that counts a job (tasks/outcome.py).
+COUNTED = "counted"
+
+
+class RunEnding:
+    """Final records, result.json and final events, once; mixed into ``JobRunner``."""
+
+    ctx: WorkerContext
+    settings: Settings
+    store: RecordStore
+    running: RunningSet
+    transitions: Transitions
+    #: Jobs whose count this runner claimed when it ended them (``take_counted``).
+    counted: set[str]
+
+    def _finish(
+        self,
+        job: JobDocument,
+        error: ImageqError | None,
+        metrics: dict[str, Any],
+        output: Output | None = None,
+        *,
+        lease: LeaseKeeper,
+        run: RunRecord,
+    ) -> JobRecord | None:
+        """``_end`` for a run that holds the lease and knows its record: no re-reads.
+
+        The lease is checked before result.json (a run that lost it must not overwrite
+        the newer run's), result.json is written before the final record, and one script
+        writes the final record while the lease and the attempt are still this run's.
+        """
+        key = f"jobs/{job.id}/result.json"
+        lease.verify()
+        with run.lock:
+            # Shallow: only top-level fields change here, and final_record copies deep.
+            current = run.record.model_copy()
+        current.result_uri = self.ctx.storage.uri(key)
+        current.result_url = self.ctx.storage.public_url(key) or None
+        if metrics:
+            current.metrics = {**current.metrics, **metrics}
+        status = _status(job.id, error)
+        final = final_record(current, status, output=output, error=error)
+        self.ctx.storage.put(key, _result_json(final), "application/json")
+        webhook = stored_webhook(run.document)
+        event_type = "job." + final.status
+        send = webhook is not None and event_type in webhook.get("events", ())
+        # This delivery ended the job, so it is the one that counts it (tasks/outcome.py).
+        # With no event left to send, the final write also claims result.json and lets
+        # go of the job: one call. With one, each step stays where a crash can find it:
+        # result.json claimed, the event sent, the event claimed, then the job let go.
+        with run.lock:
+            state, found = self.transitions.write(
+                run, final, final=True, result_written=not send, release=None if send else [COUNTED]
+            )
+        if state in ("moved", "lost"):
+            attempt = found.attempt if found is not None else "?"
+            raise LeaseLost(f"job {job.id}: attempt {attempt} runs elsewhere")
+        if state != "ok":  # it ended elsewhere meanwhile, or expired
+            self.finalize(job.id)
+            return None
+        self.counted.add(job.id)
+        if webhook is not None and send:
+            self.store.claim_once(job.id, "result.json")
+            # Sent first, marked done after, as ``emit`` does.
+            self._send(job.id, event_type, final, webhook)
+            self.store.claim_once(job.id, "webhook:" + event_type)
+            run.claims.append(COUNTED)
+        else:
+            run.released = True
+        return final
+
+    def _end(
+        self,
+        job: JobDocument | str,
+        error: ImageqError | None,
+        metrics: dict[str, Any] | None = None,
+        output: Output | None = None,
+        *,
+        lease: LeaseKeeper | None = None,
+        best_effort: bool = False,
+    ) -> JobRecord | None:
+        """Record the final status; result.json is written first, so a client that sees
+        the final status can always read it.
+
+        With ``lease``, only while this run still holds it, and only over this run's
+        own attempt. ``best_effort``: storage is down for good (the job fails for it);
+        the final status is recorded without result.json rather than never.
+        """
+        job_id = job if isinstance(job, str) else job.id
+        key = f"jobs/{job_id}/result.json"
+        current = self.store.get(job_id)
+        if current is None or current.is_final:
+            self.finalize(job_id)
+            return None
+        attempt = None if lease is None else lease.attempt
+        if lease is not None:
+            lease.verify()
+            if attempt is not None and current.attempt != attempt:
+                raise LeaseLost(f"job {job_id}: attempt {current.attempt} runs elsewhere")
+        current.result_uri = self.ctx.storage.uri(key)
+        current.result_url = self.ctx.storage.public_url(key) or None
+        if metrics:
+            current.metrics = {**current.metrics, **metrics}
+        status = _status(job_id, error)
+        final = final_record(current, status, output=output, error=error)
+        try:
+            self.ctx.storage.put(key, _result_json(final), "application/json")
+            wrote = True
+        except ImageqError as exc:
+            if not best_effort:
+                raise
+            log.warning("job %s: result.json not written: %s", job_id, exc.message)
+            wrote = False
+
+        def mutate(rec: JobRecord) -> JobRecord | None:
+            if rec.is_final or (attempt is not None and rec.attempt != attempt):
+                return None
+            return final
+
+        record, changed = self.store.update(job_id, mutate)
+        if not changed and record is not None and not record.is_final:
+            raise LeaseLost(f"job {job_id}: attempt {record.attempt} runs elsewhere")
+        if changed and wrote:
+            self.store.claim_once(job_id, "result.json")
+        self.finalize(job_id)
+        return record if changed else None
+
+    def retry_or_give_up(
+        self, job_id: str, exc: ImageqError, lease: LeaseKeeper | None = None
+    ) -> JobRecord | None:
+        """Storage or network trouble: ``Deferred`` with a backoff a few times, then fail
+        the job (``internal``, "gave up after ...")."""
+        settings = self.settings
+        counter = self.store.key("transient", job_id)
+        tries = int(self.store.redis.incr(counter))
+        self.store.redis.expire(counter, settings.result_ttl_s)
+        if tries > settings.storage_retries:
+            error = InternalError(f"gave up after {tries} tries: {exc.message}")
+            try:
+                record = self._end(job_id, error, lease=lease, best_effort=True)
+            except LeaseLost:
+                log.warning("job %s: attempt abandoned to the lease holder", job_id)
+                return None
+            except ImageqError as still_down:
+                # The record and the final event are out; only result.json waits.
+                log.warning("job %s failed; result.json not written: %s", job_id, still_down)
+                record = None
+            if lease is not None:
+                lease.stop_renewing()
+                self.running.forget(job_id)
+            return record
+        delay = settings.storage_retry_base_s * 2**tries
+        log.warning("job %s: %s; retry %d in %.1f s", job_id, exc.message, tries, delay)
+        if lease is not None:
+            # The try that hit a transient error does not count as a lost worker. Should
+            # the worker holding the retry die, a sweeper re-sends the job after this.
+            lease.stop_renewing()
+            self.store.update(job_id, back_to_queued(lease.attempt))
+            look_in = delay + settings.lease_ttl_s + settings.failover_scan_s
+            self.running.watch(job_id, look_in)
+        raise Deferred(delay)
+
+    # -- side effects, once -----------------------------------------------------------
+
+    def finalize(self, job_id: str) -> None:
+        """Write result.json and send the final event if a crash skipped them.
+
+        Safe to call any number of times, from any worker.
+        """
+        record = self.store.get(job_id)
+        if record is None or not record.is_final:
+            return
+        key = f"jobs/{job_id}/result.json"
+        if not record.result_uri:
+            uri = self.ctx.storage.uri(key)
+
+            def mutate(rec: JobRecord) -> JobRecord | None:
+                if rec.result_uri:
+                    return None
+                rec.result_uri = uri
+                return rec
+
+            record, _ = self.store.update(job_id, mutate)
+            assert record is not None
+        try:
+            if not self.store.done_once(job_id, "result.json"):
+                self.ctx.storage.put(key, _result_json(record), "application/json")
+                self.store.claim_once(job_id, "result.json")
+        finally:
+            # Storage that stays down (the job failed for it) must not also swallow the
+            # final event: the record in Redis is final either way.
+            self.emit(job_id, "job." + record.status, record)
+
+    def emit(
+        self,
+        job_id: str,
+        event_type: str,
+        record: JobRecord,
+        key: str = "",
+        document: Document | None = None,
+    ) -> None:
+        """Send ``event_type`` if the job's webhook asks for it; a final event once.
+
+        ``document``: the job's stored document, when the caller holds it already.
+        """
+        if document is None:
+            document = self.store.get_document(job_id) or {}
+        webhook = stored_webhook(document)
+        if not webhook or event_type not in webhook.get("events", ()):
+            return
+        final = record.is_final and event_type != "job.progress"
+        done = "webhook:" + event_type
+        if final and self.store.done_once(job_id, done):
+            return
+        # Sent first, marked done after: a crash between the two sends it again from a
+        # later finalize (sweeper, redelivery) with the same webhook-id, and the webhooks
+        # worker delivers one webhook-id once. Marked first, a crash would lose it.
+        self._send(job_id, event_type, record, webhook, key)
+        if final:
+            self.store.claim_once(job_id, done)
+
+    def _send(
+        self,
+        job_id: str,
+        event_type: str,
+        record: JobRecord,
+        webhook: dict[str, Any],
+        key: str = "",
+    ) -> None:
+        event = WebhookEvent(
+            webhook_id=event_id(job_id, event_type, key),
+            url=webhook["url"],
+            type=event_type,
+            timestamp=utcnow(),
+            data=record.to_json(),
+        )
+        self.ctx.send_webhook(event)
+
+    def _progress_event(self, job_id: str, progress: dict[str, Any], run: RunRecord) -> None:
+        with run.lock:
+            record = run.record
+        key = progress_key(record.attempt, progress)
+        self.emit(job_id, "job.progress", record, key=key, document=run.document)
+
+
+def _status(job_id: str, error: ImageqError | None) -> JobStatus:
+    if error is None:
+        return JobStatus.SUCCEEDED
+    status = JobStatus.CANCELED if isinstance(error, Canceled) else JobStatus.FAILED
+    log.info("job %s %s: %s", job_id, status, error)
+    return status
+
+
+def _result_json(record: JobRecord) -> bytes:
+    return json.dumps(record.to_json(), indent=2).encode()
