@@ -370,11 +370,15 @@ def test_tokens_missing_wrong_and_revoked(gateway: GatewayProcess, stack: Stack)
         error = assert_error(anonymous.get("/v1/jobs"), 401, "unauthorized")
         assert "Bearer" in anonymous.get("/v1/jobs").headers["www-authenticate"]
         assert error["message"]
+        # Bad parameters too: no token is answered 401 before anything else is checked.
+        assert_error(anonymous.get("/v1/jobs", params={"limit": "many"}), 401, "unauthorized")
     with gateway.client("iq_not-a-real-token") as wrong:
         assert_error(wrong.get("/v1/jobs"), 401, "unauthorized")
+        assert_error(wrong.get("/v1/jobs", params={"limit": "many"}), 401, "unauthorized")
     token = make_token(stack.redis, stack.settings, "leaving")
     with gateway.client(token) as leaving:
         assert leaving.get("/v1/jobs").status_code == 200
+        assert_error(leaving.get("/v1/jobs", params={"limit": "many"}), 422, "invalid_input")
         from workers.gateway.tokens import TokenStore
 
         revoked = TokenStore(stack.redis, stack.store).revoke(token[:11])

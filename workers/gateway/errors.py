@@ -197,6 +197,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI checks parameters before the route's token check runs: a request with
+        # no valid token hears 401 first, whatever else is wrong with it.
+        if request.url.path.startswith("/v1/"):
+            auth = request.app.state.gateway.auth
+            if await auth.tenant(request.headers.get("authorization")) is None:
+                return response_for(
+                    Unauthorized("a valid token is required: Authorization: Bearer TOKEN")
+                )
         message, field = _validation_message(exc)
         return error_response(422, "invalid_input", message, field)
 
