@@ -229,7 +229,7 @@ class Bench:
         self, jobs: int, per_job: int, profile: Path | None = None, processes: int = 1
     ) -> Phase:
         queue, names = f"{PREFIX}caption", self.names[:processes]
-        for name in names:
+        for name in self.names:  # the others stay paused: their counts are not watched
             self._consume(self.control, queue, name, on=False)
         ids = [self.client.caption(images=[self.uri] * per_job).id for _ in range(jobs)]
         start = self._processed(names)
