@@ -21,7 +21,6 @@ from api_client.inputs import (
     StyleInput,
 )
 
-Pool = Literal["threads", "solo"]
 #: How many jobs a worker holds at once: two batches' worth, a few waiting for the one
 #: pipeline, many network-bound deliveries, or one.
 InFlight = Literal["batch", "pipeline", "io", "one"]
@@ -59,8 +58,6 @@ class WorkerKind:
     builder: str = ""
     #: Job kinds it serves; empty: the kinds whose ``worker_kind`` is this one.
     serves: tuple[str, ...] = ()
-    #: Batching and I/O-bound kinds run many jobs on threads; a fine-tune runs alone.
-    pool: Pool = "threads"
     in_flight: InFlight = "one"
 
 
@@ -93,7 +90,7 @@ WORKER_KIND_SPECS: dict[str, WorkerKind] = {
             in_flight="pipeline",
         ),
         # Trains on top of the diffusion model (or BLIP, chosen per job).
-        WorkerKind("finetune", "model_diffusion", "workers.kinds.finetune:build", pool="solo"),
+        WorkerKind("finetune", "model_diffusion", "workers.kinds.finetune:build"),
         WorkerKind("webhooks", in_flight="io"),
     )
 }

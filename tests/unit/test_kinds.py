@@ -54,7 +54,9 @@ def test_every_worker_kind_launches(worker_kind: str) -> None:
     argv = celery_argv(WorkerSpec(kind=worker_kind, device="cpu"), settings)
     queues = argv[argv.index("-Q") + 1].split(",")
     assert queues == list(worker_queues(worker_kind))
-    assert argv[argv.index("-P") + 1] == WORKER_KIND_SPECS[worker_kind].pool
+    assert argv[argv.index("-P") + 1] == "threads"
+    in_flight = int(argv[argv.index("-c") + 1])
+    assert in_flight == 1 if WORKER_KIND_SPECS[worker_kind].in_flight == "one" else in_flight > 1
     spec = WORKER_KIND_SPECS[worker_kind]
     if spec.builder:
         module, _, func = spec.builder.partition(":")

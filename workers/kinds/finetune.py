@@ -1,6 +1,6 @@
 """Finetune jobs: LoRA for the SD UNet (``diffusion``) or BLIP's text decoder (``caption``).
 
-One job at a time per worker (Celery's solo pool, prefetch 1, on the finetune broker
+One job at a time per worker (one pool thread, prefetch 1, on the finetune broker
 whose visibility timeout outlasts a run; the job's lease keeps a redelivered copy
 waiting while this one lives). A job: check the adapter name, fetch and validate the
 dataset, caption what lacks a text (``auto_caption``), cache latents or image
