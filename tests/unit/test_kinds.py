@@ -48,6 +48,17 @@ def test_only_long_jobs_use_the_long_broker() -> None:
     assert [k for k, spec in JOB_KINDS.items() if spec.long_job] == ["finetune"]
 
 
+def test_a_finetune_worker_runs_one_job_whatever_the_concurrency_settings() -> None:
+    # One pool thread, not Celery's solo pool (docs/finetune.md): the overrides that
+    # size other pools must not put two fine-tunes on one device.
+    settings = Settings.from_env({"IMAGEQ_WORKER_CONCURRENCY": "8"})
+    argv = celery_argv(WorkerSpec(kind="finetune", device="cpu", concurrency=4), settings)
+    assert argv[argv.index("-P") + 1] == "threads"
+    assert argv[argv.index("-c") + 1] == "1"
+    caption = celery_argv(WorkerSpec(kind="caption", device="cpu"), settings)
+    assert caption[caption.index("-c") + 1] == "8"
+
+
 @pytest.mark.parametrize("worker_kind", WORKER_KINDS)
 def test_every_worker_kind_launches(worker_kind: str) -> None:
     settings = Settings.from_env({})
