@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from PIL import Image
 
 from api_client.schemas import JobRecord
@@ -232,6 +233,13 @@ def test_a_second_worker_never_trains_a_live_job_and_cancel_keeps_the_checkpoint
     wait_until(lambda: checkpoint_steps(ft, job.id)[-1:] >= [40], 60, "two checkpoints")
     owner = ft.client.get(job.id).worker
     other = spare if owner != spare.name else ft.extra["finetune"]
+    # It trains on a pool thread, not inside the consumer's event loop (Celery's solo
+    # pool, where a busy worker answered nothing): remote control works mid-run.
+    control = Celery("ft-control", broker=ft.settings.long_broker_url, set_as_current=False)
+    assert owner is not None
+    assert control.control.ping(destination=[owner], timeout=3) == [{owner: {"ok": "pong"}}]
+    active = control.control.inspect(destination=[owner], timeout=3).active() or {}
+    assert [task["id"] for task in active.get(owner, [])] == [job.id]
 
     # Past the 4 s visibility timeout the message comes back while its worker lives: the
     # other worker gets it, finds the lease held, and puts it off, again and again.
