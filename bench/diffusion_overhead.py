@@ -6,21 +6,31 @@ call in this process against a generate job through Redis and a real diffusion w
 per image of each, one job at a time and interleaved so drift hits both alike, their
 ratio, and the throughput of many jobs submitted at once (which the worker batches).
 
-    python bench/diffusion_overhead.py [--jobs 20] [--steps 10] [--size 64]
+    python bench/diffusion_overhead.py [--jobs 20] [--steps 10] [--size 64] [--storage s3|file]
+
+``--storage s3`` (the default where moto's server is installed) writes outputs to an S3
+server of the bench's own, as production does; ``file`` to a local folder, each write
+fsynced.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+# ``python bench/diffusion_overhead.py`` from a fresh clone: ``bench`` is not an installed
+# package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from api_client.client import Client
 from api_client.records import connect
 from api_client.settings import Settings, process_environment
+from bench.meters import S3Server
 from workers.testing.services import RedisServer, WorkerProcess
 from workers.testing.tiny_diffusion import build_tiny_diffusion
 
@@ -35,7 +45,7 @@ def bare_pipeline(model: Path) -> Any:
     return pipe
 
 
-def run(jobs: int, steps: int, size: int) -> None:
+def run(jobs: int, steps: int, size: int, storage: str) -> None:
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="imageq-diffusion-bench-"))
@@ -49,6 +59,9 @@ def run(jobs: int, steps: int, size: int) -> None:
         IMAGEQ_QUEUE_PREFIX="bench-",
         OMP_NUM_THREADS="1",
     )
+    s3 = S3Server(tmp / "moto.log").start() if storage == "s3" else None
+    if s3 is not None:
+        env.update(s3.env())
     settings = Settings.from_env(env)
     client = Client(settings)
     worker = WorkerProcess("diffusion", env, "diffusion@bench", tmp / "worker.log").start()
@@ -103,7 +116,7 @@ def run(jobs: int, steps: int, size: int) -> None:
         b50, q50 = statistics.median(bare), statistics.median(queued)
         print(
             f"\ndiffusion overhead: tiny SD, {size}x{size}, {steps} steps, CPU, one thread; "
-            f"{jobs} jobs of 1 image each way"
+            f"{jobs} jobs of 1 image each way; storage: {storage}"
         )
         print(f"{'':34}{'p50 ms/image':>14}{'mean ms/image':>15}")
         print(f"{'bare pipeline call':34}{b50 * 1e3:14.1f}{statistics.mean(bare) * 1e3:15.1f}")
@@ -131,6 +144,8 @@ def run(jobs: int, steps: int, size: int) -> None:
         client.close()
         worker.stop()
         redis_server.stop()
+        if s3 is not None:
+            s3.stop()
 
 
 if __name__ == "__main__":
@@ -138,5 +153,8 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--storage", choices=("s3", "file"), default="")
     args = parser.parse_args()
-    run(args.jobs, args.steps, args.size)
+    run(
+        args.jobs, args.steps, args.size, args.storage or ("s3" if S3Server.available() else "file")
+    )
