@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,23 @@ RGB = tuple[int, int, int]
 def png_bytes(color: RGB = (200, 30, 30), size: tuple[int, int] = (48, 40)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cells(seed: int) -> Image.Image:
+    """A 6x6 grid of random colours: a distinct image for each seed."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (48, 48))
+    for y in range(6):
+        for x in range(6):
+            colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+            image.paste(colour, (x * 8, y * 8, x * 8 + 8, y * 8 + 8))
+    return image
+
+
+def cells_png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    cells(seed).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -12,20 +12,18 @@ this test prints (``pytest -s``).
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import random
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
 from api_client.schemas import JobRecord
 from tests.fixtures.services import Stack
+from tests.helpers import cells_png, data_uri
 
 FRENCH = [
     "un chat noir sur un canapé",
@@ -83,21 +81,8 @@ TRAIN: dict[str, Any] = {
 GENERATION = {"max_new_tokens": 30}
 
 
-def cells(seed: int) -> bytes:
-    """A PNG of a 6x6 grid of random colours: a distinct image for each seed."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", (48, 48))
-    for y in range(6):
-        for x in range(6):
-            colour = tuple(rng.randrange(256) for _ in range(3))
-            image.paste(colour, (x * 8, y * 8, x * 8 + 8, y * 8 + 8))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def image_uri(seed: int) -> str:
-    return "data:image/png;base64," + base64.b64encode(cells(seed)).decode()
+    return data_uri(cells_png(seed))
 
 
 def make_dataset(stack: Stack, name: str, texts: list[str], first_seed: int) -> str:
@@ -106,7 +91,7 @@ def make_dataset(stack: Stack, name: str, texts: list[str], first_seed: int) -> 
     with zipfile.ZipFile(buf, "w") as archive:
         lines = []
         for i, text in enumerate(texts):
-            archive.writestr(f"{i}.png", cells(first_seed + i))
+            archive.writestr(f"{i}.png", cells_png(first_seed + i))
             lines.append(json.dumps({"file_name": f"{i}.png", "text": text}, ensure_ascii=False))
         archive.writestr("metadata.jsonl", "\n".join(lines).encode())
     path = stack.storage_path("datasets", name)

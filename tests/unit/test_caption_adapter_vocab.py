@@ -5,17 +5,16 @@ the base model is untouched, and batches never mix adapters."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 
 from api_client.errors import ModelError
 from api_client.inputs import GenerationOptions, VocabularyOptions
 from api_client.settings import Settings
+from tests.helpers import cells
 from workers.io.storage import LocalStorage
 from workers.predictors.caption import CaptionItem, CaptionPredictor
 from workers.predictors.caption_vocab import VOCAB_FILE, swapped
@@ -28,17 +27,6 @@ FRENCH = ["un chat noir sur un canapé", "une île", "Noël à Paris", "un café
 JAPANESE = ["黒い猫", "白い犬", "赤いりんご", "青い空"]
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-def cells(seed: int) -> Image.Image:
-    """A 6x6 grid of random colours: a distinct image for each seed."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", (48, 48))
-    for y in range(6):
-        for x in range(6):
-            colour = tuple(rng.randrange(256) for _ in range(3))
-            image.paste(colour, (x * 8, y * 8, x * 8 + 8, y * 8 + 8))
-    return image
 
 
 def dataset(root: Path, texts: list[str]) -> Dataset:

@@ -325,10 +325,4 @@ class LeaseKeeper:
         while not self._stop.wait(self.every_s):
             if self.lost:
                 return
-            try:
-                if self._keep():
-                    self._verified = time.monotonic()
-                else:
-                    self._mark_lost()
-            except Exception as exc:  # Redis restarting: keep trying, the job goes on.
-                log.warning("job %s: lease renewal failed: %s", self.job_id, exc)
+            self.keep_or_lose()
