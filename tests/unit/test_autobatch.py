@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable, Sequence
 
 import pytest
@@ -12,6 +11,7 @@ from api_client.settings import Settings
 from workers.runtime import autobatch
 from workers.runtime.autobatch import AutoBatch, enabled, measure, sizes_up_to
 from workers.runtime.batching import Batcher
+from workers.testing.services import wait_until
 
 
 class FakeDevice:
@@ -136,9 +136,12 @@ def test_the_batcher_measures_again_only_with_nothing_waiting() -> None:
     batcher.start()
     try:
         assert [r.result for r in batcher.run([1, 2, 3])] == [1, 2, 3]
-        deadline = time.monotonic() + 5
-        while not probes and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Done once the batcher serves with the new size (set after the probes ran).
+        wait_until(
+            lambda: auto.last is not None and batcher.max_batch == auto.size,
+            5,
+            "the new measurement in service",
+        )
         assert probes[:3] == [1, 2, 4]
         assert batcher.max_batch == auto.size
         assert not auto.due()

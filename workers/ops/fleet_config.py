@@ -146,7 +146,7 @@ def _members(raw: Any, where: str) -> list[MemberConfig]:
     The first keeps the entry's name, the others are ``KIND-2@...``, ``KIND-3@...``.
     """
     member = _member(raw, where)
-    processes = raw.get("processes", 1) if isinstance(raw, dict) else 1
+    processes = raw.get("processes", 1)
     if (
         isinstance(processes, bool)
         or not isinstance(processes, int)

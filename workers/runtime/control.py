@@ -19,7 +19,7 @@ import redis
 
 from api_client.errors import Canceled, ImageqError, JobTimeout
 from api_client.records import RecordStore
-from api_client.schemas import JobRecord, JobStatus
+from api_client.schemas import JobStatus
 from workers.runtime.failover import RunningSet
 
 if TYPE_CHECKING:
@@ -64,12 +64,12 @@ class JobControl:
         store: RecordStore,
         *,
         timeout_s: float | None,
+        write_progress: ProgressWriter,
         on_progress: ProgressSink | None = None,
         progress_every_s: float = 2.0,
         lease: LeaseKeeper | None = None,
         draining: threading.Event | None = None,
         cancels: Heart | None = None,
-        write_progress: ProgressWriter | None = None,
     ) -> None:
         self.job_id = job_id
         self.store = store
@@ -139,10 +139,7 @@ class JobControl:
         ):
             self._last_record = now
             progress = {"step": step, "total": total, **extra}
-            if self.write_progress is not None:
-                self.write_progress(progress)
-            else:
-                self._update_progress(progress)
+            self.write_progress(progress)
             if self.on_progress is not None and (
                 last or now - self._last_event >= self.progress_every_s
             ):
@@ -150,19 +147,6 @@ class JobControl:
                 self.on_progress(progress)
         if reason is not None:
             raise reason
-
-    def _update_progress(self, progress: dict[str, Any]) -> None:
-        attempt = None if self.lease is None else self.lease.attempt
-
-        def mutate(rec: JobRecord) -> JobRecord | None:
-            if rec.status != JobStatus.RUNNING:
-                return None
-            if attempt is not None and rec.attempt != attempt:
-                return None  # a newer run's record
-            rec.progress = progress
-            return rec
-
-        self.store.update(self.job_id, mutate)
 
     def images_progress(self, stage: str, images: int) -> Callable[[int, int], None] | None:
         """Progress of a job of several images (``images_done`` of ``images``), as its
@@ -206,7 +190,12 @@ class LeaseKeeper:
         #: The attempt this run recorded; None until it started (the runner sets it).
         self.attempt: int | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        # Only without the worker's one lease thread (``heart``) does a lease beat itself.
+        self._thread = (
+            None
+            if heart is not None
+            else threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        )
         self._verified = time.monotonic()
         self._released = False
         self.lost = False
@@ -214,7 +203,8 @@ class LeaseKeeper:
     def __enter__(self) -> LeaseKeeper:
         if not self._watched_at_start:
             self._watch()
-        if self.heart is not None:
+        if self._thread is None:
+            assert self.heart is not None
             self.heart.add(self)
         else:
             self._thread.start()
@@ -229,8 +219,9 @@ class LeaseKeeper:
         self._stop.set()
         if self.heart is not None:
             self.heart.remove(self)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(5)
 
     def release(self) -> None:
         """Stop renewing and give the lease up (never one another worker holds)."""

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 COUNTED = "counted"
 
 
+def result_key(job_id: str) -> str:
+    return f"jobs/{job_id}/result.json"
+
+
 class RunEnding:
     """Final records, result.json and final events, once; mixed into ``JobRunner``."""
 
@@ -56,28 +60,22 @@ class RunEnding:
         the newer run's), result.json is written before the final record, and one script
         writes the final record while the lease and the attempt are still this run's.
         """
-        key = f"jobs/{job.id}/result.json"
         lease.verify()
         with run.lock:
             # Shallow: only top-level fields change here, and final_record copies deep.
             current = run.record.model_copy()
-        current.result_uri = self.ctx.storage.uri(key)
-        current.result_url = self.ctx.storage.public_url(key) or None
-        if metrics:
-            current.metrics = {**current.metrics, **metrics}
-        status = _status(job.id, error)
-        final = final_record(current, status, output=output, error=error)
+        key, final = self._final(current, error, metrics, output)
         self.ctx.storage.put(key, _result_json(final), "application/json")
         webhook = stored_webhook(run.document)
         event_type = "job." + final.status
         send = webhook is not None and event_type in webhook.get("events", ())
         # This delivery ended the job, so it is the one that counts it (tasks/outcome.py).
-        # With no event left to send, the final write also claims result.json and lets
-        # go of the job: one call. With one, each step stays where a crash can find it:
-        # result.json claimed, the event sent, the event claimed, then the job let go.
+        # The final write also claims result.json (written above); with no event left to
+        # send it lets go of the job too: one call. With one, each step stays where a
+        # crash can find it: the event sent, the event claimed, then the job let go.
         with run.lock:
             state, found = self.transitions.write(
-                run, final, final=True, result_written=not send, release=None if send else [COUNTED]
+                run, final, final=True, result_written=True, release=None if send else [COUNTED]
             )
         if state in ("moved", "lost"):
             attempt = found.attempt if found is not None else "?"
@@ -87,7 +85,6 @@ class RunEnding:
             return None
         self.counted.add(job.id)
         if webhook is not None and send:
-            self.store.claim_once(job.id, "result.json")
             # Sent first, marked done after, as ``emit`` does.
             self._send(job.id, event_type, final, webhook)
             self.store.claim_once(job.id, "webhook:" + event_type)
@@ -95,6 +92,23 @@ class RunEnding:
         else:
             run.released = True
         return final
+
+    def _final(
+        self,
+        current: JobRecord,
+        error: ImageqError | None,
+        metrics: dict[str, Any] | None,
+        output: Output | None,
+    ) -> tuple[str, JobRecord]:
+        """The final record made from ``current`` (changed in place: a copy), and the
+        key of its result.json."""
+        key = result_key(current.id)
+        current.result_uri = self.ctx.storage.uri(key)
+        current.result_url = self.ctx.storage.public_url(key) or None
+        if metrics:
+            current.metrics = {**current.metrics, **metrics}
+        status = _status(current.id, error)
+        return key, final_record(current, status, output=output, error=error)
 
     def _end(
         self,
@@ -114,7 +128,6 @@ class RunEnding:
         the final status is recorded without result.json rather than never.
         """
         job_id = job if isinstance(job, str) else job.id
-        key = f"jobs/{job_id}/result.json"
         current = self.store.get(job_id)
         if current is None or current.is_final:
             self.finalize(job_id)
@@ -124,12 +137,7 @@ class RunEnding:
             lease.verify()
             if attempt is not None and current.attempt != attempt:
                 raise LeaseLost(f"job {job_id}: attempt {current.attempt} runs elsewhere")
-        current.result_uri = self.ctx.storage.uri(key)
-        current.result_url = self.ctx.storage.public_url(key) or None
-        if metrics:
-            current.metrics = {**current.metrics, **metrics}
-        status = _status(job_id, error)
-        final = final_record(current, status, output=output, error=error)
+        key, final = self._final(current, error, metrics, output)
         try:
             self.ctx.storage.put(key, _result_json(final), "application/json")
             wrote = True
@@ -197,7 +205,7 @@ class RunEnding:
         record = self.store.get(job_id)
         if record is None or not record.is_final:
             return
-        key = f"jobs/{job_id}/result.json"
+        key = result_key(job_id)
         if not record.result_uri:
             uri = self.ctx.storage.uri(key)
 

@@ -172,10 +172,11 @@ def plan_vocabulary(
     texts = [text for _, text in captions]
     if strategy is None:
         own_language = language is None or primary(language) == BASE_LANGUAGE
-        exact = all(
+        # Each caption tokenized and decoded only when the language alone does not decide.
+        exact = own_language or all(
             writing_problem(base, t, exact=True, max_tokens=max_tokens) is None for t in texts
         )
-        strategy = "base" if own_language or exact else "extend"
+        strategy = "base" if exact else "extend"
     if strategy == "base":
         bos, eos, pad = base_ids
         plan = VocabularyPlan("base", language, base, len(base), bos, eos, pad)
