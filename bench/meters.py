@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 
+from workers.testing.services import free_port
+
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
@@ -41,15 +43,10 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid``, the processes it started that still run,
-    and those it started and reaped (cutime/cstime): threads that ended (a lease keeper
-    per job, say) are already in their process's own counts."""
-    return sum(tree_cpu_split(pid))
-
-
 def tree_cpu_split(pid: int) -> tuple[float, float]:
-    """``tree_cpu_s`` as (user, system) seconds."""
+    """CPU seconds of ``pid``, the processes it started that still run, and those it
+    started and reaped (cutime/cstime), as (user, system): threads that ended are
+    already in their process's own counts."""
     tree = _children()
     user, system, todo = 0.0, 0.0, [pid]
     while todo:
@@ -146,9 +143,7 @@ class S3Server:
     def start(self) -> S3Server:
         import boto3
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = free_port()
         binary = Path(sys.executable).parent / "moto_server"
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
