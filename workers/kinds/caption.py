@@ -47,13 +47,16 @@ class CaptionAdapters:
         self.registry = registry
         self.predictor = predictor
         self._versions: dict[str, str] = {}
-        #: Registry name -> the language its entry declares (None: none declared).
-        self.languages: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
     def for_language(self, language: str) -> str | None:
         """The newest caption adapter for ``language`` (RFC 4647 matching: the exact tag,
         else a shorter one, else a more specific one); None: the base model writes it."""
+        entry = self.entry_for_language(language)
+        return None if entry is None else str(entry["name"])
+
+    def entry_for_language(self, language: str) -> dict[str, Any] | None:
+        """``for_language``'s registry entry."""
         offered: dict[str, list[dict[str, Any]]] = {}
         for entry in self.registry.entries():
             if entry.get("target", "caption") == "caption" and entry.get("language"):
@@ -61,8 +64,7 @@ class CaptionAdapters:
         best = best_matches(language, offered)
         if best:
             candidates = [e for tag in best for e in offered[tag]]
-            newest = max(candidates, key=lambda e: (str(e.get("version", "")), str(e["name"])))
-            return str(newest["name"])
+            return max(candidates, key=lambda e: (str(e.get("version", "")), str(e["name"])))
         if primary(language) == BASE_LANGUAGE:
             return None
         available = ", ".join(sorted(offered)) or "none"
@@ -71,35 +73,37 @@ class CaptionAdapters:
             f"{available} (and {BASE_LANGUAGE!r}, the base model's)"
         )
 
-    def check_language(self, name: str, language: str) -> None:
-        """Refuse a job naming both an adapter and a language that adapter does not write."""
-        entry = self.registry.get(name) or {}
-        written = entry.get("language")
+    def check_language(self, name: str, language: str) -> dict[str, Any] | None:
+        """Refuse a job naming both an adapter and a language that adapter does not write;
+        returns the adapter's registry entry."""
+        entry = self.registry.get(name)
+        written = (entry or {}).get("language")
         if not written or match_rank(language, str(written)) is None:
             raise InvalidInput(
                 f"input.language: adapter {name!r} writes {written or 'no declared language'}, "
                 f"not {language!r}"
             )
+        return entry
 
-    def ensure(self, name: str) -> str:
-        """Load ``name`` if needed; returns the name the predictor knows it by."""
-        entry = self.registry.get(name)
+    def ensure(self, name: str, entry: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """Load ``name`` if needed; returns the name the predictor knows it by, and its
+        registry entry (``entry``: already read for this job, so not read again)."""
+        entry = entry if entry is not None else self.registry.get(name)
         if entry is None:
             raise InvalidInput(f"input.adapter: no adapter named {name!r} in the registry")
         target = entry.get("target", "caption")
         if target != "caption":
             raise InvalidInput(f"input.adapter: {name!r} is a {target} adapter, not a caption one")
         version = str(entry.get("version"))
-        self.languages[name] = entry.get("language")
         # Registry names may hold "." and "-", which peft cannot use in module keys.
         loaded = peft_adapter_name(name)
         with self._lock:
             if self._versions.get(name) == version and loaded in self.predictor.adapters:
-                return loaded
+                return loaded, entry
             # load_adapter waits for a running batch and replaces an older version.
             self.predictor.load_adapter(loaded, self.registry.local_dir(name))
             self._versions[name] = version
-        return loaded
+        return loaded, entry
 
 
 CaptionBatcher = Batcher[CaptionItem, CaptionResult]
@@ -122,11 +126,11 @@ class CaptionHandler:
         self.preprocess = preprocess
 
     def handle(self, job: JobDocument, inp: CaptionInput, control: JobControl) -> dict[str, Any]:
-        name = self._adapter_name(inp)
+        name, entry = self._adapter(inp)
         adapter = None
         if name is not None and self.adapters is not None:
             # Before joining a batch: a download must not hold a forming batch open.
-            adapter = self.adapters.ensure(name)
+            adapter, entry = self.adapters.ensure(name, entry)
         with self.batcher.incoming() as ticket:
             images = load_images(inp.images, self.ctx)
             control.check()
@@ -151,24 +155,26 @@ class CaptionHandler:
             for i, (image, r) in enumerate(zip(images, ran, strict=True))
         ]
         out: dict[str, Any] = {"captions": captions}
-        if name is not None and self.adapters is not None:
+        if name is not None:
             out["adapter"] = name
-            if language := self.adapters.languages.get(name):
+            if language := (entry or {}).get("language"):
                 out["language"] = language
         return out
 
-    def _adapter_name(self, inp: CaptionInput) -> str | None:
-        """The registry adapter the job asks for, by name or by language (None: none)."""
+    def _adapter(self, inp: CaptionInput) -> tuple[str | None, dict[str, Any] | None]:
+        """The registry adapter the job asks for, by name or by language (None: none),
+        and its registry entry when finding it read one."""
         if inp.adapter is None and inp.language is None:
-            return None
+            return None, None
         if self.adapters is None:
             field = "adapter" if inp.adapter is not None else "language"
             raise InvalidInput(f"input.{field}: this worker has no adapter registry")
         if inp.adapter is None:
-            return self.adapters.for_language(str(inp.language))
+            entry = self.adapters.entry_for_language(str(inp.language))
+            return (None, None) if entry is None else (str(entry["name"]), entry)
         if inp.language is not None:
-            self.adapters.check_language(inp.adapter, inp.language)
-        return inp.adapter
+            return inp.adapter, self.adapters.check_language(inp.adapter, inp.language)
+        return inp.adapter, None
 
     def _caption(
         self, job_id: str, index: int, image: Any, result: CaptionResult, inp: CaptionInput
