@@ -150,9 +150,6 @@ class AdapterVocabulary:
     """What a loaded caption adapter writes with: its tokenizer, ids and rows."""
 
     tokenizer: Any
-    strategy: str
-    language: str | None
-    base_rows: int
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
@@ -204,9 +201,6 @@ class AdapterVocabulary:
         params = [nn.Parameter(t.to(device, dtype), requires_grad=False) for t in (rows, bias)]
         return cls(
             tokenizer=tokenizer,
-            strategy=meta.get("strategy", "extend"),
-            language=meta.get("language") or None,
-            base_rows=base_rows,
             modules=vocab_modules(decoder, base_rows, size, ids.to(device), *params),
             **special,
         )
