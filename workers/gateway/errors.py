@@ -200,11 +200,13 @@ def install(app: FastAPI) -> None:
         # FastAPI checks parameters before the route's token check runs: a request with
         # no valid token hears 401 first, whatever else is wrong with it.
         if request.url.path.startswith("/v1/"):
-            auth = request.app.state.gateway.auth
-            if await auth.tenant(request.headers.get("authorization")) is None:
-                return response_for(
-                    Unauthorized("a valid token is required: Authorization: Bearer TOKEN")
-                )
+            # Here, not at the top: the routes' module imports this one.
+            from workers.gateway.jobs import authenticate
+
+            try:
+                await authenticate(request)
+            except Unauthorized as denied:
+                return response_for(denied)
         message, field = _validation_message(exc)
         return error_response(422, "invalid_input", message, field)
 
