@@ -141,7 +141,9 @@ def test_the_rate_counts_the_last_minute_even_when_idle(
     import workers.ops.live_workers as module
 
     now = [1000.0]
-    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    # The registry's clock only: the Redis client and the registry's thread keep theirs.
+    clock = SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+    monkeypatch.setattr(module, "time", clock)
     reg = registry(store, "caption-f@test", every_s=60)
     for i in range(5):
         reg.job_started(f"job-{i}", "caption")
