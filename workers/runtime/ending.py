@@ -70,12 +70,12 @@ class RunEnding:
         event_type = "job." + final.status
         send = webhook is not None and event_type in webhook.get("events", ())
         # This delivery ended the job, so it is the one that counts it (tasks/outcome.py).
-        # The final write also claims result.json (written above); with no event left to
-        # send it lets go of the job too: one call. With one, each step stays where a
-        # crash can find it: the event sent, the event claimed, then the job let go.
+        # With no event left to send, the final write also claims result.json and lets
+        # go of the job: one call. With one, each step stays where a crash can find it:
+        # result.json claimed, the event sent, the event claimed, then the job let go.
         with run.lock:
             state, found = self.transitions.write(
-                run, final, final=True, result_written=True, release=None if send else [COUNTED]
+                run, final, final=True, result_written=not send, release=None if send else [COUNTED]
             )
         if state in ("moved", "lost"):
             attempt = found.attempt if found is not None else "?"
@@ -85,6 +85,7 @@ class RunEnding:
             return None
         self.counted.add(job.id)
         if webhook is not None and send:
+            self.store.claim_once(job.id, "result.json")
             # Sent first, marked done after, as ``emit`` does.
             self._send(job.id, event_type, final, webhook)
             self.store.claim_once(job.id, "webhook:" + event_type)
