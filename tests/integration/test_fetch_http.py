@@ -130,12 +130,20 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Records every connect() and fails any that is not to loopback."""
+    """Records the test thread's connect() calls and fails any, from any thread, that is
+    not to loopback.
+
+    Only the test's own thread is recorded: fetch_bytes connects on the caller's thread,
+    while a background thread left by an earlier test (a webhook retry, a client
+    reconnecting) may dial a port that the OS has since handed to this module's server.
+    """
     attempts: list[Any] = []
     real_connect = socket.socket.connect
+    test_thread = threading.get_ident()
 
     def connect(self: socket.socket, address: Any) -> None:
-        attempts.append(address)
+        if threading.get_ident() == test_thread:
+            attempts.append(address)
         host = address[0] if isinstance(address, tuple) else ""
         if not ipaddress.ip_address(host).is_loopback:
             raise AssertionError(f"test tried to connect to {address}")
@@ -186,9 +194,10 @@ def test_http_errors_fail_with_the_status(server: Server) -> None:
 def test_strict_guard_refuses_the_loopback_server_itself(
     server: Server, loopback_only: list[Any]
 ) -> None:
+    hits_before = list(server.hits)
     with pytest.raises(ForbiddenUrl, match="loopback"):
         fetch_bytes(server.url("/image.png"), STRICT)
-    assert loopback_only == []
+    assert loopback_only == [] and server.hits == hits_before
 
 
 def test_redirects_are_followed_up_to_the_limit(server: Server) -> None:
