@@ -195,6 +195,8 @@ class S3Server:
 
 def py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy: pip install -e '.[dev]' (or pip install py-spy)")
     argv = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
     argv += ["--subprocesses", "--gil", "--nonblocking", "--output", str(out)]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -173,6 +173,21 @@ def test_caption_adapter_is_published_and_served_by_a_live_worker(
     assert caption_text(ft, COLORS[0], "tiny.fr") == TEXTS[1]
 
 
+def broker_holds(broker: redis.Redis, job_id: str) -> bool:
+    """The job's message is in this database: unacknowledged, or back in its queue (this
+    stack's 4 s visibility timeout puts a running fine-tune's message back there while
+    the worker's one thread is busy with it)."""
+    needle = job_id.encode()
+    if any(needle in raw for raw in broker.hvals("unacked")):
+        return True
+    return any(
+        needle in raw
+        for key in broker.scan_iter(count=1000)
+        if broker.type(key) == b"list"
+        for raw in broker.lrange(key, 0, -1)
+    )
+
+
 def test_a_killed_worker_resumes_from_its_last_checkpoint(ft: Stack) -> None:
     dataset = make_dataset(ft, "resume.zip", list(TEXTS))
     job = ft.client.finetune(
@@ -187,8 +202,8 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(ft: Stack) -> None:
     )
     long_broker = redis.Redis.from_url(ft.settings.long_broker_url)
     wait_until(lambda: progress_step(ft, job.id) >= 50, 60, "training past step 50")
-    # The message waits unacknowledged in the finetune broker's own database.
-    assert long_broker.hlen("unacked") >= 1
+    # The message is in the finetune broker's own database, not the inference one's.
+    assert broker_holds(long_broker, job.id) and not broker_holds(ft.redis, job.id)
     first: WorkerProcess = ft.extra["finetune"]
     first.kill()
     killed_at = progress_step(ft, job.id)

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from api_client.errors import Canceled, ImageqError, ModelError, OutOfMemory
 from api_client.inputs import GenerateInput
@@ -22,6 +23,8 @@ from workers.kinds.diffusion import AloneCall, DiffusionBatcher, pipeline_batche
 from workers.predictors.base import BatchInterrupted, StepCallback
 from workers.predictors.diffusion import GeneratedImage, GenerateJob
 from workers.runtime.batching import Ran
+
+PIXELS = Image.new("RGB", (64, 64))
 
 
 class Control:
@@ -71,7 +74,7 @@ class Scripted:
                 except Exception as exc:
                     raise BatchInterrupted(index, exc) if batched else exc from None
         return [
-            [GeneratedImage(b"png", (inp.seed or 0) + i, 64, 64) for i in range(inp.num_images)]
+            [GeneratedImage(PIXELS, (inp.seed or 0) + i) for i in range(inp.num_images)]
             for inp in inps
         ]
 

@@ -182,7 +182,7 @@ class DiffusionHandler:
     def _output(self, job_id: str, images: list[GeneratedImage]) -> dict[str, Any]:
         entries = []
         for index, image in enumerate(images):
-            ref = self.ctx.put_output(job_id, f"image-{index}.png", image.png, "image/png")
+            ref = self.ctx.put_output(job_id, f"image-{index}.png", image.png(), "image/png")
             entry: dict[str, Any] = {
                 **ref,
                 "seed": image.seed,

@@ -52,13 +52,31 @@ NO_IP_ADAPTER = "style_image: this worker has no IP-Adapter (set IMAGEQ_IP_ADAPT
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    png: bytes
+    """One output image, still as pixels: ``png()`` encodes it.
+
+    Encoding is left to the caller because it is slow (a 512x512 PNG takes tens of ms of
+    CPU) and the pipeline's thread should spend that time on the next call: a job
+    encodes its own images on its own thread.
+    """
+
+    image: Image.Image
     seed: int
-    width: int
-    height: int
     parameters: dict[str, Any] = field(default_factory=dict)
     #: The safety checker blacked this image out (only with IMAGEQ_SAFETY_CHECKER).
     nsfw: bool = False
+
+    @property
+    def width(self) -> int:
+        return int(self.image.width)
+
+    @property
+    def height(self) -> int:
+        return int(self.image.height)
+
+    def png(self) -> bytes:
+        """The PNG, its parameters in an A1111 text chunk; equal pixels and parameters
+        give equal bytes."""
+        return encode_png(self.image, self.parameters)
 
 
 @dataclass(frozen=True)
@@ -371,8 +389,7 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
                 "adapters": [{"name": a.name, "scale": a.scale} for a in inp.adapters],
                 **extra,
             }
-            png = encode_png(image, params)
-            results.append(GeneratedImage(png, seed, image.width, image.height, params, nsfw))
+            results.append(GeneratedImage(image, seed, params, nsfw))
         return results
 
 
