@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from api_client.celery_config import celery_config
 from api_client.settings import Settings, SettingsError
-from tasks.config import worker_config
 from tasks.jobs import register_tasks
 from tasks.signals import connect_signals
 from tasks.state import WorkerState
@@ -16,7 +16,7 @@ from tasks.state import WorkerState
 
 def create_app(settings: Settings) -> Celery:
     app = Celery("imageq")
-    app.conf.update(worker_config(settings))
+    app.conf.update(celery_config(settings, long_jobs=settings.worker_kind == "finetune"))
     state = WorkerState(settings, app)
     register_tasks(app, state)
     connect_signals(state)

@@ -16,6 +16,7 @@ from workers.ops.launch import batch_pool_size
 from workers.ops.live_workers import WorkerRegistry
 from workers.ops.metrics import Metrics
 from workers.runtime.autobatch import measured
+from workers.runtime.redis_transport import use_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ def reserved_not_started() -> dict[str, int]:
 def connect_signals(state: WorkerState) -> None:
     job_tasks = {spec.task_name for spec in JOB_KINDS.values()}
     holder: dict[str, Any] = {}
+
+    @signals.celeryd_init.connect(weak=False)
+    def worker_transport(conf: Any = None, **_: Any) -> None:
+        # Sent by `celery worker` alone, before it connects: Flower keeps kombu's own.
+        if conf is not None:
+            use_in_worker(conf)
 
     @signals.worker_init.connect(weak=False)
     def load_model(sender: Any = None, **_: Any) -> None:

@@ -15,6 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from api_client.names import queue_name
 from api_client.settings import Settings
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
@@ -127,6 +128,22 @@ def test_basic_auth_required(flower: str) -> None:
     assert requests.get(flower + "/tasks", auth=AUTH, timeout=10).status_code == 200
     # Flower leaves its health check open by design (container health checks use it).
     assert requests.get(flower + "/healthcheck", timeout=10).text == "OK"
+
+
+def test_the_broker_views_answer_while_the_worker_runs_its_own_transport(
+    stack: Stack, flower: str
+) -> None:
+    # Flower picks its broker client by the URL's scheme: it must keep kombu's transport
+    # (a named one replaces the scheme); the worker runs imageq's (its banner says so).
+    worker_log = stack.tmp / "logs" / f"{WORKER}.log"
+    assert "workers.runtime.redis_transport:Transport://" in worker_log.read_text()
+    lengths = requests.get(flower + "/api/queues/length", auth=AUTH, timeout=10)
+    assert lengths.status_code == 200, lengths.text[:300]
+    # Lengths read from Redis (the app's queues; a worker's own appear once Flower has
+    # inspected it).
+    counts = {q["name"]: q["messages"] for q in lengths.json()["active_queues"]}
+    assert isinstance(counts[queue_name("default", stack.settings.queue_prefix)], int)
+    assert requests.get(flower + "/broker", auth=AUTH, timeout=10).status_code == 200
 
 
 def test_job_listed_by_id_with_kind_task_name(stack: Stack, flower: str) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from celery import Celery
 from kombu import Connection, Exchange, Message, Queue
 
 from api_client.celery_config import celery_config
 from api_client.settings import Settings
-from tasks.config import worker_config
-from workers.runtime.redis_transport import TRANSPORT, Channel, transport_for
+from workers.runtime.redis_transport import TRANSPORT, Channel, transport_for, use_in_worker
 from workers.testing.services import RedisServer
 
 _n = itertools.count()
@@ -29,12 +29,17 @@ def test_redis_urls_get_it_and_sentinel_keeps_kombus_own() -> None:
     assert transport_for("sentinel://a:26379;sentinel://b:26379") is None
 
 
-def test_a_worker_uses_it_and_a_producer_does_not() -> None:
+def test_a_starting_worker_gets_it_and_other_commands_keep_kombus() -> None:
     settings = Settings.from_env({}, broker_url="redis://localhost:6379/0")
-    assert worker_config(settings)["broker_transport"] == TRANSPORT
-    assert "broker_transport" not in celery_config(settings)
-    sentinel = settings.with_(broker_url="sentinel://localhost:26379")
-    assert "broker_transport" not in worker_config(sentinel)
+    conf = Celery("t", set_as_current=False).conf
+    conf.update(celery_config(settings))
+    assert conf.broker_transport is None  # what producers, Flower and `celery inspect` use
+    use_in_worker(conf)
+    assert conf.broker_transport == TRANSPORT
+    sentinel = Celery("t", set_as_current=False).conf
+    sentinel.update(celery_config(settings.with_(broker_url="sentinel://localhost:26379")))
+    use_in_worker(sentinel)
+    assert sentinel.broker_transport is None
 
 
 def test_messages_go_and_come_back_acked_on_one_client(url: str) -> None:

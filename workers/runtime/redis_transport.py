@@ -8,8 +8,10 @@ they share the channel's connection pool, and a client is safe to share between
 threads (each command takes a connection from the pool). This channel builds one and
 keeps it until kombu replaces the pool (after a connection error).
 
-Only the worker uses it (``tasks.app``), and only for ``redis://`` and ``rediss://``
-broker URLs; Sentinel URLs keep kombu's own transport.
+Only worker processes use it (set when Celery's worker starts: ``tasks.signals``), and
+only for ``redis://`` and ``rediss://`` broker URLs; Sentinel URLs keep kombu's own
+transport. Flower and Celery's other commands on the same app keep kombu's: they read
+the broker's kind from the connection's URL, whose scheme a named transport replaces.
 """
 
 from __future__ import annotations
@@ -48,3 +50,11 @@ def transport_for(broker_url: str) -> str | None:
     """The ``broker_transport`` for a worker on ``broker_url``; None: kombu's choice."""
     scheme = broker_url.partition("://")[0].lower()
     return TRANSPORT if scheme in SCHEMES else None
+
+
+def use_in_worker(conf: Any) -> None:
+    """Set a starting worker's Celery config (``celeryd_init``'s ``conf``) to this
+    transport where its broker URL allows."""
+    transport = transport_for(str(conf.broker_url or ""))
+    if transport is not None:
+        conf.broker_transport = transport
