@@ -2,8 +2,8 @@
 
 The worker's transport (``workers.runtime.redis_transport``) is kombu's with one client
 object per connection pool, where kombu builds a new ``redis.Redis`` per command sent
-outside its poll. This publishes N messages, then consumes and acks them (prefetch 10,
-as a worker's delivery bookkeeping does), once per transport and round, alternating;
+outside its poll. This publishes N messages, then consumes and acks them (prefetch 10),
+once per transport and round, alternating;
 prints the consumer's CPU per delivery and ack of each and their ratio.
 
     python bench/transport.py [--messages 2000] [--rounds 3]

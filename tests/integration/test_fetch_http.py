@@ -220,7 +220,7 @@ def test_redirect_to_the_metadata_address_is_refused_without_connecting(
     with pytest.raises(ForbiddenUrl, match=r"169\.254\.169\.254"):
         fetch_bytes(server.url("/to-metadata"), STRICT)
     assert server.hits == ["/to-metadata"]
-    assert all(address[0] == "127.0.0.1" for address in loopback_only)
+    assert loopback_only and all(address[0] == "127.0.0.1" for address in loopback_only)
 
 
 def test_redirect_to_a_name_that_resolves_privately_is_refused(

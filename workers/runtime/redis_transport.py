@@ -2,15 +2,16 @@
 
 kombu's Redis channel builds a new ``redis.Redis`` for every command it sends outside
 its poll: a delivery's bookkeeping, an ack, each batch of task events. Building one
-costs about 0.18 ms of CPU in redis-py 8 (0.6 ms per caption job on the 2-core test
-machine, measured by ``bench/dispatch.py``), and the objects differ only in being new:
+costs about 0.18 ms of CPU in redis-py 8 (three or four per job; ``bench/transport.py``
+measures a delivery and its ack), and the objects differ only in being new:
 they share the channel's connection pool, and a client is safe to share between
 threads (each command takes a connection from the pool). This channel builds one and
-keeps it until kombu replaces the pool (after a connection error).
+keeps it until kombu replaces the channel's pool.
 
 Only worker processes use it (set when Celery's worker starts: ``tasks.signals``), and
-only for ``redis://`` and ``rediss://`` broker URLs; Sentinel URLs keep kombu's own
-transport. Flower and Celery's other commands on the same app keep kombu's: they read
+only for ``redis://`` broker URLs. ``rediss://`` and Sentinel URLs keep kombu's own
+transport: kombu turns TLS on for ``rediss`` by the transport's name, which a named
+transport replaces. Flower and Celery's other commands on the same app keep kombu's: they read
 the broker's kind from the connection's URL, whose scheme a named transport replaces.
 """
 
@@ -22,8 +23,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-#: Broker URL schemes this transport serves (kombu's ``redis`` transport's own).
-SCHEMES = ("redis", "rediss")
+#: Broker URL schemes this transport serves.
+SCHEMES = ("redis",)
 #: What Celery's ``broker_transport`` names to load it.
 TRANSPORT = f"{__name__}:Transport"
 
