@@ -28,6 +28,11 @@ def transport_options(visibility_timeout_s: int) -> dict[str, Any]:
         "visibility_timeout": visibility_timeout_s,
         "unacked_restore_interval": restore_every_s,
         "unacked_restore_throttle": 1,
+        # The lock one restoring worker holds for a pass of a few milliseconds. kombu keeps
+        # it 300 s, so a worker killed while holding it (SIGKILL, OOM) stopped every
+        # worker's redelivery on that broker for five minutes. Two passes at once are
+        # safe: each message moves back inside a WATCH transaction on the unacked hash.
+        "unacked_mutex_expire": 2 * restore_every_s,
         "priority_steps": list(range(10)),
         "queue_order_strategy": "priority",
     }

@@ -7,8 +7,9 @@ import itertools
 import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Message, Queue
+from kombu.transport.redis import Mutex
 
-from api_client.celery_config import celery_config
+from api_client.celery_config import celery_config, transport_options
 from api_client.settings import Settings
 from workers.runtime.redis_transport import TRANSPORT, Channel, transport_for, use_in_worker
 from workers.testing.services import RedisServer
@@ -81,3 +82,17 @@ def test_a_new_pool_gets_a_new_client(url: str) -> None:
         with channel.conn_or_acquire() as after:
             assert after is not before and after.ping()
             assert after.connection_pool is channel.pool
+
+
+@pytest.mark.parametrize("transport", ["redis", TRANSPORT])
+def test_a_killed_restorers_lock_lasts_seconds_not_minutes(url: str, transport: str) -> None:
+    # A worker killed while it restores unacked messages leaves kombu's restore lock
+    # behind; until it expires no worker on that broker redelivers anything. With the
+    # shipped settings it lives 2 restore intervals (20 s), not kombu's 300 s.
+    options = transport_options(Settings().visibility_timeout_s)
+    with Connection(url, transport=transport, transport_options=options) as conn:
+        channel = conn.default_channel
+        key, expire_s = channel.unacked_mutex_key, channel.unacked_mutex_expire
+        with channel.conn_or_acquire() as client, Mutex(client, key, expire_s):
+            ttl_ms = client.pttl(key)
+    assert 0 < ttl_ms <= 20_000
