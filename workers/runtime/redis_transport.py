@@ -8,11 +8,10 @@ they share the channel's connection pool, and a client is safe to share between
 threads (each command takes a connection from the pool). This channel builds one and
 keeps it until kombu replaces the channel's pool.
 
-Only worker processes use it (set when Celery's worker starts: ``tasks.signals``), and
-only for ``redis://`` broker URLs. ``rediss://`` and Sentinel URLs keep kombu's own
-transport: kombu turns TLS on for ``rediss`` by the transport's name, which a named
-transport replaces. Flower and Celery's other commands on the same app keep kombu's: they read
-the broker's kind from the connection's URL, whose scheme a named transport replaces.
+Only worker processes use it, and only on ``redis://`` brokers (set as Celery's worker
+starts: ``tasks.signals``). A named transport replaces the connection URL's scheme, by
+which kombu turns TLS on for ``rediss://`` and Flower picks its broker client: so
+``rediss://`` and Sentinel brokers, Flower and Celery's other commands keep kombu's own.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-#: Broker URL schemes this transport serves.
-SCHEMES = ("redis",)
 #: What Celery's ``broker_transport`` names to load it.
 TRANSPORT = f"{__name__}:Transport"
 
@@ -50,7 +47,7 @@ class Transport(kombu_redis.Transport):
 def transport_for(broker_url: str) -> str | None:
     """The ``broker_transport`` for a worker on ``broker_url``; None: kombu's choice."""
     scheme = broker_url.partition("://")[0].lower()
-    return TRANSPORT if scheme in SCHEMES else None
+    return TRANSPORT if scheme == "redis" else None
 
 
 def use_in_worker(conf: Any) -> None:
