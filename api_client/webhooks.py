@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 SECRET_PREFIX = "whsec_"
@@ -93,15 +94,19 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(24)).decode()
 
 
-def event_id(job_id: str, event_type: str, key: str = "") -> str:
+def event_id(job_id: str, event_type: str, created_at: str, key: str = "") -> str:
     """Deterministic, so a re-sent event carries the same id and receivers dedupe.
 
-    A final event has one id per job (``msg_{job}_succeeded``); ``key`` tells apart the
-    events a job sends several of: ``job.started`` per attempt, ``job.progress`` per
-    attempt, stage and step (``progress_key``).
+    ``created_at`` is the job's record's creation time: a job id repeats when an
+    idempotency key is used again after its record expired, and that new job's events
+    must not be dropped as duplicates of the old one's. A final event has one id per job
+    (``msg_{job}_{created ms}_succeeded``); ``key`` tells apart the events a job sends
+    several of: ``job.started`` per attempt, ``job.progress`` per attempt, stage and step
+    (``progress_key``).
     """
     suffix = event_type.replace("job.", "")
-    return f"msg_{job_id}_{suffix}" + (f"_{key}" if key else "")
+    created_ms = round(datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp() * 1000)
+    return f"msg_{job_id}_{created_ms}_{suffix}" + (f"_{key}" if key else "")
 
 
 def progress_key(attempt: int, progress: Mapping[str, Any]) -> str:

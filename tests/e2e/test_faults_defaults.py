@@ -431,13 +431,15 @@ def test_sigterm_of_a_finetune_worker_hands_the_job_back(
     record_property("handed_back_at_step", handed_back_at)
     assert back_s <= 60, back_s
     assert done.status == "succeeded", done.error
-    # A hand-back is not a lost worker: the run that finished is attempt 1.
-    assert done.attempt == 1 and done.worker == live.name and done.output is not None
+    # A hand-back is not a lost worker (requeued, not counted against max_attempts), but
+    # the run that finished is a new attempt, with events of its own.
+    assert done.attempt == 2 and done.metrics["requeued"] == 1
+    assert done.worker == live.name and done.output is not None
     # Checkpointed where it stopped (off the every-25 grid as often as not), resumed there.
     assert done.output["resumed_from_step"] == handed_back_at >= 60
     assert done.metrics["steps_run"] == FINETUNE["max_steps"] - handed_back_at
     finetune_outputs_ok(stack, job.id, "defaults-term")
-    assert one_final_webhook(receiver, job.id, "job.succeeded")["data"]["attempt"] == 1
+    assert one_final_webhook(receiver, job.id, "job.succeeded")["data"]["attempt"] == 2
 
 
 @pytest.mark.parametrize("crash_at", ["after_final_record", "after_final_event"])

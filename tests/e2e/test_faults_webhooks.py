@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from api_client.webhooks import verify
+from api_client.webhooks import event_id, verify
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
 from workers.testing.services import free_port, wait_until
@@ -108,6 +108,11 @@ def _canceled_jobs(stack: Stack, url: str, count: int) -> list[str]:
     return ids
 
 
+def _canceled_id(stack: Stack, job_id: str) -> str:
+    """The final event's webhook-id, which names the job's record by its creation time."""
+    return event_id(job_id, "job.canceled", stack.client.get(job_id).created_at)
+
+
 def _done(stack: Stack, webhook_id: str) -> str | None:
     value = stack.redis.get(stack.store.key("wh", webhook_id, "done"))
     return None if value is None else str(value)
@@ -122,7 +127,7 @@ def test_receiver_down_then_500_then_up_gets_each_event_once(
     stack = make_stack(IMAGEQ_WEBHOOK_SCHEDULE_S="0,1,1,1,1,1,1,1,1,1")
     stack.worker("webhooks", "webhooks@outage")
     jobs = _canceled_jobs(stack, hooks.url("/outage"), 3)  # receiver down: refused
-    ids = {f"msg_{job_id}_canceled" for job_id in jobs}
+    ids = {_canceled_id(stack, job_id) for job_id in jobs}
     wait_until(lambda: stack.redis.zcard(stack.store.key("wh", "due")) >= 3, 30, "retries")
     time.sleep(1.5)
     hooks.default = 500
@@ -157,9 +162,9 @@ def test_410_stops_and_302_is_not_followed(
     gone = _canceled_jobs(stack, hooks.url("/gone"), 2)
     moved = _canceled_jobs(stack, hooks.url("/moved"), 1)
 
-    gone_ids = [f"msg_{job_id}_canceled" for job_id in gone]
+    gone_ids = [_canceled_id(stack, job_id) for job_id in gone]
     wait_until(lambda: all(_done(stack, i) == "gone" for i in gone_ids), 30, "410s")
-    webhook_id = f"msg_{moved[0]}_canceled"
+    webhook_id = _canceled_id(stack, moved[0])
     # A redirect is an answer to retry, never a place to go: the schedule runs out.
     wait_until(lambda: _done(stack, webhook_id) == "retry", 30, "302 retries spent")
     time.sleep(1.5)
@@ -197,8 +202,8 @@ def test_failed_and_gone_deliveries_are_kept_and_replayed(
     stack.worker("webhooks", "webhooks@replay")
     failed = _canceled_jobs(stack, hooks.url("/down-long"), 2)
     gone = _canceled_jobs(stack, hooks.url("/gone-then-back"), 1)
-    failed_ids = {f"msg_{job_id}_canceled" for job_id in failed}
-    gone_id = f"msg_{gone[0]}_canceled"
+    failed_ids = {_canceled_id(stack, job_id) for job_id in failed}
+    gone_id = _canceled_id(stack, gone[0])
     wait_until(lambda: all(_done(stack, i) == "retry" for i in failed_ids), 30, "retries spent")
     wait_until(lambda: _done(stack, gone_id) == "gone", 30, "410")
 
@@ -214,7 +219,7 @@ def test_failed_and_gone_deliveries_are_kept_and_replayed(
     hooks.status["/gone-then-back"] = 200
     first = sorted(failed)[0]
     replayed = _imageq(stack, "webhooks", "replay", "--job", first)["replayed"]
-    assert replayed == [f"msg_{first}_canceled"]
+    assert replayed == [_canceled_id(stack, first)]
     wait_until(lambda: _done(stack, replayed[0]) == "delivered", 30, "replayed delivery")
     rest = _imageq(stack, "webhooks", "replay", "--since", "1h")["replayed"]
     assert set(rest) == (failed_ids | {gone_id}) - set(replayed)

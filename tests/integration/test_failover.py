@@ -18,6 +18,7 @@ from api_client.errors import TransientError
 from api_client.records import Document, RecordStore, connect, new_record
 from api_client.schemas import JobDocument, JobStatus, parse_job
 from api_client.settings import Settings
+from api_client.webhooks import event_id
 from workers.io.storage import LocalStorage
 from workers.runtime.control import JobControl, LeaseKeeper, LeaseLost
 from workers.runtime.failover import FailoverSweeper, RunningSet
@@ -205,7 +206,10 @@ def test_a_worker_that_died_between_the_final_record_and_the_event_is_completed(
     store.finish(doc["id"], JobStatus.SUCCEEDED, output={"captions": []})
     RunningSet(store).watch(doc["id"], -1)
     assert sweeper.sweeper.sweep() == [(doc["id"], "finalize")]
-    assert [e.webhook_id for e in sweeper.webhooks] == [f"msg_{doc['id']}_succeeded"]
+    record = store.get(doc["id"])
+    assert record is not None
+    final_id = event_id(doc["id"], "job.succeeded", record.created_at)
+    assert [e.webhook_id for e in sweeper.webhooks] == [final_id]
     assert sweeper.runner.ctx.storage.exists(f"jobs/{doc['id']}/result.json")
     assert sweeper.jobs == [] and sweeper.sweeper.sweep() == []
 
@@ -308,13 +312,15 @@ def test_a_hand_back_requeues_without_counting_and_resends_at_once(fleet: Any) -
     leaving.handler.on_step = sigterm
     assert leaving.runner.execute(doc, "t") is None
     record = store.get(doc["id"])
-    assert record is not None and record.status == "queued" and record.attempt == 0
+    # Not counted against max_attempts (requeued), but the next run is attempt 2.
+    assert record is not None and record.status == "queued" and record.attempt == 1
+    assert record.metrics["requeued"] == 1
     assert store.lease_holder(doc["id"]) is None
     assert [job["id"] for job in leaving.jobs] == [doc["id"]]
     assert RunningSet(store).score(doc["id"]) is None
     assert leaving.webhooks == []  # a hand-back is not an event: the job goes on
     done = staying.runner.execute(leaving.jobs[0], "t")
-    assert done is not None and done.status == "succeeded" and done.attempt == 1
+    assert done is not None and done.status == "succeeded" and done.attempt == 2
 
 
 def test_a_hand_back_that_could_not_resend_is_resent_by_a_sweeper(fleet: Any) -> None:
@@ -350,13 +356,140 @@ def test_transient_errors_retry_without_counting_then_fail_with_result_json(
     with pytest.raises(Deferred):
         worker.runner.execute(doc, "t")
     record = store.get(doc["id"])
-    assert record is not None and record.status == "queued" and record.attempt == 0
+    assert record is not None and record.status == "queued" and record.attempt == 1
+    assert record.metrics["requeued"] == 1
     # Watched until the retry runs: a sweeper re-sends it if the retry's worker dies.
     score = RunningSet(store).score(doc["id"])
     assert score is not None
     record = worker.runner.execute(doc, "t")  # the retry; storage_retries=1 is spent
-    assert record is not None and record.status == "failed" and record.attempt == 1
+    assert record is not None and record.status == "failed" and record.attempt == 2
     assert record.error is not None and "gave up after 2 tries" in record.error.message
     result = json.loads(worker.runner.ctx.storage.get(f"jobs/{doc['id']}/result.json"))
     assert result["status"] == "failed"
     assert RunningSet(store).score(doc["id"]) is None
+
+
+def test_the_run_after_a_hand_back_sends_a_started_event_of_its_own(fleet: Any) -> None:
+    """The attempt never goes back, so the webhooks worker does not drop the next run's
+    ``job.started`` (or its progress) as a duplicate of the handed-back run's."""
+    leaving, staying = fleet("leaving"), fleet("staying")
+    doc = _doc()
+    doc["webhook"]["events"] = ["job.started", "job.progress", "job.succeeded"]
+
+    def sigterm(step: int, control: JobControl) -> None:
+        control.hands_back = True
+        if step == 2:
+            leaving.runner.ctx.draining.set()
+
+    leaving.handler.on_step = sigterm
+    assert leaving.runner.execute(doc, "t") is None
+    done = staying.runner.execute(leaving.jobs[0], "t")
+    assert done is not None and done.status == "succeeded"
+    sent = [e.webhook_id for e in leaving.webhooks + staying.webhooks]
+    started = [i for i in sent if "_started_" in i]
+    assert len(started) == 2 and len(set(sent)) == len(sent), sent
+
+
+def test_max_attempts_counts_lost_workers_not_hand_backs(fleet: Any) -> None:
+    worker = fleet("w", max_attempts=2)
+    doc = _doc()
+    store = worker.runner.store
+    for _ in range(2):  # two deploys hand the job back
+        worker.runner.ctx.draining.set()
+        worker.handler.on_step = lambda step, control: setattr(control, "hands_back", True)
+        assert worker.runner.execute(doc, "t") is None
+    worker.runner.ctx.draining.clear()
+    worker.handler.on_step = None
+    # Then its third run's worker dies: one lost worker, under max_attempts=2.
+    store.update(
+        doc["id"], lambda r: r.model_copy(update={"status": JobStatus.RUNNING, "attempt": 3})
+    )
+    done = worker.runner.execute(doc, "t")
+    assert done is not None and done.status == "succeeded", done
+    assert done.attempt == 4 and done.metrics["requeued"] == 2
+
+
+def _result(worker: Worker, job_id: str) -> dict[str, Any]:
+    return dict(json.loads(worker.runner.ctx.storage.get(f"jobs/{job_id}/result.json")))
+
+
+def test_a_stale_runs_result_json_written_after_the_job_ended_is_put_right(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run stalls between its lease check and its result.json write; meanwhile another
+    run takes the job over and ends it. The stale write lands last, then is rewritten."""
+    stale, live = fleet("stale"), fleet("live")
+    doc = _doc()
+    store = stale.runner.store
+    storage = stale.runner.ctx.storage
+    put = storage.put
+
+    stalled: list[str] = []
+
+    def stalled_put(key: str, data: bytes, content_type: str) -> str:
+        if key.endswith("result.json") and not stalled:
+            stalled.append(key)
+            store.redis.delete(store.key("lease", doc["id"]))  # lapsed while frozen
+            done = live.runner.execute(doc, "t")
+            assert done is not None and done.attempt == 2
+        return put(key, data, content_type)
+
+    monkeypatch.setattr(storage, "put", stalled_put)
+    assert stale.runner.execute(doc, "t") is None
+    record = store.get(doc["id"])
+    assert record is not None and record.status == "succeeded" and record.worker == "live"
+    assert _result(stale, doc["id"])["worker"] == "live"
+    assert _result(stale, doc["id"]) == record.to_json()
+
+
+def test_a_stale_runs_result_json_landing_before_the_final_record_is_rewritten(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stale run's write lands after the live run's result.json, before its final
+    record: the stale run marks it, and the live run writes result.json again."""
+    stale, live = fleet("stale"), fleet("live")
+    doc = _doc()
+    store = live.runner.store
+    storage = live.runner.ctx.storage
+    put = storage.put
+    key = f"jobs/{doc['id']}/result.json"
+    live.runner.ctx.storage.put(key, b"{}", "application/json")
+    store.create(new_record(doc), doc)
+    store.update(
+        doc["id"], lambda r: r.model_copy(update={"status": JobStatus.RUNNING, "attempt": 1})
+    )
+
+    raced: list[str] = []
+
+    def then_the_stale_write(name: str, data: bytes, content_type: str) -> str:
+        uri = put(name, data, content_type)
+        if name == key and not raced:
+            raced.append(name)
+            # The stale run (attempt 1) writes its own record, then finds attempt 2.
+            stale_record = json.dumps({"id": doc["id"], "attempt": 1, "worker": "stale"})
+            stale.runner.ctx.storage.put(key, stale_record.encode(), "application/json")
+            stale.runner.transitions.mark_result_stale(doc["id"])
+        return uri
+
+    monkeypatch.setattr(storage, "put", then_the_stale_write)
+    done = live.runner.execute(doc, "t")
+    assert done is not None and done.attempt == 2 and done.worker == "live"
+    assert _result(live, doc["id"]) == done.to_json()
+    assert not store.redis.hexists(store.key("once", doc["id"]), "result.json:stale")
+    assert RunningSet(store).score(doc["id"]) is None and store.lease_holder(doc["id"]) is None
+
+
+def test_checkpoint_writes_ask_redis_whether_the_run_still_holds_its_job(fleet: Any) -> None:
+    worker = fleet("w")
+    doc = _doc()
+    store = worker.runner.store
+
+    def taken_over(step: int, control: JobControl) -> None:
+        control.hold()  # ours: passes
+        store.redis.set(store.key("lease", doc["id"]), "other/1")
+        control.hold()
+
+    worker.handler.on_step = taken_over
+    assert worker.runner.execute(doc, "t") is None
+    assert store.lease_holder(doc["id"]) == "other/1"
+    assert not worker.runner.ctx.storage.exists(f"jobs/{doc['id']}/result.json")

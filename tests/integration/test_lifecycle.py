@@ -16,6 +16,7 @@ from api_client.errors import ModelError
 from api_client.records import RecordStore, connect, new_record
 from api_client.schemas import JobDocument, JobStatus
 from api_client.settings import Settings
+from api_client.webhooks import event_id
 from workers.io.storage import LocalStorage
 from workers.runtime.control import JobControl
 from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
@@ -116,7 +117,9 @@ def test_redelivery_completes_side_effects_a_crash_skipped(env: tuple) -> None:
     assert handler.calls == 0
     assert runner.ctx.storage.exists(f"jobs/{doc['id']}/result.json")
     assert [e.type for e in sent] == ["job.succeeded"]
-    assert sent[0].webhook_id == f"msg_{doc['id']}_succeeded"
+    record = store.get(doc["id"])
+    assert record is not None
+    assert sent[0].webhook_id == event_id(doc["id"], "job.succeeded", record.created_at)
 
 
 def test_live_lease_defers_a_second_delivery(env: tuple) -> None:

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from api_client.webhooks import event_id, progress_key
 
+CREATED = "2026-12-08T01:39:24.123Z"
+
 
 def test_final_events_have_one_id_per_job() -> None:
-    assert event_id("j1", "job.succeeded") == "msg_j1_succeeded"
-    assert event_id("j1", "job.succeeded") == event_id("j1", "job.succeeded")
-    assert event_id("j1", "job.failed") != event_id("j1", "job.succeeded")
+    assert event_id("j1", "job.succeeded", CREATED) == "msg_j1_1796693964123_succeeded"
+    assert event_id("j1", "job.succeeded", CREATED) == event_id("j1", "job.succeeded", CREATED)
+    assert event_id("j1", "job.failed", CREATED) != event_id("j1", "job.succeeded", CREATED)
+
+
+def test_a_job_id_used_again_after_its_record_expired_gets_new_event_ids() -> None:
+    """An idempotency key names the same job id again once the first record expired: the
+    new job's events must not be de-duplicated against the old one's."""
+    later = "2026-12-15T09:00:00.000Z"
+    assert event_id("j1", "job.succeeded", later) != event_id("j1", "job.succeeded", CREATED)
+    key = progress_key(1, {"stage": "training", "step": 5})
+    assert event_id("j1", "job.progress", later, key) != event_id(
+        "j1", "job.progress", CREATED, key
+    )
 
 
 def test_progress_ids_differ_by_attempt_stage_and_step() -> None:
@@ -20,13 +33,13 @@ def test_progress_ids_differ_by_attempt_stage_and_step() -> None:
         {"stage": "training", "step": 60},
         {"stage": "publishing", "step": 60},
     ]
-    ids = [event_id("j1", "job.progress", progress_key(1, p)) for p in stages]
+    ids = [event_id("j1", "job.progress", CREATED, progress_key(1, p)) for p in stages]
     assert len(set(ids)) == len(ids)
     # A resumed run (attempt 2) repeats steps: its events are new events.
-    again = event_id("j1", "job.progress", progress_key(2, stages[4]))
+    again = event_id("j1", "job.progress", CREATED, progress_key(2, stages[4]))
     assert again not in ids
     # The same event re-sent keeps its id, so receivers de-duplicate it.
-    assert event_id("j1", "job.progress", progress_key(1, stages[4])) == ids[4]
+    assert event_id("j1", "job.progress", CREATED, progress_key(1, stages[4])) == ids[4]
 
 
 def test_stage_names_are_made_safe_for_an_id() -> None:

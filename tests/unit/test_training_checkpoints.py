@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from workers.io.storage import LocalStorage
+from workers.runtime.control import LeaseLost
 from workers.training.checkpoints import MANIFEST, CheckpointStore
 from workers.training.loop import LoopConfig, batch_indices, run_training
 
@@ -216,3 +217,24 @@ def test_a_hand_back_checkpoints_the_step_it_stops_at(storage: LocalStorage) -> 
     resumed = run_training(resumed_trainer, config, store, lambda *_: None)
     assert resumed.resumed_from_step == 7 and resumed.steps_run == 13
     assert torch.equal(resumed_trainer.a, unbroken.a) and torch.equal(resumed_trainer.b, unbroken.b)
+
+
+def test_a_run_that_lost_its_job_neither_saves_nor_prunes(storage: LocalStorage) -> None:
+    """A run that stalled past its lease and thawed while another run trains the job: its
+    save must not write a checkpoint, nor prune the live run's half-written one."""
+    live = CheckpointStore(storage, "ck/", keep=1)
+    save(live, 30)
+    # The live run is writing step 40: its files are there, its manifest is not yet.
+    storage.put("ck/step-000000040/adapter.safetensors", b"half", "application/octet-stream")
+
+    def lost() -> None:
+        raise LeaseLost("job j: another worker holds the job now")
+
+    stale = CheckpointStore(storage, "ck/", keep=1, guard=lost)
+    with pytest.raises(LeaseLost):
+        save(stale, 50)
+    with pytest.raises(LeaseLost):
+        stale.prune(50)
+    assert storage.exists("ck/step-000000040/adapter.safetensors")
+    assert [k for k in storage.list("ck/") if "step-000000050" in k] == []
+    assert live.steps() == [30]

@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,13 @@ class AdapterRegistry:
         info: dict[str, Any],
         *,
         overwrite: bool = False,
+        guard: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Upload the files, then register the entry (files first: never a dangling entry)."""
+        """Upload the files, then register the entry (files first: never a dangling entry).
+
+        ``guard`` raises unless the publishing run still holds its job (``JobControl.hold``):
+        a run that stalled past its lease must not overwrite what the live run publishes.
+        """
         for filename in files:
             if "/" in filename or not filename.endswith(ALLOWED_SUFFIXES):
                 raise InvalidInput(f"adapters: refusing to publish file {filename!r}")
@@ -63,6 +69,8 @@ class AdapterRegistry:
         version = utcnow()
         prefix = f"adapters/{name}/"
         for filename, data in files.items():
+            if guard is not None:
+                guard()
             self.storage.put(prefix + filename, data, "application/octet-stream")
         entry = {
             **info,
@@ -74,6 +82,8 @@ class AdapterRegistry:
             "created_at": version,
         }
         encoded = json.dumps(entry)
+        if guard is not None:
+            guard()
         if overwrite:
             self.store.redis.hset(self.key, name, encoded)
         elif not self.store.redis.hsetnx(self.key, name, encoded):

@@ -77,7 +77,7 @@ class FinetuneHandler:
         # Trained: publishing takes seconds, so a SIGTERM now waits for it.
         control.hands_back = False
         control(inp.max_steps, inp.max_steps, {"stage": "publishing"})
-        return self._publish(job_id, inp, dataset, trainer, result)
+        return self._publish(job_id, inp, dataset, trainer, result, control)
 
     # -- before training ----------------------------------------------------------------
     def check_name(self, job_id: str, inp: FinetuneInput) -> None:
@@ -165,6 +165,7 @@ class FinetuneHandler:
             self.ctx.storage,
             f"jobs/{job_id}/checkpoints/",
             keep=self.settings.finetune_keep_checkpoints,
+            guard=control.hold,
         )
         config = LoopConfig(
             max_steps=inp.max_steps,
@@ -201,6 +202,7 @@ class FinetuneHandler:
         dataset: Dataset,
         trainer: Trainer,
         result: LoopResult,
+        control: JobControl,
     ) -> dict[str, Any]:
         base_model = self.base_model(inp.target)
         metrics = {
@@ -228,7 +230,9 @@ class FinetuneHandler:
         files[INFO_FILE] = json.dumps(info, indent=1).encode()
         # Ours already when a crash came between publishing and the final record.
         own = (self.registry.get(inp.name) or {}).get("job_id") == job_id
-        entry = self.registry.publish(inp.name, files, info, overwrite=inp.overwrite or own)
+        entry = self.registry.publish(
+            inp.name, files, info, overwrite=inp.overwrite or own, guard=control.hold
+        )
         log.info("job %s published adapter %s (%s)", job_id, inp.name, entry["uri"])
         # A storage URI names a key, so the folder's URI is its key's plus the slash.
         store = self.ctx.storage.uri(f"jobs/{job_id}/checkpoints") + "/"

@@ -97,6 +97,13 @@ class JobControl:
                 return seen
         return self.store.cancel_requested(self.job_id)
 
+    def hold(self) -> None:
+        """Raise ``LeaseLost`` unless this run still holds its job, asked of Redis now:
+        before a write another run of the job could be making too (a checkpoint, a
+        prune, an adapter published)."""
+        if self.lease is not None:
+            self.lease.verify()
+
     def hand_back_requested(self) -> bool:
         """The worker is shutting down and this job resumes elsewhere (see ``hands_back``)."""
         return self.hands_back and self.draining is not None and self.draining.is_set()

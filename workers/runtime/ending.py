@@ -20,7 +20,7 @@ from api_client.webhooks import event_id, progress_key
 from workers.runtime.context import Deferred, Output, WorkerContext
 from workers.runtime.control import LeaseKeeper, LeaseLost
 from workers.runtime.failover import RunningSet, back_to_queued
-from workers.runtime.transitions import RunRecord, Transitions, stored_webhook
+from workers.runtime.transitions import RunRecord, Transitions, Written, stored_webhook
 from workers.webhooks.post import WebhookEvent
 
 log = logging.getLogger(__name__)
@@ -77,22 +77,34 @@ class RunEnding:
             state, found = self.transitions.write(
                 run, final, final=True, result_written=not send, release=None if send else [COUNTED]
             )
-        if state in ("moved", "lost"):
+        if state in (Written.MOVED, Written.LOST):
+            # This run stalled after its lease check: its result.json may have landed over
+            # the newer run's, which rewrites it once it ends the job (STALE_RESULT).
+            self.transitions.mark_result_stale(job.id)
             attempt = found.attempt if found is not None else "?"
             raise LeaseLost(f"job {job.id}: attempt {attempt} runs elsewhere")
-        if state != "ok":  # it ended elsewhere meanwhile, or expired
-            self.finalize(job.id)
+        if state not in (Written.OK, Written.REWRITE):  # it ended elsewhere, or expired
+            self._result_written_too_late(job.id)
             return None
         self.counted.add(job.id)
+        if state is Written.OK and not send:
+            run.released = True
+            return final
+        if state is Written.REWRITE:
+            self.ctx.storage.put(key, _result_json(final), "application/json")
+        self.store.claim_once(job.id, "result.json")
         if webhook is not None and send:
-            self.store.claim_once(job.id, "result.json")
             # Sent first, marked done after, as ``emit`` does.
             self._send(job.id, event_type, final, webhook)
             self.store.claim_once(job.id, "webhook:" + event_type)
-            run.claims.append(COUNTED)
-        else:
-            run.released = True
+        run.claims.append(COUNTED)
         return final
+
+    def _result_written_too_late(self, job_id: str) -> None:
+        """This run wrote result.json, then found its job ended by another run: written
+        again from the final record (and any other side effect completed)."""
+        self.store.forget_once(job_id, "result.json")
+        self.finalize(job_id)
 
     def _final(
         self,
@@ -155,8 +167,13 @@ class RunEnding:
 
         record, changed = self.store.update(job_id, mutate)
         if not changed and record is not None and not record.is_final:
+            if wrote:
+                self.transitions.mark_result_stale(job_id)
             raise LeaseLost(f"job {job_id}: attempt {record.attempt} runs elsewhere")
-        if changed and wrote:
+        if not changed and wrote:
+            self._result_written_too_late(job_id)
+            return None
+        if wrote:
             self.store.claim_once(job_id, "result.json")
         self.finalize(job_id)
         return record if changed else None
@@ -219,7 +236,9 @@ class RunEnding:
             record, _ = self.store.update(job_id, mutate)
             assert record is not None
         try:
-            if not self.store.done_once(job_id, "result.json"):
+            # A run that lost the job may have written its result.json over this one's.
+            stale = self.transitions.take_stale_mark(job_id)
+            if stale or not self.store.done_once(job_id, "result.json"):
                 self.ctx.storage.put(key, _result_json(record), "application/json")
                 self.store.claim_once(job_id, "result.json")
         finally:
@@ -264,7 +283,7 @@ class RunEnding:
         key: str = "",
     ) -> None:
         event = WebhookEvent(
-            webhook_id=event_id(job_id, event_type, key),
+            webhook_id=event_id(job_id, event_type, record.created_at, key),
             url=webhook["url"],
             type=event_type,
             timestamp=utcnow(),

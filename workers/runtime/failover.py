@@ -229,15 +229,30 @@ class FailoverSweeper:
 # -- handing a job on -----------------------------------------------------------------------
 
 
+#: The record's count (in ``metrics``) of runs that stopped without losing their worker
+#: (a hand-back, a transient retry): ``max_attempts`` counts only the other runs.
+REQUEUED = "requeued"
+
+
+def runs_lost(record: JobRecord) -> int:
+    """Attempts that ended with their worker lost (or still running)."""
+    return record.attempt - int(record.metrics.get(REQUEUED) or 0)
+
+
 def back_to_queued(attempt: int | None) -> Callable[[JobRecord], JobRecord | None]:
     """A run that stops without ending its job (hand-back, transient retry): queued
-    again, and the try not counted against ``max_attempts`` (it lost no worker)."""
+    again, and the try not counted against ``max_attempts`` (it lost no worker).
+
+    The attempt number itself never goes back: the next run is a new attempt whose
+    events (``job.started``, progress) carry ids of their own, which the webhooks worker
+    would otherwise drop as already delivered.
+    """
 
     def mutate(rec: JobRecord) -> JobRecord | None:
         if rec.status != JobStatus.RUNNING or (attempt is not None and rec.attempt != attempt):
             return None
         rec.status = JobStatus.QUEUED
-        rec.attempt = max(0, rec.attempt - 1)
+        rec.metrics = {**rec.metrics, REQUEUED: int(rec.metrics.get(REQUEUED) or 0) + 1}
         return rec
 
     return mutate

@@ -23,9 +23,9 @@ from api_client.schemas import JobDocument, JobRecord, JobStatus, WebhookSpec, p
 from workers.runtime.context import Built, Deferred, Handler, Output, WorkerContext
 from workers.runtime.control import HandedBack, JobControl, LeaseKeeper, LeaseLost, RunInterrupted
 from workers.runtime.ending import RunEnding
-from workers.runtime.failover import RunningSet, hand_back
+from workers.runtime.failover import RunningSet, hand_back, runs_lost
 from workers.runtime.leases import Heart
-from workers.runtime.transitions import Claimed, RunRecord, Transitions
+from workers.runtime.transitions import Claimed, RunRecord, Transitions, Written
 
 # The types handlers and builders use live in ``context``; they are imported from here.
 __all__ = ["Built", "Deferred", "Handler", "JobRunner", "Output", "WorkerContext"]
@@ -212,7 +212,7 @@ class JobRunner(RunEnding):
         with run.lock:
             record = run.record.model_copy(update={"progress": progress})
             state, _ = self.transitions.write(run, record)
-        return state == "ok"
+        return state is Written.OK
 
     def _start_mutation(self, lost_runs: list[int]) -> Callable[[JobRecord], JobRecord | None]:
         settings, worker = self.settings, self.ctx.worker_name
@@ -221,8 +221,8 @@ class JobRunner(RunEnding):
             lost_runs.clear()
             if rec.is_final:
                 return None
-            if rec.status == JobStatus.RUNNING and rec.attempt >= settings.max_attempts:
-                lost_runs.append(rec.attempt)
+            if rec.status == JobStatus.RUNNING and runs_lost(rec) >= settings.max_attempts:
+                lost_runs.append(runs_lost(rec))
                 return None
             created = parse_time(rec.created_at)
             metrics = dict(rec.metrics)

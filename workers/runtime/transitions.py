@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from api_client.records import Document, RecordStore, utcnow
@@ -78,10 +79,17 @@ redis.call('PUBLISH', KEYS[2], ARGV[2])
 return {'ok', ''}
 """
 
+#: The once-hash field a run that lost its job sets after it wrote result.json anyway
+#: (it stalled between its lease check and the write): the run that ends the job writes
+#: result.json again after its final record, so the file never disagrees with it.
+STALE_RESULT = "result.json:stale"
+
 # KEYS: job, channel, lease, once, running
 # ARGV: new record, ttl_s, attempt, token, lease ttl ms, check lease (1/0), claim
 #       result.json (1/0), now, release (1/0), job id, claims...
+# A final write that finds the stale mark claims and releases nothing ('rewrite').
 _WRITE = f"""
+local STALE = '{STALE_RESULT}'
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {{'gone', ''}} end
 local rec = cjson.decode(raw)
@@ -99,6 +107,9 @@ if ARGV[6] == '1' then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[1])
+if ARGV[6] == '1' and redis.call('HDEL', KEYS[4], STALE) == 1 then
+  return {{'rewrite', ''}}
+end
 if ARGV[7] == '1' then
   redis.call('HSETNX', KEYS[4], 'result.json', ARGV[8])
   redis.call('EXPIRE', KEYS[4], ARGV[2])
@@ -120,6 +131,24 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return 1
 """
+
+
+class Written(StrEnum):
+    """What a ``write`` found."""
+
+    #: Written.
+    OK = "ok"
+    #: Written (a final record), but a run that lost the job wrote its result.json since
+    #: this run did: write it again, then claim it and let go of the job.
+    REWRITE = "rewrite"
+    #: Not written: the job is final already (another run ended it).
+    FINAL = "final"
+    #: Not written: another attempt runs the job now.
+    MOVED = "moved"
+    #: Not written: another run holds the job's lease.
+    LOST = "lost"
+    #: Not written: the record expired.
+    GONE = "gone"
 
 
 @dataclass
@@ -223,9 +252,10 @@ class Transitions:
         final: bool = False,
         result_written: bool = False,
         release: list[str] | None = None,
-    ) -> tuple[str, JobRecord | None]:
+    ) -> tuple[Written, JobRecord | None]:
         """Write ``new`` while the record is this run's attempt (``final``: and the lease
-        is this run's). Returns (ok | final | moved | lost | gone, the record found).
+        is this run's). Returns what it found, and the record (the one found when not
+        written).
 
         ``release`` (with ``final``): also claim these once-only names, leave the running
         set and give the lease up, as ``release`` does."""
@@ -253,10 +283,23 @@ class Transitions:
                 *(release or ()),
             ],
         )
-        if state == "ok":
+        written = Written(state)
+        if written in (Written.OK, Written.REWRITE):
             run.record = new
-            return "ok", new
-        return str(state), JobRecord.model_validate_json(raw) if raw else None
+            return written, new
+        return written, JobRecord.model_validate_json(raw) if raw else None
+
+    def mark_result_stale(self, job_id: str) -> None:
+        """This run wrote result.json but its job is not its own any more (``STALE_RESULT``)."""
+        key = self.store.key("once", job_id)
+        pipe = self.store.redis.pipeline(transaction=True)
+        pipe.hset(key, STALE_RESULT, utcnow())
+        pipe.expire(key, self.settings.result_ttl_s)
+        pipe.execute()
+
+    def take_stale_mark(self, job_id: str) -> bool:
+        """Whether a run that lost the job wrote result.json late (the mark is removed)."""
+        return bool(self.store.redis.hdel(self.store.key("once", job_id), STALE_RESULT))
 
     def release(self, job_id: str, token: str, claims: list[str]) -> None:
         """The claims, then out of the running set, then the lease (if still ours)."""

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 
 
+def _no_guard() -> None:
+    return None
+
+
 @dataclass
 class Checkpoint:
     step: int
@@ -43,10 +48,16 @@ class Checkpoint:
 class CheckpointStore:
     """The checkpoints of one job under ``prefix`` (``jobs/{id}/checkpoints/``)."""
 
-    def __init__(self, storage: Storage, prefix: str, keep: int = 2) -> None:
+    def __init__(
+        self, storage: Storage, prefix: str, keep: int = 2, guard: Callable[[], None] = _no_guard
+    ) -> None:
         self.storage = storage
         self.prefix = prefix.rstrip("/") + "/"
         self.keep = max(1, keep)
+        #: Raises unless this run may still write (``JobControl.hold``): a run that
+        #: stalled past its lease and thawed must not save over, or prune, the
+        #: checkpoints of the run that holds the job now.
+        self.guard = guard
 
     def folder(self, step: int) -> str:
         return f"{self.prefix}step-{step:09d}/"
@@ -69,6 +80,7 @@ class CheckpointStore:
             blobs[f"{stem}.safetensors"] = save(plain)
         blobs[STATE] = json.dumps({**state, "step": step}).encode()
         for name, data in blobs.items():
+            self.guard()
             self.storage.put(folder + name, data, "application/octet-stream")
         manifest = {
             "format": FORMAT_VERSION,
@@ -79,6 +91,7 @@ class CheckpointStore:
                 for name, data in blobs.items()
             },
         }
+        self.guard()
         uri = self.storage.put(folder + MANIFEST, json.dumps(manifest).encode(), "application/json")
         self.prune(step)
         return uri
@@ -93,6 +106,7 @@ class CheckpointStore:
                 continue
             # The manifest goes first, so a folder is never complete while half deleted.
             ordered = sorted(keys, key=lambda k: not k.endswith("/" + MANIFEST))
+            self.guard()
             for key in ordered:
                 try:
                     self.storage.delete(key)
