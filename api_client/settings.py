@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     metrics_address: str = "0.0.0.0"
     flower_basic_auth: SecretStr = SecretStr("")
     result_ttl_s: int = 7 * 24 * 3600
+    # Model time per tenant, kind and day (api_client/usage.py) is kept this long: a
+    # year and a month, so a yearly invoice can still be checked. A tenant-day is one
+    # small hash.
+    usage_keep_days: int = 400
     visibility_timeout_s: int = 3600
     finetune_visibility_timeout_s: int = 7 * 24 * 3600
     # Finetune: where a job unpacks its dataset; empty: a temporary folder.

@@ -146,7 +146,11 @@ class CaptionHandler:
                 for image in images
             ]
             ran = self.batcher.run(
-                items, control.check, ticket, control.images_progress("captioning", len(items))
+                items,
+                control.check,
+                ticket,
+                control.images_progress("captioning", len(items)),
+                charge=control.charge_model,
             )
         control.metrics["batch_size"] = max(r.batch_size for r in ran)
         control.metrics["images"] = len(items)

@@ -109,7 +109,7 @@ class DiffusionHandler:
     def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]:
         with self.batcher.incoming() as ticket:
             call = self._prepare(job, inp, control)
-            ran = self.batcher.run([call], control.check, ticket)[0]
+            ran = self.batcher.run([call], control.check, ticket, charge=control.charge_model)[0]
         control.metrics.update(
             batch_size=ran.batch_size,
             batch_jobs=ran.batch_items,

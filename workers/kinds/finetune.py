@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,13 @@ class FinetuneHandler:
         self.check_name(job.id, inp)
         work = work_root(self.settings) / job.id
         remove_tree(work)  # a crashed attempt's leftovers
+        began = time.monotonic()
         try:
             return self._run(job.id, inp, control, work)
         finally:
+            # A fine-tune holds its worker's device for the whole run (models load per
+            # job, auto_caption included): all of it is the job's model time.
+            control.charge_model(time.monotonic() - began)
             remove_tree(work)
             # The models went with _run's frame; hand their cached blocks back too, so an
             # idle finetune worker holds no GPU memory.

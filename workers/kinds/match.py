@@ -58,7 +58,11 @@ class MatchHandler:
                 for image in images
             ]
             ran = self.batcher.run(
-                items, control.check, ticket, control.images_progress("matching", len(items))
+                items,
+                control.check,
+                ticket,
+                control.images_progress("matching", len(items)),
+                charge=control.charge_model,
             )
         control.metrics.update(
             batch_size=max(r.batch_size for r in ran),

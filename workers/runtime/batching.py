@@ -61,6 +61,10 @@ def _go_on() -> None:
     return None
 
 
+def _free(seconds: float) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Ran(Generic[ResultT]):
     """One item's result and the model call it came from."""
@@ -72,6 +76,8 @@ class Ran(Generic[ResultT]):
     batch_items: int
     #: Seconds the call took.
     run_s: float
+    #: This item's share of them (``run_s`` by cost): the shares of one call add up to it.
+    share_s: float
 
 
 @dataclass(eq=False)
@@ -79,6 +85,8 @@ class _Job(Generic[ItemT, ResultT]):
     """One submission: ``check`` is asked once per batch, and its items leave together."""
 
     check: Callable[[], None]
+    #: Told the model seconds the job's items took, as each call ends (its usage).
+    charge: Callable[[float], None] = _free
     entries: list[_Entry[ItemT, ResultT]] = field(default_factory=list)
     # Its thread stopped waiting (failed, stopped): its items need not run.
     gone: bool = False
@@ -187,6 +195,7 @@ class Batcher(Generic[ItemT, ResultT]):
         check: Callable[[], None] = _go_on,
         ticket: Ticket | None = None,
         on_item_done: Callable[[int, int], None] | None = None,
+        charge: Callable[[float], None] = _free,
     ) -> list[Ran[ResultT]]:
         """Run one job's ``items`` and wait; one ``Ran`` per item, in order.
 
@@ -194,8 +203,9 @@ class Batcher(Generic[ItemT, ResultT]):
         the job leaves the queue with that error. The first item that fails fails the
         job, and its items still waiting leave the queue. ``on_item_done(done, total)``
         follows the items as they come back (progress); raising there stops the job too.
+        ``charge(seconds)`` is told the job's share of each model call its items were in.
         """
-        job = self._enqueue(items, check)
+        job = self._enqueue(items, check, charge)
         if ticket is not None:
             ticket.arrived()
         try:
@@ -210,13 +220,18 @@ class Batcher(Generic[ItemT, ResultT]):
             raise
 
     def submit(
-        self, items: Sequence[ItemT], check: Callable[[], None] = _go_on
+        self,
+        items: Sequence[ItemT],
+        check: Callable[[], None] = _go_on,
+        charge: Callable[[float], None] = _free,
     ) -> list[Future[Ran[ResultT]]]:
         """Queue one job's ``items`` without waiting; one future per item."""
-        return [entry.future for entry in self._enqueue(items, check).entries]
+        return [entry.future for entry in self._enqueue(items, check, charge).entries]
 
-    def _enqueue(self, items: Sequence[ItemT], check: Callable[[], None]) -> _Job[ItemT, ResultT]:
-        job = _Job[ItemT, ResultT](check)
+    def _enqueue(
+        self, items: Sequence[ItemT], check: Callable[[], None], charge: Callable[[float], None]
+    ) -> _Job[ItemT, ResultT]:
+        job = _Job[ItemT, ResultT](check, charge)
         job.entries = [
             _Entry(item, self.model.batch_key(item), self._cost(item), job) for item in items
         ]
@@ -364,12 +379,15 @@ class Batcher(Generic[ItemT, ResultT]):
         try:
             results = self.model.predict([entry.item for entry in batch])
         except BatchInterrupted as stop:
-            # One item's own stop (cancel, timeout): the others produced nothing.
+            # One item's own stop (cancel, timeout): the others produced nothing, and the
+            # time went on the item that stopped it.
+            batch[stop.index].job.charge(time.monotonic() - started)
             batch[stop.index].future.set_exception(stop.error)
             self._requeue([e for i, e in enumerate(batch) if i != stop.index])
             return
         except OutOfMemory as exc:
             if len(batch) == 1:
+                batch[0].job.charge(time.monotonic() - started)
                 batch[0].future.set_exception(exc)
                 return
             # Remember the lower limit so the next batches do not hit the wall again.
@@ -383,6 +401,7 @@ class Batcher(Generic[ItemT, ResultT]):
             return
         except Exception as exc:
             if len(batch) == 1:
+                batch[0].job.charge(time.monotonic() - started)
                 batch[0].future.set_exception(exc)
                 return
             # One item's trouble must not fail the others: each runs alone next.
@@ -396,7 +415,10 @@ class Batcher(Generic[ItemT, ResultT]):
         if self.autobatch is not None:
             self.autobatch.observe(size, elapsed)
         for entry, result in zip(batch, results, strict=True):
-            entry.future.set_result(Ran(result, size, len(batch), elapsed))
+            # Split by cost (images), so each job pays for what it put in the call.
+            share = elapsed * entry.cost / size
+            entry.job.charge(share)
+            entry.future.set_result(Ran(result, size, len(batch), elapsed, share))
 
 
 def _stop_reason(check: Callable[[], None]) -> BaseException | None:

@@ -89,6 +89,8 @@ class JobControl:
         self._last_record = 0.0
         self._last_event = 0.0
         self.metrics: dict[str, Any] = {}
+        self._model_s = 0.0
+        self._charge_lock = threading.Lock()
 
     def is_canceled(self) -> bool:
         if self.cancels is not None:
@@ -96,6 +98,14 @@ class JobControl:
             if seen is not None:
                 return seen
         return self.store.cancel_requested(self.job_id)
+
+    def charge_model(self, seconds: float) -> None:
+        """The job used the model for ``seconds`` more (its share of a batched call, a
+        training run): ``metrics.model_s``, what its tenant's usage counts. Called from
+        the batcher's thread as calls end, so a canceled or failed job is charged too."""
+        with self._charge_lock:
+            self._model_s += max(0.0, seconds)
+            self.metrics["model_s"] = round(self._model_s, 6)
 
     def hold(self) -> None:
         """Raise ``LeaseLost`` unless this run still holds its job, asked of Redis now:

@@ -223,6 +223,8 @@ class RunEnding:
         record = self.store.get(job_id)
         if record is None or not record.is_final:
             return
+        # Once per job (a claim in the same script): a no-op when the final write did it.
+        self.transitions.usage.charge(record)
         key = result_key(job_id)
         if not record.result_uri:
             uri = self.ctx.storage.uri(key)

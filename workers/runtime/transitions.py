@@ -33,6 +33,7 @@ from typing import Any
 
 from api_client.records import Document, RecordStore, utcnow
 from api_client.schemas import JobRecord
+from api_client.usage import CHARGE_LUA, UsageLedger
 
 _FINAL = (
     "local s = rec['status']\nlocal final = s == 'succeeded' or s == 'failed' or s == 'canceled'"
@@ -84,12 +85,15 @@ return {'ok', ''}
 #: result.json again after its final record, so the file never disagrees with it.
 STALE_RESULT = "result.json:stale"
 
-# KEYS: job, channel, lease, once, running
-# ARGV: new record, ttl_s, attempt, token, lease ttl ms, check lease (1/0), claim
-#       result.json (1/0), now, release (1/0), job id, claims...
-# A final write that finds the stale mark claims and releases nothing ('rewrite').
+# KEYS: job, channel, lease, once, running, usage day, usage tenants
+# ARGV: new record, ttl_s, attempt, token, lease ttl ms, final (1/0), claim
+#       result.json (1/0), now, release (1/0), job id, kind, model_s, usage keep s,
+#       usage tenant, claims...
+# A final write charges the job's usage (once per job, CHARGE_LUA); one that finds the
+# stale mark claims and releases nothing else ('rewrite').
 _WRITE = f"""
 local STALE = '{STALE_RESULT}'
+{CHARGE_LUA}
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {{'gone', ''}} end
 local rec = cjson.decode(raw)
@@ -107,6 +111,9 @@ if ARGV[6] == '1' then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[1])
+if ARGV[6] == '1' then
+  charge(KEYS[4], KEYS[6], KEYS[7], ARGV[8], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[2])
+end
 if ARGV[6] == '1' and redis.call('HDEL', KEYS[4], STALE) == 1 then
   return {{'rewrite', ''}}
 end
@@ -115,7 +122,7 @@ if ARGV[7] == '1' then
   redis.call('EXPIRE', KEYS[4], ARGV[2])
 end
 if ARGV[9] == '1' then
-  for i = 11, #ARGV do redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[8]) end
+  for i = 15, #ARGV do redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[8]) end
   redis.call('EXPIRE', KEYS[4], ARGV[2])
   redis.call('ZREM', KEYS[5], ARGV[10])
   redis.call('DEL', KEYS[3])
@@ -181,6 +188,7 @@ class Transitions:
     def __init__(self, store: RecordStore) -> None:
         self.store = store
         self.settings = store.settings
+        self.usage = UsageLedger(store)
         redis = store.redis
         self._claim = redis.register_script(_CLAIM)
         self._start = redis.register_script(_START)
@@ -261,6 +269,8 @@ class Transitions:
         set and give the lease up, as ``release`` does."""
         job_id = new.id
         key = self.store.key
+        # Only a final write charges usage; a progress write names the keys unused.
+        charge = self.usage.charge_of(new)
         state, raw = self._write(
             keys=[
                 key("job", job_id),
@@ -268,6 +278,8 @@ class Transitions:
                 key("lease", job_id),
                 key("once", job_id),
                 key("running"),
+                charge.day_key,
+                charge.tenants_key,
             ],
             args=[
                 json.dumps(new.to_json()),
@@ -280,6 +292,10 @@ class Transitions:
                 utcnow(),
                 "1" if final and release is not None else "0",
                 job_id,
+                charge.kind,
+                repr(charge.model_s),
+                charge.keep_s,
+                charge.tenant,
                 *(release or ()),
             ],
         )
