@@ -108,13 +108,6 @@ def test_drift_from_the_rate_after_tuning_asks_for_a_new_measurement() -> None:
     assert auto.due()
 
 
-def test_out_of_memory_in_service_caps_later_measurements() -> None:
-    auto = AutoBatch(lambda n: None, limit=256, budget_s=1, warm_each=False)
-    auto.size = 128
-    auto.cap(64)
-    assert (auto.limit, auto.size) == (64, 64)
-
-
 class Model:
     def __init__(self) -> None:
         self.calls: list[int] = []

@@ -175,12 +175,6 @@ class AutoBatch:
             self._tuned_at = self.clock()
             self._baseline, self._average, self._due = [], None, False
 
-    def cap(self, limit: int) -> None:
-        """Out of memory at a size below the limit: never probe above ``limit`` again."""
-        with self._lock:
-            self.limit = max(1, min(self.limit, limit))
-            self.size = min(self.size, self.limit)
-
     def observe(self, size: int, seconds: float) -> None:
         """One model call of ``size`` images took ``seconds`` (only full calls count: a
         part-empty one says how busy the queue is, not what the device can do)."""
