@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from api_client.errors import Canceled, ModelError, OutOfMemory
+from workers.runtime.autobatch import AutoBatch
 from workers.runtime.batching import Batcher, Ran
 
 
@@ -136,19 +137,68 @@ def test_one_bad_item_fails_only_its_job() -> None:
     assert all(largest(r) == 1 for i, r in enumerate(done) if i != 3)
 
 
-def test_out_of_memory_splits_the_batch_and_remembers_the_limit() -> None:
-    pred = Recorder(oom_above=2)
-    batcher = Batcher(pred, max_batch=8, max_wait_ms=5)
+class Heavy(Recorder):
+    """Items keyed "heavy" (a caption with many beams, say) run out of memory when more
+    than ``fits`` of them share a call; other items never do."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+
+    def predict(self, batch: Sequence[Any]) -> list[Any]:
+        if sum(1 for k, _ in batch if k == "heavy") > self.fits:
+            raise OutOfMemory("simulated CUDA OOM")
+        return super().predict(batch)
+
+
+def test_out_of_memory_splits_the_heavy_batch_and_other_keys_keep_the_full_size() -> None:
+    pred = Heavy(fits=2)
+    auto = AutoBatch(lambda n: None, limit=256, budget_s=1, warm_each=False)
+    batcher = Batcher(pred, max_batch=8, max_wait_ms=5, autobatch=auto)
+    batcher.start()
+    try:
+        ran = batcher.run([("heavy", i) for i in range(8)])
+        # Out of memory at 8, then at 4: the heavy job still completes, two at a time.
+        assert results(ran) == [f"heavy:{i}" for i in range(8)]
+        assert [len(b) for b in pred.batches] == [2, 2, 2, 2]
+        pred.batches.clear()
+        ordinary = batcher.run([("a", i) for i in range(8)])
+    finally:
+        batcher.stop()
+    assert results(ordinary) == [f"a:{i}" for i in range(8)]
+    assert [len(b) for b in pred.batches] == [8]
+    # One heavy batch is no reason to probe lower sizes only at the next measurement.
+    assert (batcher.max_batch, auto.limit) == (8, 256)
+
+
+def test_the_size_lowered_by_out_of_memory_recovers_after_successful_calls() -> None:
+    pred = Recorder(oom_above=2)  # one key, as for match: the whole worker backs off
+    batcher = Batcher(pred, max_batch=8, max_wait_ms=5, recover_after=6)
     batcher.start()
     try:
         ran = batcher.run([("a", i) for i in range(8)])
         assert results(ran) == [f"a:{i}" for i in range(8)]
-        assert batcher.max_batch == 2
+        pred.oom_above = 0  # the heavy traffic has passed
         pred.batches.clear()
+        # Four calls of 2 so far; two more still at 2, then the full size again.
         batcher.run([("a", i) for i in range(4)])
+        batcher.run([("a", i) for i in range(8)])
     finally:
         batcher.stop()
-    assert [len(b) for b in pred.batches] == [2, 2]
+    assert [len(b) for b in pred.batches] == [2, 2, 8]
+
+
+def test_a_lone_item_out_of_memory_fails_its_job() -> None:
+    pred = Heavy(fits=0)
+    batcher = Batcher(pred, max_batch=8, max_wait_ms=5)
+    batcher.start()
+    try:
+        with pytest.raises(OutOfMemory):
+            batcher.run([("heavy", 0), ("heavy", 1)])
+        assert results(batcher.run([("a", 0), ("a", 1)])) == ["a:0", "a:1"]
+    finally:
+        batcher.stop()
+    assert [len(b) for b in pred.batches] == [2]
 
 
 def test_canceled_job_is_dropped_before_its_batch_runs() -> None:

@@ -206,7 +206,7 @@ def test_out_of_memory_in_a_batch_halves_it_and_a_lone_job_fails_alone(
     gate.open()
     assert [f.result(5).result[0].seed for f in jobs] == [1, 2, 3, 4]
     assert predictor.calls == [[1, 2, 3, 4], [1, 2], [3, 4]]
-    assert queue.max_batch == 2
+    assert queue.max_batch == 4  # halved for this key for a while, not for good
     predictor.failures = [OutOfMemory("the GPU ran out of memory")]
     with pytest.raises(OutOfMemory):
         generate(queue, gen(5), Control())

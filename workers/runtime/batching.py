@@ -1,32 +1,22 @@
 """Micro-batching: items that wait together share one model call.
 
-Job threads submit their items and wait; one batcher thread owns the model and runs
-the items at the head of the queue together with every waiting item of equal
-``batch_key``, up to ``max_batch`` (summed item cost: images). One batcher serves every
-kind that batches; a kind configures it with its model (``Batched``: ``batch_key`` and
-``predict``) and the cost of an item:
+Job threads submit items and wait; one batcher thread owns the model and runs the head
+of the queue with every waiting item of equal ``batch_key``, up to ``max_batch`` (summed
+item cost: images). A kind gives it its model (``Batched``) and an item's cost: caption
+and match submit one item per image, generate one per job (cost ``num_images``),
+inpaint and style one whose key is ``None`` (it runs alone). What every kind gets:
 
-- caption and match submit one item per image, so a job's images count toward the
-  batch and a large job spreads over several batches;
-- generate submits one item per job, costing its ``num_images``; inpaint and style
-  submit an item whose ``batch_key`` is ``None``: it always runs alone.
-
-What every kind gets:
-
-- A forming batch waits for company up to ``max_wait_ms``, but only while jobs
-  announced with ``incoming()`` are still on their way (fetching their images): a lone
-  job runs at once.
-- A job that its ``check`` stops (cancel, timeout) leaves the queue while it waits
-  (checked every ``poll_s``), and is dropped without model work if its batch comes first.
-- ``BatchInterrupted`` from ``predict`` fails only the item it names; the others go back
-  to the head of the queue.
-- Out of memory with several items halves ``max_batch`` (the lower limit is kept) and
-  requeues them at the head; alone, the item fails.
-- Any other failure of a shared call marks its items to run alone, and requeues them at
-  the head, so one bad item fails only its own job.
+- A forming batch waits for company up to ``max_wait_ms``, only while jobs announced
+  with ``incoming()`` are on their way (fetching images): a lone job runs at once.
+- A job its ``check`` stops (cancel, timeout) leaves the queue while it waits (checked
+  every ``poll_s``), and is dropped without model work if its batch comes first.
+- ``BatchInterrupted`` fails only the item it names; the others go back to the head.
+- Out of memory with several items requeues them at the head, and halves the size for
+  their ``batch_key`` for the next ``recover_after`` calls; alone, the item fails.
+- Any other failure of a shared call requeues its items to run alone: one bad item
+  fails only its own job.
 - With an ``AutoBatch`` (``workers.runtime.autobatch``), ``max_batch`` is the size it
-  measured; the batcher reports each call to it, and measures again when it asks to, at
-  a moment with nothing waiting.
+  measured; it sees each call, and measures again when it asks, with nothing waiting.
 """
 
 from __future__ import annotations
@@ -51,6 +41,10 @@ ResultT = TypeVar("ResultT")
 
 # How often a job waiting in the queue asks its ``check`` whether to leave.
 POLL_S = 0.25
+# Out of memory is usually one unusual job (a caption with 10 beams and 256 new tokens),
+# not the device: its key runs at half size for this many successful calls, then at full
+# size again. Heavy traffic that goes on pays a failed call per halving per 50 (~2%).
+RECOVER_AFTER = 50
 
 
 def _unit_cost(item: object) -> int:
@@ -139,10 +133,14 @@ class Batcher(Generic[ItemT, ResultT]):
         poll_s: float = POLL_S,
         name: str = "imageq-batcher",
         autobatch: AutoBatch | None = None,
+        recover_after: int = RECOVER_AFTER,
     ) -> None:
         self.model = model
-        #: The most summed cost one call may hold; lowered for good by out of memory.
+        #: The most summed cost one call may hold (the tuned size).
         self.max_batch = max(1, max_batch)
+        self.recover_after = recover_after
+        # After out of memory: batch key -> (lower size, batches_run it holds until).
+        self._backoff: dict[Hashable | None, tuple[int, int]] = {}
         self.autobatch = autobatch
         self.max_wait_s = max(0, max_wait_ms) / 1000.0
         self.poll_s = poll_s
@@ -297,7 +295,7 @@ class Batcher(Generic[ItemT, ResultT]):
         deadline = first.enqueued_at + self.max_wait_s
         while True:
             batch = self._compatible(first)
-            full = sum(e.cost for e in batch) >= self.max_batch
+            full = sum(e.cost for e in batch) >= self._limit(first.key)
             remaining = deadline - time.monotonic()
             if full or remaining <= 0 or self._stopping or self._incoming <= 0:
                 return batch
@@ -307,12 +305,16 @@ class Batcher(Generic[ItemT, ResultT]):
 
     def _compatible(self, first: _Entry[ItemT, ResultT]) -> list[_Entry[ItemT, ResultT]]:
         """The head and, in queue order, every waiting item of its key that still fits."""
-        batch, cost = [first], first.cost
+        batch, cost, limit = [first], first.cost, self._limit(first.key)
         for entry in self._pending[1:]:
-            if not entry.alone and entry.key == first.key and cost + entry.cost <= self.max_batch:
+            if not entry.alone and entry.key == first.key and cost + entry.cost <= limit:
                 batch.append(entry)
                 cost += entry.cost
         return batch
+
+    def _limit(self, key: Hashable | None) -> int:
+        size, until = self._backoff.get(key, (self.max_batch, 0))
+        return min(size, self.max_batch) if self.batches_run < until else self.max_batch
 
     def _requeue(self, entries: list[_Entry[ItemT, ResultT]]) -> None:
         with self._cond:
@@ -390,12 +392,14 @@ class Batcher(Generic[ItemT, ResultT]):
                 batch[0].job.charge(time.monotonic() - started)
                 batch[0].future.set_exception(exc)
                 return
-            # Remember the lower limit so the next batches do not hit the wall again.
+            # Split this batch, and back off for its key only for a while (RECOVER_AFTER):
+            # neither the tuned size nor a later measurement is lowered for good. Only
+            # keys that failed within the last RECOVER_AFTER calls are kept.
             cost = sum(entry.cost for entry in batch)
             half = max(1, cost // 2)
-            self.max_batch = min(self.max_batch, half)
-            if self.autobatch is not None:
-                self.autobatch.cap(self.max_batch)
+            now = self.batches_run
+            self._backoff = {k: b for k, b in self._backoff.items() if b[1] > now}
+            self._backoff[batch[0].key] = (half, now + self.recover_after)
             log.warning("out of memory at batch %d; retrying at %d", cost, half)
             self._requeue(batch)
             return
