@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +195,14 @@ def _webhooks_replay(args: argparse.Namespace, client: Client) -> int:
     return _print({"replayed": sent})
 
 
+def _usage(args: argparse.Namespace, client: Client) -> int:
+    try:
+        since = None if args.since is None else date.fromisoformat(args.since)
+    except ValueError:
+        raise InvalidInput(f"since: {args.since!r} is not a date (YYYY-MM-DD)") from None
+    return _print([asdict(row) for row in client.usage(args.tenant, since)])
+
+
 def _status(args: argparse.Namespace, client: Client) -> int:
     from api_client.status import render_status
 
@@ -261,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="queues, depths and live workers")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("usage", help="model time by tenant, kind and day (UTC)")
+    p.add_argument("--tenant", help="one tenant ('-': jobs submitted without one); default all")
+    p.add_argument("--since", help="first day, YYYY-MM-DD (default 30 days ago)")
+    p.set_defaults(func=_usage)
 
     p = sub.add_parser("adapters", help="published adapters")
     p.set_defaults(func=lambda a, c: _print(c.adapters()))

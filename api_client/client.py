@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from api_client.redact import redact_document
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus, job_id_for, parse_job
 from api_client.settings import Settings
 from api_client.uploads import IMAGE_TYPES, put_object, sniff_format, storage_ref, upload_key
+from api_client.usage import UsageLedger, UsageRow
 from api_client.webhook_log import KeptDelivery, KeptOutcome, WebhookLog
 
 OnUpdate = Callable[[JobRecord], None]
@@ -395,6 +397,14 @@ class Client:
             )
             sent.append(kept_id)
         return sent
+
+    # -- usage ------------------------------------------------------------------------
+    def usage(
+        self, tenant: str | None = None, since: date | None = None
+    ) -> builtins.list[UsageRow]:
+        """Model time by tenant, kind and day (UTC), oldest day first: one tenant's, or
+        (None) every tenant's, since ``since`` (default 30 days ago)."""
+        return UsageLedger(self.store).rows(tenant, since)
 
     # -- adapters ---------------------------------------------------------------------
     def adapters(self) -> builtins.list[dict[str, Any]]:

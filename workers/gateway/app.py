@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from api_client.settings import Settings
-from workers.gateway import errors, files, jobs
+from workers.gateway import errors, files, jobs, usage
 from workers.gateway.guard import Guard
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.models import SUBMIT_MODELS
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(files.router)
+    app.include_router(usage.router)
     app.add_middleware(Guard, settings=settings, metrics=metrics)
 
     def openapi() -> dict[str, Any]:

@@ -20,6 +20,7 @@ from api_client.queues import live_workers, queue_depth, reserved_by_queue
 from api_client.records import RecordStore
 from api_client.schemas import JobRecord
 from api_client.settings import Settings
+from api_client.usage import usage_tenant
 from workers.runtime.build import Runtime
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,14 @@ class Metrics:
         # A counter, not a rate: rate(imageq_images_total[1m]) is images per second.
         self.images = Counter(
             "imageq_images", "Images processed by finished jobs", ["kind"], registry=r
+        )
+        # Usage by tenant (api_client/usage.py): model seconds of the jobs counted here;
+        # jobs without a gateway tenant under "-".
+        self.tenant_model_s = Counter(
+            "imageq_tenant_model_seconds",
+            "Seconds the model worked for finished jobs, by tenant and kind",
+            ["tenant", "kind"],
+            registry=r,
         )
         load = Gauge("imageq_model_load_seconds", "Model load and warm-up time", registry=r)
         load.set(runtime.model_load_s)
@@ -120,6 +129,9 @@ class Metrics:
             self.batch_size.labels(kind).observe(float(metrics["batch_size"]))
         if metrics.get("images"):
             self.images.labels(kind).inc(float(metrics["images"]))
+        self.tenant_model_s.labels(usage_tenant(record), kind).inc(
+            float(metrics.get("model_s") or 0.0)
+        )
 
 
 def _scrape_connection(url: str) -> redis.Redis:
