@@ -384,19 +384,18 @@ class Client:
             ids = [webhook_id]
         else:
             ids = [i for i, _ in log.entries(job_id=job_id, since=since, limit=10_000)]
-        sent = []
-        for kept_id in ids:
-            event = log.take(kept_id)
-            if event is None:
-                continue
+
+        def send(event: dict[str, Any]) -> None:
             self._app(False).send_task(
                 WEBHOOK_TASK,
                 args=[event],
                 queue=queue_name(WEBHOOK_QUEUE, self.settings.queue_prefix),
-                argsrepr=json.dumps([{"webhook_id": kept_id, "replay": True}]),
+                argsrepr=json.dumps([{"webhook_id": event["webhook_id"], "replay": True}]),
             )
-            sent.append(kept_id)
-        return sent
+
+        # Each one stops being kept only once sent: a broker error leaves it (and those
+        # after it) kept, for the next replay.
+        return [kept_id for kept_id in ids if log.replay(kept_id, send)]
 
     # -- usage ------------------------------------------------------------------------
     def usage(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -19,6 +20,16 @@ from pydantic import BaseModel
 
 from api_client.records import RecordStore, utcnow
 from api_client.redact import redact_ref
+
+# KEYS: kept events, their index. ARGV: webhook id, the entry as read.
+_REMOVE_IF_SAME_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
 class KeptOutcome(StrEnum):
@@ -117,21 +128,28 @@ class WebhookLog:
             for webhook_id, entry in self.entries(**filters)
         ]
 
-    def take(self, webhook_id: str) -> dict[str, Any] | None:
-        """Remove a kept delivery and return its event, ready to be sent again: attempt
-        0, and its "done" mark cleared so the webhooks worker does not drop it."""
+    def replay(self, webhook_id: str, send: Callable[[dict[str, Any]], None]) -> bool:
+        """Send a kept delivery again (attempt 0) through ``send``, then stop keeping it;
+        whether there was one to send.
+
+        Sent first, removed after: should ``send`` fail (the broker away), the entry
+        stays kept for the next replay; a crash between the two only sends it twice,
+        and the webhooks worker delivers one webhook-id once. Its "done" mark goes
+        before the send, so that the worker does not drop it as a duplicate.
+        """
         r = self.store.redis
         raw = r.hget(self._events, webhook_id)
         if raw is None:
-            return None
-        pipe = r.pipeline(transaction=True)
-        pipe.hdel(self._events, webhook_id)
-        pipe.zrem(self._index, webhook_id)
-        pipe.delete(self.store.key("wh", webhook_id, "done"))
-        pipe.execute()
+            return False
+        r.delete(self.store.key("wh", webhook_id, "done"))
         event: dict[str, Any] = json.loads(raw)["event"]
         event["attempt"] = 0
-        return event
+        send(event)
+        # Only the entry just sent: one kept again meanwhile (this replay failed too)
+        # must stay.
+        script = r.register_script(_REMOVE_IF_SAME_LUA)
+        script(keys=[self._events, self._index], args=[webhook_id, raw])
+        return True
 
 
 def parse_since(value: str, now: float | None = None) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from api_client.settings import Settings
 from api_client.webhooks import event_id
 from workers.io.storage import LocalStorage
 from workers.runtime.control import JobControl, LeaseKeeper, LeaseLost
-from workers.runtime.failover import FailoverSweeper, RunningSet
+from workers.runtime.failover import FailoverSweeper, RunningSet, resend_grace_s
 from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
 from workers.testing.services import RedisServer, WebhookReceiver
 from workers.webhooks.outbox import WebhookDispatcher
@@ -91,7 +92,9 @@ def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
         handler = Handler()
         handler.ctx = ctx
         runner = JobRunner(ctx, {"caption": handler})
-        sweeper = FailoverSweeper(store, jobs.append, runner.finalize, every_s=1, worker_name=name)
+        sweeper = FailoverSweeper(
+            store, jobs.append, runner.finalize, runner.fail_lost, every_s=1, worker_name=name
+        )
         worker = Worker(runner, handler, sweeper, webhooks, jobs)
         made.append(worker)
         return worker
@@ -317,7 +320,10 @@ def test_a_hand_back_requeues_without_counting_and_resends_at_once(fleet: Any) -
     assert record.metrics["requeued"] == 1
     assert store.lease_holder(doc["id"]) is None
     assert [job["id"] for job in leaving.jobs] == [doc["id"]]
-    assert RunningSet(store).score(doc["id"]) is None
+    # Watched for the re-send's grace: should the message's worker die before claiming
+    # it, a sweeper sends it again (not the broker's visibility timeout).
+    score = RunningSet(store).score(doc["id"])
+    assert score is not None and score > time.time() + 30
     assert leaving.webhooks == []  # a hand-back is not an event: the job goes on
     done = staying.runner.execute(leaving.jobs[0], "t")
     assert done is not None and done.status == "succeeded" and done.attempt == 2
@@ -493,3 +499,150 @@ def test_checkpoint_writes_ask_redis_whether_the_run_still_holds_its_job(fleet: 
     assert worker.runner.execute(doc, "t") is None
     assert store.lease_holder(doc["id"]) == "other/1"
     assert not worker.runner.ctx.storage.exists(f"jobs/{doc['id']}/result.json")
+
+
+def _grace_fleet(fleet: Any, names: list[str]) -> list[Worker]:
+    """Workers whose re-send grace is short: lease_ttl_s + failover_scan_s = 0.6 s."""
+    return [fleet(n, lease_ttl_s=0.4, heartbeat_interval_s=0.1, failover_scan_s=0.2) for n in names]
+
+
+def _sweep_until(worker: Worker, seconds: float) -> list[tuple[str, str]]:
+    """Sweep every 50 ms for ``seconds``; what the passes acted on."""
+    acted: list[tuple[str, str]] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        acted += worker.sweeper.sweep()
+        time.sleep(0.05)
+    return acted
+
+
+def test_the_shipped_resend_grace_outlasts_a_lease_and_backs_off_to_the_visibility_timeout() -> (
+    None
+):
+    settings = Settings()
+    first, most = resend_grace_s(settings)
+    # A re-sent message's run claims within a lease's time and a scan; its claim then
+    # scores the entry by its own lease, so a live run is never re-sent.
+    assert first == settings.lease_ttl_s + settings.failover_scan_s == 35.0
+    assert most == settings.visibility_timeout_s == 3600
+
+
+def test_a_sweeper_that_dies_before_resending_leaves_the_job_to_another(fleet: Any) -> None:
+    dying, other = _grace_fleet(fleet, ["dying", "other"])
+    doc = _doc()
+    _died_mid_run(dying, doc)
+
+    def die(document: Document) -> None:
+        raise SystemExit  # the sweeper's process dies between the inspect and the send
+
+    dying.sweeper.send_job = die
+    with pytest.raises(SystemExit):
+        dying.sweeper.sweep()
+    store = other.runner.store
+    score = RunningSet(store).score(doc["id"])
+    assert score is not None and score > time.time()  # still watched, not due yet
+    assert other.sweeper.sweep() == []  # within the grace nobody re-sends it
+    time.sleep(0.7)
+    assert other.sweeper.sweep() == [(doc["id"], "redispatch")]
+    assert [job["id"] for job in other.jobs] == [doc["id"]]
+    record = other.runner.execute(other.jobs[0], "t")
+    assert record is not None and record.status == "succeeded" and record.attempt == 2
+    assert RunningSet(store).score(doc["id"]) is None
+
+
+def test_a_resent_job_that_no_worker_claims_is_resent_again_and_twice_is_harmless(
+    fleet: Any,
+) -> None:
+    (worker,) = _grace_fleet(fleet, ["w"])
+    doc = _doc()
+    _died_mid_run(worker, doc)
+    # The first re-send's worker dies before claiming it: re-sent after 0.6 s, and the
+    # next one only after 1.2 s more (the grace doubles).
+    acted = _sweep_until(worker, 1.4)
+    assert acted == [(doc["id"], "redispatch")] * 2
+    assert [job["id"] for job in worker.jobs] == [doc["id"]] * 2
+    first, second = worker.jobs
+    record = worker.runner.execute(first, "t")
+    assert record is not None and record.status == "succeeded" and record.attempt == 2
+    assert worker.runner.execute(second, "t") is None  # the second copy: a no-op
+    assert worker.handler.calls == 1
+    assert [e.type for e in worker.webhooks] == ["job.succeeded"]
+    assert RunningSet(worker.runner.store).score(doc["id"]) is None
+
+
+def test_a_claimed_resend_is_not_resent_while_its_run_lives(fleet: Any) -> None:
+    (worker,) = _grace_fleet(fleet, ["w"])
+    doc = _doc()
+    _died_mid_run(worker, doc)
+    assert worker.sweeper.sweep() == [(doc["id"], "redispatch")]
+    acted: list[tuple[str, str]] = []
+
+    def slow(step: int, control: JobControl) -> None:
+        if step == 1:  # the run outlives the grace; the heartbeat keeps its lease
+            acted.extend(_sweep_until(worker, 1.0))
+
+    worker.handler.on_step = slow
+    record = worker.runner.execute(worker.jobs[0], "t")
+    assert record is not None and record.status == "succeeded"
+    assert acted == [] and len(worker.jobs) == 1
+
+
+def test_a_job_whose_document_expired_fails_as_worker_lost_instead_of_being_forgotten(
+    fleet: Any,
+) -> None:
+    worker = fleet("w")
+    doc = _doc()
+    _died_mid_run(worker, doc)
+    store = worker.runner.store
+    store.redis.delete(store.key("doc", doc["id"]))
+    assert worker.sweeper.sweep() == [(doc["id"], "redispatch")]
+    assert worker.jobs == []  # nothing to re-send
+    record = store.get(doc["id"])
+    assert record is not None and record.status == "failed"
+    assert record.error is not None and record.error.code == "worker_lost"
+    result = json.loads(worker.runner.ctx.storage.get(f"jobs/{doc['id']}/result.json"))
+    assert result["error"]["code"] == "worker_lost"
+    assert RunningSet(store).score(doc["id"]) is None
+
+
+def test_a_job_whose_document_expired_stays_watched_while_it_cannot_be_ended(
+    fleet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = fleet("w")
+    doc = _doc()
+    _died_mid_run(worker, doc)
+    store = worker.runner.store
+    store.redis.delete(store.key("doc", doc["id"]))
+    storage = worker.runner.ctx.storage
+
+    def down(key: str, data: bytes, content_type: str) -> str:
+        raise TransientError("storage away")
+
+    monkeypatch.setattr(storage, "put", down)
+    assert worker.sweeper.sweep() == []
+    record = store.get(doc["id"])
+    assert record is not None and record.status == "running"
+    assert RunningSet(store).score(doc["id"]) is not None  # a later pass tries again
+
+
+def test_a_sweeper_that_dies_while_finalizing_leaves_it_to_another(fleet: Any) -> None:
+    dying, other = _grace_fleet(fleet, ["dying", "other"])
+    doc = _doc()
+    store = dying.runner.store
+    store.create(new_record(doc), doc)
+    store.finish(doc["id"], JobStatus.SUCCEEDED, output={})
+    RunningSet(store).watch(doc["id"], -1)
+
+    def die(job_id: str) -> None:
+        raise SystemExit
+
+    dying.sweeper.finalize = die
+    with pytest.raises(SystemExit):
+        dying.sweeper.sweep()
+    time.sleep(0.7)
+    assert other.sweeper.sweep() == [(doc["id"], "finalize")]
+    record = store.get(doc["id"])
+    assert record is not None
+    final_id = event_id(doc["id"], "job.succeeded", record.created_at)
+    assert [e.webhook_id for e in other.webhooks] == [final_id]
+    assert RunningSet(store).score(doc["id"]) is None

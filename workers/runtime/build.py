@@ -109,6 +109,7 @@ def build_runtime(
             store,
             send_job,
             runtime.runner.finalize,
+            runtime.runner.fail_lost,
             every_s=settings.failover_scan_s,
             worker_name=ctx.worker_name,
         )

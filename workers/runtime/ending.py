@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from api_client.errors import Canceled, ImageqError, InternalError
+from api_client.errors import Canceled, ImageqError, InternalError, WorkerLost
 from api_client.records import Document, RecordStore, final_record, utcnow
 from api_client.schemas import JobDocument, JobRecord, JobStatus
 from api_client.settings import Settings
@@ -212,6 +212,15 @@ class RunEnding:
             look_in = delay + settings.lease_ttl_s + settings.failover_scan_s
             self.running.watch(job_id, look_in)
         raise Deferred(delay)
+
+    def fail_lost(self, job_id: str, message: str) -> None:
+        """End a job that lost its worker and cannot run again (the failover sweeper's
+        way out for a job whose document expired): ``worker_lost``, result.json first.
+
+        No lease: nothing runs it (its lease lapsed); should a late delivery start it
+        meanwhile, whichever final write comes first wins, as with any two endings.
+        """
+        self._end(job_id, WorkerLost(message))
 
     # -- side effects, once -----------------------------------------------------------
 

@@ -9,17 +9,24 @@ has come. One Lua script decides, atomically, for one entry:
 
 - the job's lease is still held: a live (slow) worker; look again when it could lapse;
 - no lease and the job is not final: its worker died (or stalled past the TTL, or
-  crashed between handing a job back and re-sending it). The script removes the entry,
-  so exactly one sweeper wins, and that one re-sends the stored job document to the
-  job's queue with the same task id. The next run takes a new lease, counts its
-  attempt and puts the job back in the set; ``max_attempts`` still ends a job that kills
-  every worker, as ``worker_lost``;
+  crashed between handing a job back and re-sending it). The script moves the entry a
+  grace period ahead (``resend_grace_s``), out of ``due``, so exactly one sweeper wins,
+  and that one re-sends the stored job document to the job's queue with the same task
+  id. The entry stays: should that sweeper die before the send, or the re-sent
+  message's worker die before claiming it, a sweeper looks again after the grace and
+  re-sends it (the grace doubles with each re-send, up to the visibility timeout, so a
+  long queue does not fill with copies). The next run's claim scores the entry by its
+  own lease, takes a new lease, counts its attempt; ``max_attempts`` still ends a job
+  that kills every worker, as ``worker_lost``. A copy sent twice is harmless: its
+  claim finds the job leased (it waits) or final (a no-op);
 - no lease and the job is final: the worker died between the final record and its last
-  side effects (``result.json``, the final webhook). The winner runs ``finalize``.
+  side effects (``result.json``, the final webhook). The winner runs ``finalize`` and
+  only then lets go of the entry.
 
-The broker's own redelivery of the dead worker's message, an hour later, finds the job
-final (a no-op) or leased (it waits, as any second delivery does): the visibility
-timeout stays the backstop.
+So a job leaves the set only when its record is gone, or it is final with its side
+effects done. The broker's own redelivery of the dead worker's message, an hour later,
+finds the job final (a no-op) or leased (it waits, as any second delivery does): the
+visibility timeout stays the backstop.
 """
 
 from __future__ import annotations
@@ -33,12 +40,15 @@ from dataclasses import dataclass
 
 from api_client.records import Document, RecordStore
 from api_client.schemas import JobRecord, JobStatus
+from api_client.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Sends a stored job document to its kind's queue, on its kind's broker.
 SendJob = Callable[[Document], None]
 
+# KEYS: running, job, lease, re-send count. ARGV: job id, now, recheck_s, grace_s,
+# most grace_s, count ttl_s
 _INSPECT_LUA = """
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not due or tonumber(due) > tonumber(ARGV[2]) then
@@ -61,19 +71,36 @@ if pttl ~= -2 then
   redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + wait, ARGV[1])
   return {'held', status, attempt, worker}
 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if status == 'succeeded' or status == 'failed' or status == 'canceled' then
-  return {'finalize', status, attempt, worker}
+local grace = tonumber(ARGV[4])
+local action = 'finalize'
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'canceled' then
+  action = 'redispatch'
+  local sent = redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
+  grace = math.min(grace * 2 ^ math.min(sent - 1, 30), tonumber(ARGV[5]))
 end
-return {'redispatch', status, attempt, worker}
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + grace, ARGV[1])
+return {action, status, attempt, worker}
 """
 
-_FORGET_IF_FREE_LUA = """
+_WATCH_IF_FREE_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  return redis.call('ZREM', KEYS[1], ARGV[1])
+  return redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 end
 return 0
 """
+
+
+def resend_grace_s(settings: Settings) -> tuple[float, float]:
+    """How long a claimed entry waits before a sweeper looks again: first, and at most.
+
+    First: a lease's time and a scan, time enough for the re-sent message's worker to
+    claim it (the claim then scores the entry by its own lease). Doubled with each
+    re-send of the job, up to the visibility timeout: a message that waits in a long
+    queue is not copied every half minute, and past that the broker redelivers anyway.
+    """
+    first = settings.lease_ttl_s + settings.failover_scan_s
+    return first, max(first, float(settings.visibility_timeout_s))
 
 
 @dataclass(frozen=True)
@@ -101,11 +128,11 @@ class RunningSet:
         """The run is over and all its side effects are done (called holding the lease)."""
         self.store.redis.zrem(self.key, job_id)
 
-    def forget_if_free(self, job_id: str) -> bool:
-        """Forget unless a lease is held: a run that just started must stay watched."""
-        script = self.store.redis.register_script(_FORGET_IF_FREE_LUA)
+    def watch_if_free(self, job_id: str, look_in_s: float) -> None:
+        """``watch`` unless a lease is held: a run that just started watches it itself."""
+        script = self.store.redis.register_script(_WATCH_IF_FREE_LUA)
         keys = [self.key, self.store.key("lease", job_id)]
-        return bool(script(keys=keys, args=[job_id]))
+        script(keys=keys, args=[job_id, time.time() + look_in_s])
 
     def score(self, job_id: str) -> float | None:
         value = self.store.redis.zscore(self.key, job_id)
@@ -116,10 +143,26 @@ class RunningSet:
         return [str(job_id) for job_id in found]
 
     def inspect(self, job_id: str, recheck_s: float) -> Verdict:
-        """Atomically: look at one due job and claim it if its lease lapsed."""
+        """Atomically: look at one due job and claim it if its lease lapsed (its entry
+        moved a grace period ahead, not removed: see the module's docstring)."""
         script = self.store.redis.register_script(_INSPECT_LUA)
-        keys = [self.key, self.store.key("job", job_id), self.store.key("lease", job_id)]
-        action, status, attempt, worker = script(keys=keys, args=[job_id, time.time(), recheck_s])
+        settings = self.store.settings
+        first, most = resend_grace_s(settings)
+        keys = [
+            self.key,
+            self.store.key("job", job_id),
+            self.store.key("lease", job_id),
+            self.store.key("resent", job_id),
+        ]
+        args: list[str | float] = [
+            job_id,
+            time.time(),
+            recheck_s,
+            first,
+            most,
+            settings.result_ttl_s,
+        ]
+        action, status, attempt, worker = script(keys=keys, args=args)
         return Verdict(str(action), str(status), int(attempt), str(worker))
 
 
@@ -131,6 +174,7 @@ class FailoverSweeper:
         store: RecordStore,
         send_job: SendJob,
         finalize: Callable[[str], None],
+        fail_lost: Callable[[str, str], None],
         *,
         every_s: float,
         worker_name: str,
@@ -139,6 +183,7 @@ class FailoverSweeper:
         self.running = RunningSet(store)
         self.send_job = send_job
         self.finalize = finalize
+        self.fail_lost = fail_lost
         self.every_s = max(0.05, every_s)
         self.worker_name = worker_name
         self._stop = threading.Event()
@@ -157,19 +202,16 @@ class FailoverSweeper:
     def _redispatch(self, job_id: str, verdict: Verdict) -> bool:
         document = self.store.get_document(job_id)
         if document is None:
-            log.error(
-                "job %s: lease lapsed but its document has expired; "
-                "left to the broker's redelivery",
-                job_id,
-            )
-            return False
+            return self._lost(job_id, verdict)
         try:
             self.send_job(document)
         except Exception as exc:
-            # Back in the set: the next pass (here or on another worker) tries again.
+            # Due again soon: the next pass (here or on another worker) tries again.
             self.running.watch(job_id, self.every_s)
             log.warning("job %s: re-dispatch failed (%s); will try again", job_id, exc)
             return False
+        # The entry stays, a grace period ahead: the re-sent message's claim takes it
+        # over; should no worker claim it, a later pass re-sends it.
         if verdict.status == "running":
             log.warning(
                 "job %s: lease of worker %s lapsed during attempt %d (worker lost?); "
@@ -190,6 +232,35 @@ class FailoverSweeper:
             )
         return True
 
+    def _lost(self, job_id: str, verdict: Verdict) -> bool:
+        """The job's stored document expired (it lives ``result_ttl_s`` from submission;
+        the record, rewritten at each step, outlives it): nothing to re-send.
+
+        It is failed as ``worker_lost`` rather than left to the broker's redelivery: the
+        dead worker's message may be gone (a hand-back, a retry), and a record that says
+        "running" until it too expires would have its client wait for nothing. Ended,
+        the client sees why (result.json and all; no webhook, its address was in the
+        document). The entry stays watched until that is recorded.
+        """
+        log.error(
+            "job %s: lease of worker %s lapsed but the job's document has expired; "
+            "failing it as worker_lost",
+            job_id,
+            verdict.worker or "?",
+        )
+        try:
+            self.fail_lost(
+                job_id,
+                "the worker running this job was lost and the job "
+                "can not run again: its stored document expired",
+            )
+        except Exception as exc:  # storage or Redis away: try again on a later pass
+            self.running.watch(job_id, self.every_s)
+            log.warning("job %s: failing it failed (%s); will try again", job_id, exc)
+            return False
+        self.running.forget(job_id)
+        return True
+
     def _finalize(self, job_id: str, verdict: Verdict) -> bool:
         log.warning(
             "job %s: %s, but worker %s died before its last side effects; "
@@ -205,6 +276,9 @@ class FailoverSweeper:
             self.running.watch(job_id, self.every_s)
             log.warning("job %s: finalize failed (%s); will try again", job_id, exc)
             return False
+        # Side effects done: only now may the job leave the set (the record is final, so
+        # no run puts it back).
+        self.running.forget(job_id)
         return True
 
     # -- the thread -----------------------------------------------------------------------
@@ -285,6 +359,7 @@ def hand_back(
     except Exception as exc:
         log.warning("job %s: re-dispatch failed (%s); a sweeper re-sends it", job_id, exc)
         return
-    # Unless the next run has started already (it watches the job itself now).
-    running.forget_if_free(job_id)
+    # Watched until a worker claims the message (the claim scores it by its lease): a
+    # worker that dies before claiming it does not leave it to the visibility timeout.
+    running.watch_if_free(job_id, resend_grace_s(store.settings)[0])
     log.info("job %s: re-dispatched to its queue", job_id)

@@ -3,6 +3,12 @@
 Waits between retries can be hours, longer than the broker's visibility timeout, so they
 are not Celery countdowns (Redis would run those twice): a due-time sorted set in Redis
 holds them, and every webhooks worker moves due events back into the queue.
+
+An event leaves the due set only once it is in the queue: a pump first claims it by
+moving its due time a short "in flight" window ahead (one script, so exactly one pump
+wins it), sends it, then removes it. A send that fails puts the due time back; a pump
+that dies mid-way leaves the event due again once the window has passed (sent twice at
+worst, and the worker delivers one webhook-id once; never lost).
 """
 
 from __future__ import annotations
@@ -19,12 +25,41 @@ from workers.webhooks.post import DeliveryOutcome, WebhookEvent, deliver, next_d
 
 log = logging.getLogger(__name__)
 
+# KEYS: due. ARGV: event, now, in flight until. Returns the due time it had, or false.
+_CLAIM_LUA = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then return false end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+return due
+"""
+
+# KEYS: due. ARGV: event, in flight until, due time to put back. Only this pump's claim:
+# one whose window passed may belong to another pump by now.
+_UNCLAIM_LUA = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 
 class WebhookDispatcher:
-    def __init__(self, store: RecordStore, enqueue: Callable[[WebhookEvent], None]) -> None:
+    def __init__(
+        self,
+        store: RecordStore,
+        enqueue: Callable[[WebhookEvent], None],
+        *,
+        in_flight_s: float = 30.0,
+    ) -> None:
+        """``in_flight_s``: how long a claimed retry stays out of other pumps' way; far
+        longer than a send to the broker takes, short next to the retry schedule."""
         self.store = store
         self.settings = store.settings
         self.enqueue = enqueue
+        self.in_flight_s = in_flight_s
+        self._claim = store.redis.register_script(_CLAIM_LUA)
+        self._unclaim = store.redis.register_script(_UNCLAIM_LUA)
         self.log = WebhookLog(store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,14 +105,30 @@ class WebhookDispatcher:
         self.store.redis.zadd(self.store.key("wh", "due"), {json.dumps(event.to_dict()): due})
 
     def pump(self) -> int:
-        """Move due retries into the queue; ZREM makes each one move exactly once."""
+        """Move due retries into the queue, each once (see the module's docstring).
+
+        A failed send puts that event's due time back and stops the pass (the broker is
+        likely away): the loop tries again on its next tick.
+        """
         key = self.store.key("wh", "due")
+        r = self.store.redis
         moved = 0
-        due = self.store.redis.zrangebyscore(key, "-inf", time.time(), start=0, num=100)
+        now = time.time()
+        due = r.zrangebyscore(key, "-inf", now, start=0, num=100)
         for raw in (str(item) for item in due):
-            if self.store.redis.zrem(key, raw):
+            # Sent as a string that reads back as the same double, so that the unclaim
+            # script can tell this pump's claim from a later one.
+            until = repr(now + self.in_flight_s)
+            was = self._claim(keys=[key], args=[raw, now, until])
+            if was is None:  # another pump has it
+                continue
+            try:
                 self.enqueue(WebhookEvent.from_dict(json.loads(raw)))
-                moved += 1
+            except Exception:
+                self._unclaim(keys=[key], args=[raw, until, was])
+                raise
+            r.zrem(key, raw)
+            moved += 1
         return moved
 
     def start(self, every_s: float = 0.2) -> None:
