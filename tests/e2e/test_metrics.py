@@ -68,9 +68,13 @@ def test_job_counters_and_histograms_move(stack: Stack) -> None:
     ok_b = stack.client.caption(image=png_uri((0, 0, 200)))
     # Valid for the schema, undecodable for the worker: fails as invalid_input.
     bad = stack.client.caption(image="data:image/png;base64,bm90IGFuIGltYWdl")
-    assert stack.client.wait(ok_a.id, 60).status == "succeeded"
-    assert stack.client.wait(ok_b.id, 60).status == "succeeded"
+    done_a = stack.client.wait(ok_a.id, 60)
+    done_b = stack.client.wait(ok_b.id, 60)
+    assert done_a.status == "succeeded" and done_b.status == "succeeded"
     assert stack.client.wait(bad.id, 60).status == "failed"
+    # Each job's share of the model calls it was in (usage).
+    model_s = done_a.metrics["model_s"] + done_b.metrics["model_s"]
+    assert done_a.metrics["model_s"] > 0 and done_b.metrics["model_s"] > 0
 
     def delta(metric: str, /, **labels: str) -> float:
         return value(scrape(stack), metric, **labels) - value(before, metric, **labels)
@@ -88,6 +92,10 @@ def test_job_counters_and_histograms_move(stack: Stack) -> None:
     assert delta("imageq_run_seconds_sum", kind="caption") > 0
     assert delta("imageq_batch_size_count", kind="caption") == 2
     assert delta("imageq_batch_size_sum", kind="caption") >= 3
+    # Jobs submitted without a gateway tenant count under "-"; the failed one never
+    # reached the model.
+    charged = delta("imageq_tenant_model_seconds_total", tenant="-", kind="caption")
+    assert charged == pytest.approx(model_s, abs=1e-5)
 
 
 def test_queue_depth_counts_every_priority(stack: Stack) -> None:

@@ -300,3 +300,56 @@ def test_progress_follows_the_items_and_can_stop_the_job() -> None:
         assert sum(len(b) for b in slow.batches) <= 4
     finally:
         batcher.stop()
+
+
+def test_jobs_sharing_a_call_are_charged_shares_that_add_up_to_it() -> None:
+    """Usage: each job pays for its items' part of every call they were in, by cost."""
+
+    class Slow(Recorder):
+        def predict(self, batch: Sequence[Any]) -> list[Any]:
+            time.sleep(0.05)
+            return super().predict(batch)
+
+    batcher: Batcher[Any, Any] = Batcher(
+        Slow(), max_batch=16, max_wait_ms=2000, cost=lambda item: int(item[1])
+    )
+    batcher.start()
+    charged: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    jobs = [[("k", 1)], [("k", 2), ("k", 1)], [("k", 4)]]
+    ran: list[list[Ran[Any]]] = [[], [], []]
+    barrier = threading.Barrier(3)
+
+    def one(i: int) -> None:
+        with batcher.incoming() as ticket:
+            barrier.wait()
+            ran[i] = batcher.run(jobs[i], ticket=ticket, charge=charged[i].append)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    batcher.stop()
+    (call,) = {r.run_s for job in ran for r in job}  # one call held every item
+    totals = [sum(charged[i]) for i in range(3)]
+    assert sum(totals) == pytest.approx(call, rel=1e-9)
+    # By cost: 1, 3 and 4 images of 8.
+    assert totals == pytest.approx([call / 8, call * 3 / 8, call / 2], rel=1e-9)
+    assert [r.share_s for r in ran[1]] == pytest.approx([call * 2 / 8, call / 8])
+
+
+def test_a_job_stopped_inside_its_call_is_charged_the_call() -> None:
+    from workers.predictors.base import BatchInterrupted
+
+    class Stops(Recorder):
+        def predict(self, batch: Sequence[Any]) -> list[Any]:
+            time.sleep(0.02)
+            raise BatchInterrupted(0, Canceled("canceled while running"))
+
+    batcher: Batcher[Any, Any] = Batcher(Stops(), max_batch=1, max_wait_ms=0)
+    batcher.start()
+    charged: list[float] = []
+    with pytest.raises(Canceled):
+        batcher.run([("k", 1)], charge=charged.append)
+    batcher.stop()
+    assert len(charged) == 1 and charged[0] >= 0.02
