@@ -173,6 +173,7 @@ def test_openapi_document_describes_every_route_in_one_error_format() -> None:
         "/v1/jobs/{job_id}/cancel",
         "/v1/jobs/{job_id}/events",
         "/v1/uploads",
+        "/v1/usage",
         "/healthz",
     }
     schemas = document["components"]["schemas"]
