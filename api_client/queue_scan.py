@@ -21,26 +21,7 @@ from api_client.names import job_queue
 from api_client.queues import priority_lists
 from api_client.records import RecordStore, connect, new_record
 from api_client.schemas import JobRecord, parse_job
-
-# Returns {list index, position in that list} of the first message whose headers carry
-# the id; kombu LPUSHes and BRPOPs, so the message nearest the tail runs first.
-_FIND_LUA = """
-local needle = ARGV[1]  -- the id as a JSON string, quotes included
-for i, name in ipairs(KEYS) do
-  local items = redis.call('LRANGE', name, 0, -1)
-  for j, item in ipairs(items) do
-    -- A cheap substring test first; only a candidate is decoded to compare its id.
-    if string.find(item, needle, 1, true) then
-      local ok, message = pcall(cjson.decode, item)
-      if ok and type(message) == 'table' and type(message.headers) == 'table'
-          and message.headers.id == ARGV[2] then
-        return {i, j, #items, item}
-      end
-    end
-  end
-end
-return nil
-"""
+from api_client.scripts import script
 
 
 @dataclass(frozen=True)
@@ -58,7 +39,7 @@ class QueuedMessage:
 def find_queued(client: redis.Redis, queue: str, job_id: str) -> QueuedMessage | None:
     """The message of ``job_id`` waiting in ``queue`` (any priority), or None."""
     lists = priority_lists(queue)
-    found = client.eval(_FIND_LUA, len(lists), *lists, json.dumps(job_id), job_id)
+    found = script(client, "find_in_queue")(keys=lists, args=[json.dumps(job_id), job_id])
     if not found:
         return None
     list_index, index, length, raw = int(found[0]), int(found[1]), int(found[2]), found[3]

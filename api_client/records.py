@@ -12,14 +12,13 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Any
 
 import redis
-from redis.commands.core import Script
 
 from api_client.errors import ImageqError, InvalidInput
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus
+from api_client.scripts import script
 from api_client.settings import Settings
 
 #: A job document as stored (JSON): what a redelivery or a re-dispatch sends again.
@@ -71,18 +70,6 @@ class RecordStore:
         #: Called with a job id when this process requests a cancel (a worker's cancel
         #: set hears other processes' cancels on the ``cancels`` channel).
         self.cancel_listeners: list[Callable[[str], None]] = []
-
-    @cached_property
-    def _renew(self) -> Script:
-        return self.redis.register_script(_RENEW_LUA)
-
-    @cached_property
-    def _release(self) -> Script:
-        return self.redis.register_script(_RELEASE_LUA)
-
-    @cached_property
-    def _claim_once(self) -> Script:
-        return self.redis.register_script(_CLAIM_ONCE_LUA)
 
     # -- keys -------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -272,10 +259,10 @@ class RecordStore:
     def renew_lease(self, job_id: str, token: str) -> bool:
         key = self.key("lease", job_id)
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        return bool(self._renew(keys=[key], args=[token, ttl_ms]))
+        return bool(script(self.redis, "renew_lease")(keys=[key], args=[token, ttl_ms]))
 
     def release_lease(self, job_id: str, token: str) -> None:
-        self._release(keys=[self.key("lease", job_id)], args=[token])
+        script(self.redis, "release_lease")(keys=[self.key("lease", job_id)], args=[token])
 
     def lease_holder(self, job_id: str) -> str | None:
         value = self.redis.get(self.key("lease", job_id))
@@ -285,36 +272,14 @@ class RecordStore:
     def claim_once(self, job_id: str, what: str) -> bool:
         """True for exactly one caller per (job, what) within the record's lifetime."""
         key = self.key("once", job_id)
-        return bool(self._claim_once(keys=[key], args=[what, utcnow(), self.settings.result_ttl_s]))
+        claim = script(self.redis, "claim_once")
+        return bool(claim(keys=[key], args=[what, utcnow(), self.settings.result_ttl_s]))
 
     def done_once(self, job_id: str, what: str) -> bool:
         return bool(self.redis.hexists(self.key("once", job_id), what))
 
     def forget_once(self, job_id: str, what: str) -> None:
         self.redis.hdel(self.key("once", job_id), what)
-
-
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# One round trip: the expiry is set by the one caller that claimed.
-_CLAIM_ONCE_LUA = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  return redis.call('EXPIRE', KEYS[1], ARGV[3])
-end
-return 0
-"""
-
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 def encode_cursor(position: tuple[float, str]) -> str:

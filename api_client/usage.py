@@ -5,7 +5,8 @@ micro-batched call its items were in (split by cost, so the shares of one call a
 to the call's measured time), the whole run for a fine-tune. When a job ends, its model
 time and one job are added to its tenant's day (the UTC day of ``finished_at``), once
 per job however many workers finish or complete it: the claim is a field of the job's
-once-only hash, in the same script as the sums.
+once-only hash, in the same script as the sums (lua/charge.lua, included by every
+script that ends a job).
 
 Keys: ``usage:{tenant}:{day}`` (a hash of ``{kind}.jobs`` and ``{kind}.model_s``), kept
 ``IMAGEQ_USAGE_KEEP_DAYS``; ``usage-tenants`` (the set of tenants with usage, for the
@@ -17,37 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import cached_property
-
-from redis.commands.core import Script
 
 from api_client.records import RecordStore, utcnow
 from api_client.schemas import JobRecord
+from api_client.scripts import script
 
 #: The usage tenant of jobs that no gateway tenant submitted.
 NO_TENANT = "-"
-
-#: ``charge(once, day, tenants, now, kind, model_s, keep_s, tenant, record_ttl_s)`` as a
-#: Lua function, for every script that ends a job (workers/runtime/transitions.py) and
-#: for ``UsageLedger.charge``: one definition of what charging a job writes.
-CHARGE_LUA = """
-local function charge(once, day, tenants, now, kind, model_s, keep_s, tenant, record_ttl)
-  if redis.call('HSETNX', once, 'usage', now) == 0 then return 0 end
-  redis.call('EXPIRE', once, record_ttl)
-  redis.call('HINCRBY', day, kind .. '.jobs', 1)
-  redis.call('HINCRBYFLOAT', day, kind .. '.model_s', model_s)
-  redis.call('EXPIRE', day, keep_s)
-  redis.call('SADD', tenants, tenant)
-  return 1
-end
-"""
-
-_CHARGE = (
-    CHARGE_LUA
-    + """
-return charge(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-"""
-)
 
 
 @dataclass(frozen=True)
@@ -88,10 +65,6 @@ class UsageLedger:
         self.store = store
         self.settings = store.settings
 
-    @cached_property
-    def _charge(self) -> Script:
-        return self.store.redis.register_script(_CHARGE)
-
     def day_key(self, tenant: str, day: str) -> str:
         return self.store.key("usage", tenant, day)
 
@@ -113,7 +86,7 @@ class UsageLedger:
     def charge(self, record: JobRecord) -> bool:
         """Count a final job once (True: this call counted it)."""
         c = self.charge_of(record)
-        counted = self._charge(
+        counted = script(self.store.redis, "charge_job")(
             keys=[self.store.key("once", record.id), c.day_key, c.tenants_key],
             args=[
                 utcnow(),

@@ -20,16 +20,7 @@ from pydantic import BaseModel
 
 from api_client.records import RecordStore, utcnow
 from api_client.redact import redact_ref
-
-# KEYS: kept events, their index. ARGV: webhook id, the entry as read.
-_REMOVE_IF_SAME_LUA = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
+from api_client.scripts import script
 
 
 class KeptOutcome(StrEnum):
@@ -147,8 +138,8 @@ class WebhookLog:
         send(event)
         # Only the entry just sent: one kept again meanwhile (this replay failed too)
         # must stay.
-        script = r.register_script(_REMOVE_IF_SAME_LUA)
-        script(keys=[self._events, self._index], args=[webhook_id, raw])
+        remove = script(r, "remove_kept_if_same")
+        remove(keys=[self._events, self._index], args=[webhook_id, raw])
         return True
 
 

@@ -20,6 +20,7 @@ from api_client.names import job_queue
 from api_client.queues import priority_lists
 from api_client.records import RecordStore
 from api_client.schemas import JobRecord, JobStatus
+from api_client.scripts import script
 from api_client.settings import Settings
 from workers.gateway.errors import JobNotFound
 from workers.gateway.limits import Limits
@@ -31,82 +32,6 @@ from workers.io.storage import Storage, open_storage
 T = TypeVar("T")
 # Uploads and storage health checks at once per process.
 _IO_THREADS = 16
-
-# Where a queued job's message is, found inside Redis at a cost that does not grow with
-# the queue. kombu LPUSHes and workers BRPOP, so each list runs newest (head) to oldest
-# (tail), the order of the jobs' creation times in the records' index: a binary search
-# by that time finds the message in about log2(length) LINDEX calls. Lists ahead of the
-# one holding it count whole.
-# KEYS: the queue's lists (most urgent first), then the records' index of jobs.
-# ARGV[1]: the job id. Returns the messages ahead of it, or -2 when not found this way
-# (no creation time, or a message re-sent out of order): then _SCAN_LUA looks.
-_SEARCH_LUA = """
-local index = KEYS[#KEYS]
-local mine = tonumber(redis.call('ZSCORE', index, ARGV[1]))
-if not mine then return -2 end
-local function at(list, i)
-  local item = redis.call('LINDEX', list, i)
-  if not item then return nil, nil end
-  local id = string.match(item, '"id": "([%w%-]+)"')
-  if not id then
-    local ok, message = pcall(cjson.decode, item)
-    if ok and type(message) == 'table' and type(message.headers) == 'table' then
-      id = message.headers.id
-    end
-  end
-  if not id then return nil, nil end
-  return tonumber(redis.call('ZSCORE', index, id)), id
-end
-local ahead = 0
-for k = 1, #KEYS - 1 do
-  local list = KEYS[k]
-  local n = redis.call('LLEN', list)
-  if n > 0 then
-    local lo, hi = 0, n
-    while lo < hi do
-      local mid = math.floor((lo + hi) / 2)
-      local created, id = at(list, mid)
-      if id == ARGV[1] then return ahead + (n - 1 - mid) end
-      -- Unknown times count as newer: a raw producer's message not recorded yet.
-      if created == nil or created >= mine then lo = mid + 1 else hi = mid end
-    end
-    for _, i in ipairs({lo - 1, lo}) do
-      if i >= 0 and i < n then
-        local _, id = at(list, i)
-        if id == ARGV[1] then return ahead + (n - 1 - i) end
-      end
-    end
-    ahead = ahead + n
-  end
-end
-return -2
-"""
-
-# The fallback: a scan from the end workers take from, at most ARGV[2] messages.
-# Returns the messages ahead, -1 when the budget ran out first, -2 when the message is
-# in none of the lists (a worker holds it: it is next).
-_SCAN_LUA = """
-local budget = tonumber(ARGV[2])
-local ahead = 0
-for _, name in ipairs(KEYS) do
-  local length = redis.call('LLEN', name)
-  local seen = 0
-  while seen < length do
-    if budget <= 0 then return -1 end
-    local take = math.min(100, length - seen, budget)
-    local items = redis.call('LRANGE', name, -(seen + take), -(seen + 1))
-    for j = #items, 1, -1 do
-      if string.find(items[j], ARGV[1], 1, true) then
-        return ahead + seen + (#items - j)
-      end
-    end
-    seen = seen + take
-    budget = budget - take
-  end
-  ahead = ahead + length
-end
-return -2
-"""
 
 
 def _async_redis(url: str) -> aioredis.Redis:
@@ -132,8 +57,8 @@ class Gateway:
         self.hub = UpdateHub(self.aredis, self.store.key("gw", "hub"))
         self.metrics = metrics or GatewayMetrics()
         self._brokers: dict[str, aioredis.Redis] = {settings.records_redis_url: self.aredis}
-        self._search = self.aredis.register_script(_SEARCH_LUA)
-        self._scan = self.aredis.register_script(_SCAN_LUA)
+        self._search = script(self.aredis, "queue_search")
+        self._scan = script(self.aredis, "queue_scan")
         self._storage: Storage | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._io_limiter: anyio.CapacityLimiter | None = None

@@ -420,7 +420,7 @@ class Batcher(Generic[ItemT, ResultT]):
             self.autobatch.observe(size, elapsed)
         for entry, result in zip(batch, results, strict=True):
             # Split by cost (images), so each job pays for what it put in the call.
-            share = elapsed * entry.cost / size
+            share = elapsed * entry.cost / size if size else elapsed / len(batch)
             entry.job.charge(share)
             entry.future.set_result(Ran(result, size, len(batch), elapsed, share))
 

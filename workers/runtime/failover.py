@@ -40,55 +40,13 @@ from dataclasses import dataclass
 
 from api_client.records import Document, RecordStore
 from api_client.schemas import JobRecord, JobStatus
+from api_client.scripts import script
 from api_client.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Sends a stored job document to its kind's queue, on its kind's broker.
 SendJob = Callable[[Document], None]
-
-# KEYS: running, job, lease, re-send count. ARGV: job id, now, recheck_s, grace_s,
-# most grace_s, count ttl_s
-_INSPECT_LUA = """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not due or tonumber(due) > tonumber(ARGV[2]) then
-  return {'skip', '', '0', ''}
-end
-local raw = redis.call('GET', KEYS[2])
-if not raw then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return {'gone', '', '0', ''}
-end
-local rec = cjson.decode(raw)
-local status = tostring(rec['status'])
-local attempt = tostring(tonumber(rec['attempt']) or 0)
-local worker = rec['worker']
-if type(worker) ~= 'string' then worker = '' end
-local pttl = redis.call('PTTL', KEYS[3])
-if pttl ~= -2 then
-  local wait = tonumber(ARGV[3])
-  if pttl > 0 then wait = pttl / 1000 + 1 end
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + wait, ARGV[1])
-  return {'held', status, attempt, worker}
-end
-local grace = tonumber(ARGV[4])
-local action = 'finalize'
-if status ~= 'succeeded' and status ~= 'failed' and status ~= 'canceled' then
-  action = 'redispatch'
-  local sent = redis.call('INCR', KEYS[4])
-  redis.call('EXPIRE', KEYS[4], ARGV[6])
-  grace = math.min(grace * 2 ^ math.min(sent - 1, 30), tonumber(ARGV[5]))
-end
-redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + grace, ARGV[1])
-return {action, status, attempt, worker}
-"""
-
-_WATCH_IF_FREE_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  return redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-end
-return 0
-"""
 
 
 def resend_grace_s(settings: Settings) -> tuple[float, float]:
@@ -130,9 +88,8 @@ class RunningSet:
 
     def watch_if_free(self, job_id: str, look_in_s: float) -> None:
         """``watch`` unless a lease is held: a run that just started watches it itself."""
-        script = self.store.redis.register_script(_WATCH_IF_FREE_LUA)
         keys = [self.key, self.store.key("lease", job_id)]
-        script(keys=keys, args=[job_id, time.time() + look_in_s])
+        script(self.store.redis, "watch_if_free")(keys=keys, args=[job_id, time.time() + look_in_s])
 
     def score(self, job_id: str) -> float | None:
         value = self.store.redis.zscore(self.key, job_id)
@@ -145,7 +102,7 @@ class RunningSet:
     def inspect(self, job_id: str, recheck_s: float) -> Verdict:
         """Atomically: look at one due job and claim it if its lease lapsed (its entry
         moved a grace period ahead, not removed: see the module's docstring)."""
-        script = self.store.redis.register_script(_INSPECT_LUA)
+        inspect = script(self.store.redis, "inspect")
         settings = self.store.settings
         first, most = resend_grace_s(settings)
         keys = [
@@ -162,7 +119,7 @@ class RunningSet:
             most,
             settings.result_ttl_s,
         ]
-        action, status, attempt, worker = script(keys=keys, args=args)
+        action, status, attempt, worker = inspect(keys=keys, args=args)
         return Verdict(str(action), str(status), int(attempt), str(worker))
 
 

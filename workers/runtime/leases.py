@@ -27,26 +27,12 @@ from typing import TYPE_CHECKING
 import redis
 
 from api_client.records import RecordStore
+from api_client.scripts import script
 
 if TYPE_CHECKING:
     from workers.runtime.control import LeaseKeeper
 
 log = logging.getLogger(__name__)
-
-# KEYS: running, lease of each job. ARGV: ttl ms, running score, then token, id per job.
-_BEAT = """
-local out = {}
-for i = 2, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[2 * i - 1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[1])
-    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[2 * i])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"""
 
 #: How long a cancel seen for a job not (yet) watched here is remembered: a message may
 #: arrive between a job's claim and its watch.
@@ -66,7 +52,7 @@ class Heart:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._beat = store.redis.register_script(_BEAT)
+        self._beat = script(store.redis, "beat")
         store.cancel_listeners.append(self._cancel_seen)
 
     # -- jobs -----------------------------------------------------------------------------

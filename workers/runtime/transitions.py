@@ -1,8 +1,9 @@
 """A run's state transitions, one Redis round trip each.
 
 A job's record used to be read, re-read and written with WATCH/GET/MULTI/EXEC for every
-change: some 23 round trips per job. Here each transition is one Lua script that reads
-what it must decide on and writes everything that changes together, atomically:
+change: some 23 round trips per job. Here each transition is one Lua script
+(``api_client/lua/NAME.lua``) that reads what it must decide on and writes everything
+that changes together, atomically:
 
 - ``claim``: create the record if a raw message brought none, read record and document,
   refuse a final, canceled or unserved job, take the lease and join the running set;
@@ -33,111 +34,8 @@ from typing import Any
 
 from api_client.records import Document, RecordStore, utcnow
 from api_client.schemas import JobRecord
-from api_client.usage import CHARGE_LUA, UsageLedger
-
-_FINAL = (
-    "local s = rec['status']\nlocal final = s == 'succeeded' or s == 'failed' or s == 'canceled'"
-)
-
-# KEYS: job, doc, cancel, lease, running, jobs index, channel, tenant index
-# ARGV: record, document, ttl_s, now, job id, token, lease ttl ms, running score,
-#       served (1/0), tenant (1/0)
-_CLAIM = f"""
-local raw = redis.call('GET', KEYS[1])
-local doc = redis.call('GET', KEYS[2])
-if (not raw or not doc) and ARGV[1] == '' then return {{'missing', '', ''}} end
-if not raw then
-  raw = ARGV[1]
-  redis.call('SET', KEYS[1], raw, 'EX', ARGV[3])
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-  redis.call('ZADD', KEYS[6], ARGV[4], ARGV[5])
-  if ARGV[10] == '1' then redis.call('ZADD', KEYS[8], ARGV[4], ARGV[5]) end
-  redis.call('PUBLISH', KEYS[7], raw)
-  doc = ARGV[2]
-end
-if not doc then
-  doc = ARGV[2]
-  redis.call('SET', KEYS[2], doc, 'EX', ARGV[3])
-end
-local rec = cjson.decode(raw)
-{_FINAL}
-if final then return {{'final', raw, doc}} end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {{'canceled', raw, doc}} end
-if ARGV[9] ~= '1' then return {{'unserved', raw, doc}} end
-if not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'PX', ARGV[7]) then
-  if redis.call('GET', KEYS[4]) ~= ARGV[6] then return {{'held', raw, doc}} end
-end
-redis.call('ZADD', KEYS[5], ARGV[8], ARGV[5])
-return {{'leased', raw, doc}}
-"""
-
-# KEYS: job, channel. ARGV: the record as read, the new record, ttl_s
-_START = """
-local raw = redis.call('GET', KEYS[1])
-if raw ~= ARGV[1] then return {'changed', raw or ''} end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-redis.call('PUBLISH', KEYS[2], ARGV[2])
-return {'ok', ''}
-"""
-
-#: The once-hash field a run that lost its job sets after it wrote result.json anyway
-#: (it stalled between its lease check and the write): the run that ends the job writes
-#: result.json again after its final record, so the file never disagrees with it.
-STALE_RESULT = "result.json:stale"
-
-# KEYS: job, channel, lease, once, running, usage day, usage tenants
-# ARGV: new record, ttl_s, attempt, token, lease ttl ms, final (1/0), claim
-#       result.json (1/0), now, release (1/0), job id, kind, model_s, usage keep s,
-#       usage tenant, claims...
-# A final write charges the job's usage (once per job, CHARGE_LUA); one that finds the
-# stale mark claims and releases nothing else ('rewrite').
-_WRITE = f"""
-local STALE = '{STALE_RESULT}'
-{CHARGE_LUA}
-local raw = redis.call('GET', KEYS[1])
-if not raw then return {{'gone', ''}} end
-local rec = cjson.decode(raw)
-{_FINAL}
-if final then return {{'final', raw}} end
-if rec['status'] ~= 'running' or tostring(rec['attempt']) ~= ARGV[3] then
-  return {{'moved', raw}}
-end
-if ARGV[6] == '1' then
-  local holder = redis.call('GET', KEYS[3])
-  if holder ~= ARGV[4] then
-    if holder then return {{'lost', raw}} end
-    redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('PUBLISH', KEYS[2], ARGV[1])
-if ARGV[6] == '1' then
-  charge(KEYS[4], KEYS[6], KEYS[7], ARGV[8], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[2])
-end
-if ARGV[6] == '1' and redis.call('HDEL', KEYS[4], STALE) == 1 then
-  return {{'rewrite', ''}}
-end
-if ARGV[7] == '1' then
-  redis.call('HSETNX', KEYS[4], 'result.json', ARGV[8])
-  redis.call('EXPIRE', KEYS[4], ARGV[2])
-end
-if ARGV[9] == '1' then
-  for i = 15, #ARGV do redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[8]) end
-  redis.call('EXPIRE', KEYS[4], ARGV[2])
-  redis.call('ZREM', KEYS[5], ARGV[10])
-  redis.call('DEL', KEYS[3])
-end
-return {{'ok', ''}}
-"""
-
-# KEYS: running, lease, once. ARGV: job id, token, ttl_s, now, claims...
-_RELEASE = """
-for i = 5, #ARGV do redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[4]) end
-if #ARGV >= 5 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-return 1
-"""
+from api_client.scripts import script
+from api_client.usage import UsageLedger
 
 
 class Written(StrEnum):
@@ -190,10 +88,10 @@ class Transitions:
         self.settings = store.settings
         self.usage = UsageLedger(store)
         redis = store.redis
-        self._claim = redis.register_script(_CLAIM)
-        self._start = redis.register_script(_START)
-        self._write = redis.register_script(_WRITE)
-        self._release = redis.register_script(_RELEASE)
+        self._claim = script(redis, "claim")
+        self._start = script(redis, "start")
+        self._write = script(redis, "write")
+        self._release = script(redis, "release")
 
     @property
     def _lease_ms(self) -> int:
@@ -306,16 +204,14 @@ class Transitions:
         return written, JobRecord.model_validate_json(raw) if raw else None
 
     def mark_result_stale(self, job_id: str) -> None:
-        """This run wrote result.json but its job is not its own any more (``STALE_RESULT``)."""
-        key = self.store.key("once", job_id)
-        pipe = self.store.redis.pipeline(transaction=True)
-        pipe.hset(key, STALE_RESULT, utcnow())
-        pipe.expire(key, self.settings.result_ttl_s)
-        pipe.execute()
+        """This run wrote result.json but its job is not its own any more (lua/stale.lua):
+        whichever run ends the job writes result.json again."""
+        mark = script(self.store.redis, "mark_stale")
+        mark(keys=[self.store.key("once", job_id)], args=[utcnow(), self.settings.result_ttl_s])
 
     def take_stale_mark(self, job_id: str) -> bool:
         """Whether a run that lost the job wrote result.json late (the mark is removed)."""
-        return bool(self.store.redis.hdel(self.store.key("once", job_id), STALE_RESULT))
+        return bool(script(self.store.redis, "take_stale")(keys=[self.store.key("once", job_id)]))
 
     def release(self, job_id: str, token: str, claims: list[str]) -> None:
         """The claims, then out of the running set, then the lease (if still ours)."""

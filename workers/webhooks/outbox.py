@@ -20,28 +20,11 @@ import time
 from collections.abc import Callable
 
 from api_client.records import RecordStore
+from api_client.scripts import script
 from api_client.webhook_log import KeptOutcome, WebhookLog
 from workers.webhooks.post import DeliveryOutcome, WebhookEvent, deliver, next_delay_s
 
 log = logging.getLogger(__name__)
-
-# KEYS: due. ARGV: event, now, in flight until. Returns the due time it had, or false.
-_CLAIM_LUA = """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not due or tonumber(due) > tonumber(ARGV[2]) then return false end
-redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-return due
-"""
-
-# KEYS: due. ARGV: event, in flight until, due time to put back. Only this pump's claim:
-# one whose window passed may belong to another pump by now.
-_UNCLAIM_LUA = """
-if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-  return 1
-end
-return 0
-"""
 
 
 class WebhookDispatcher:
@@ -58,8 +41,8 @@ class WebhookDispatcher:
         self.settings = store.settings
         self.enqueue = enqueue
         self.in_flight_s = in_flight_s
-        self._claim = store.redis.register_script(_CLAIM_LUA)
-        self._unclaim = store.redis.register_script(_UNCLAIM_LUA)
+        self._claim = script(store.redis, "outbox_claim")
+        self._unclaim = script(store.redis, "outbox_unclaim")
         self.log = WebhookLog(store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
