@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from api_client.adapters import ADAPTERS_KEY, adapter_field, visible
 from api_client.celery_config import celery_config
 from api_client.errors import IdempotencyConflict, InvalidInput, JobTimeout, NotFound
 from api_client.kinds import JOB_KINDS
@@ -406,11 +407,20 @@ class Client:
         return UsageLedger(self.store).rows(tenant, since)
 
     # -- adapters ---------------------------------------------------------------------
-    def adapters(self) -> builtins.list[dict[str, Any]]:
-        """Published adapters, newest first (the registry written by finetune jobs)."""
-        raw = self.redis.hgetall(self.store.key("adapters"))
-        entries = [json.loads(v) for v in raw.values()]
+    def adapters(self, tenant: str | None = None) -> builtins.list[dict[str, Any]]:
+        """Published adapters, newest first (the registry written by finetune jobs):
+        ``tenant``'s own and the shared ones (``tenant`` None: every one, the operator's
+        view). Each entry's ``tenant`` names its owner (None: shared)."""
+        raw = self.redis.hgetall(self.store.key(ADAPTERS_KEY))
+        entries = visible((json.loads(v) for v in raw.values()), tenant)
         return sorted(entries, key=lambda e: str(e.get("created_at", "")), reverse=True)
+
+    def delete_adapter(self, name: str, tenant: str | None = None) -> bool:
+        """Remove ``tenant``'s own adapter ``name`` (None: the shared one) from the
+        registry; False if there was none. Never another namespace's: a tenant cannot
+        delete a shared adapter. Its files stay in storage (this client has no storage
+        writer) until the name is published again, which prunes old revisions."""
+        return bool(self.redis.hdel(self.store.key(ADAPTERS_KEY), adapter_field(name, tenant)))
 
 
 def document_fingerprint(document: dict[str, Any]) -> str:

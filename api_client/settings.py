@@ -134,8 +134,6 @@ class Settings(BaseSettings):
     dataset_fetch_timeout_s: float = 900.0
     # Finetune: complete checkpoints kept per job (older ones are deleted).
     finetune_keep_checkpoints: int = 2
-    # Finetune auto_caption: how long to wait for the caption jobs it enqueues.
-    auto_caption_timeout_s: float = 3600.0
     max_attempts: int = 3
     lease_ttl_s: float = 30.0
     heartbeat_interval_s: float = 5.0

@@ -30,7 +30,6 @@ from tests.helpers import png_uri
 from workers.io.storage import S3Storage
 from workers.runtime.control import LeaseKeeper
 from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
-from workers.training.autocaption import image_ref
 from workers.training.datasets import load_dataset
 
 COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (220, 220, 30)]
@@ -313,7 +312,7 @@ def test_a_bad_dataset_fails_as_invalid_input_naming_the_file(
     assert ft.extra["finetune"].alive()
 
 
-def test_auto_caption_uses_the_caption_workers(ft: Stack, receiver: WebhookReceiver) -> None:
+def test_auto_caption_runs_inside_the_finetune_job(ft: Stack, receiver: WebhookReceiver) -> None:
     dataset = make_dataset(ft, "unlabelled.zip", [TEXTS[0], None, None, None])
     webhook = {"url": receiver.url("/ft-auto"), "events": ["job.progress", "job.succeeded"]}
     job = ft.client.finetune(
@@ -347,13 +346,13 @@ def test_auto_caption_uses_the_caption_workers(ft: Stack, receiver: WebhookRecei
     assert record.metrics["auto_captioned"] == 3
     captions = json.loads(ft.storage_path("jobs", job.id, "auto_captions.json").read_text())
     assert sorted(captions) == ["1.png", "2.png", "3.png"] and all(captions.values())
-    helpers = [
+    # Captioned in the fine-tune's own process: no caption jobs.
+    assert not [
         r for r in ft.client.list(kind="caption") if r.metadata.get("finetune_job") == job.id
     ]
-    assert helpers and all(r.status == "succeeded" for r in helpers)
 
 
-def test_datasets_and_auto_caption_images_on_s3(s3_env: S3Env, tmp_path: Path) -> None:
+def test_datasets_on_s3(s3_env: S3Env, tmp_path: Path) -> None:
     settings = Settings(storage_url=f"s3://{s3_env.bucket}/deploy")
     storage = S3Storage(s3_env.bucket, "deploy", settings)
     other = f"{s3_env.bucket}-other"
@@ -377,10 +376,6 @@ def test_datasets_and_auto_caption_images_on_s3(s3_env: S3Env, tmp_path: Path) -
     for i, (ref, expected) in enumerate(refs.items()):
         dataset = load_dataset(ref, tmp_path / str(i), settings, storage, allow_missing_text=True)
         assert [(e.file_name, e.text) for e in dataset.examples] == expected, ref
-    # Caption workers of an S3 deployment read auto_caption's images from the bucket.
-    uri = image_ref(dataset.examples[0], settings, storage, "job-1", 0)
-    assert uri == f"s3://{s3_env.bucket}/deploy/jobs/job-1/auto_caption/0.jpg"
-    assert storage.get("jobs/job-1/auto_caption/0.jpg")[:2] == b"\xff\xd8"
 
 
 def boto3_client(s3_env: S3Env) -> Any:

@@ -85,10 +85,10 @@ class _Registry:
     def __init__(self, entries: list[dict[str, Any]]) -> None:
         self._entries = {e["name"]: e for e in entries}
 
-    def entries(self) -> list[dict[str, Any]]:
+    def entries(self, tenant: str | None = None) -> list[dict[str, Any]]:
         return list(self._entries.values())
 
-    def get(self, name: str) -> dict[str, Any] | None:
+    def get(self, name: str, tenant: str | None = None) -> dict[str, Any] | None:
         return self._entries.get(name)
 
 

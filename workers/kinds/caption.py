@@ -12,12 +12,13 @@ from typing import Any
 
 from PIL import Image
 
+from api_client.adapters import adapter_field, entry_tenant
 from api_client.errors import ImageqError, InvalidInput
 from api_client.inputs import CaptionInput, GenerationOptions
 from api_client.languages import BASE_LANGUAGE, best_matches, match_rank, primary
 from api_client.schemas import JobDocument
 from api_client.settings import Settings
-from workers.io.adapter_registry import AdapterRegistry
+from workers.io.adapter_registry import AdapterRegistry, revision_of
 from workers.io.images import load_image
 from workers.ops.devices import SpeedOptions
 from workers.predictors.adapters import peft_adapter_name
@@ -49,35 +50,47 @@ class CaptionAdapters:
         self._versions: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def for_language(self, language: str) -> str | None:
+    def for_language(self, language: str, tenant: str | None = None) -> str | None:
         """The newest caption adapter for ``language`` (RFC 4647 matching: the exact tag,
-        else a shorter one, else a more specific one); None: the base model writes it."""
-        entry = self.entry_for_language(language)
+        else a shorter one, else a more specific one) that a job of ``tenant`` may use:
+        its own first, then the shared ones; None: the base model writes it."""
+        entry = self.entry_for_language(language, tenant)
         return None if entry is None else str(entry["name"])
 
-    def entry_for_language(self, language: str) -> dict[str, Any] | None:
+    def entry_for_language(self, language: str, tenant: str | None = None) -> dict[str, Any] | None:
         """``for_language``'s registry entry."""
-        offered: dict[str, list[dict[str, Any]]] = {}
-        for entry in self.registry.entries():
-            if entry.get("target", "caption") == "caption" and entry.get("language"):
-                offered.setdefault(str(entry["language"]), []).append(entry)
-        best = best_matches(language, offered)
-        if best:
-            candidates = [e for tag in best for e in offered[tag]]
-            return max(candidates, key=lambda e: (str(e.get("version", "")), str(e["name"])))
+        entries = self.registry.entries(tenant)
+        own = [e for e in entries if tenant is not None and entry_tenant(e) == tenant]
+        shared = [e for e in entries if entry_tenant(e) is None]
+        offered_any: set[str] = set()
+        # Another tenant's adapters are never in ``entries``: they are not offered at all.
+        for group in (own, shared):
+            offered: dict[str, list[dict[str, Any]]] = {}
+            for entry in group:
+                if entry.get("target", "caption") == "caption" and entry.get("language"):
+                    offered.setdefault(str(entry["language"]), []).append(entry)
+            offered_any.update(offered)
+            best = best_matches(language, offered)
+            if best:
+                candidates = [e for tag in best for e in offered[tag]]
+                return max(candidates, key=lambda e: (str(e.get("version", "")), str(e["name"])))
         if primary(language) == BASE_LANGUAGE:
             return None
-        available = ", ".join(sorted(offered)) or "none"
+        available = ", ".join(sorted(offered_any)) or "none"
         raise InvalidInput(
             f"input.language: no caption adapter writes {language!r}; languages available: "
             f"{available} (and {BASE_LANGUAGE!r}, the base model's)"
         )
 
-    def check_language(self, name: str, language: str) -> dict[str, Any] | None:
+    def check_language(
+        self, name: str, language: str, tenant: str | None = None
+    ) -> dict[str, Any] | None:
         """Refuse a job naming both an adapter and a language that adapter does not write;
         returns the adapter's registry entry."""
-        entry = self.registry.get(name)
-        written = (entry or {}).get("language")
+        entry = self.registry.get(name, tenant)
+        if entry is None:
+            raise InvalidInput(f"input.adapter: no adapter named {name!r} in the registry")
+        written = entry.get("language")
         if not written or match_rank(language, str(written)) is None:
             raise InvalidInput(
                 f"input.language: adapter {name!r} writes {written or 'no declared language'}, "
@@ -85,24 +98,31 @@ class CaptionAdapters:
             )
         return entry
 
-    def ensure(self, name: str, entry: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-        """Load ``name`` if needed; returns the name the predictor knows it by, and its
-        registry entry (``entry``: already read for this job, so not read again)."""
-        entry = entry if entry is not None else self.registry.get(name)
+    def ensure(
+        self, name: str, entry: dict[str, Any] | None = None, tenant: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Load ``name`` as a job of ``tenant`` means it (its own, else the shared one) if
+        needed; returns the name the predictor knows it by, and its registry entry
+        (``entry``: already read for this job, so not read again)."""
+        entry = entry if entry is not None else self.registry.get(name, tenant)
         if entry is None:
             raise InvalidInput(f"input.adapter: no adapter named {name!r} in the registry")
         target = entry.get("target", "caption")
         if target != "caption":
             raise InvalidInput(f"input.adapter: {name!r} is a {target} adapter, not a caption one")
-        version = str(entry.get("version"))
+        # Owner and name: two tenants' adapters of one name are two adapters.
+        field = adapter_field(str(entry["name"]), entry_tenant(entry))
+        revision = revision_of(entry)
         # Registry names may hold "." and "-", which peft cannot use in module keys.
-        loaded = peft_adapter_name(name)
+        loaded = peft_adapter_name(field)
         with self._lock:
-            if self._versions.get(name) == version and loaded in self.predictor.adapters:
+            if self._versions.get(field) == revision and loaded in self.predictor.adapters:
                 return loaded, entry
-            # load_adapter waits for a running batch and replaces an older version.
-            self.predictor.load_adapter(loaded, self.registry.local_dir(name))
-            self._versions[name] = version
+            # load_adapter waits for a running batch and replaces an older version; the
+            # folder holds exactly the revision read above, or a newer one if it changed
+            # meanwhile (never a mix: see AdapterRegistry.local_dir).
+            self.predictor.load_adapter(loaded, self.registry.local_dir(field))
+            self._versions[field] = revision
         return loaded, entry
 
 
@@ -126,11 +146,11 @@ class CaptionHandler:
         self.preprocess = preprocess
 
     def handle(self, job: JobDocument, inp: CaptionInput, control: JobControl) -> dict[str, Any]:
-        name, entry = self._adapter(inp)
+        name, entry = self._adapter(inp, job.tenant)
         adapter = None
         if name is not None and self.adapters is not None:
             # Before joining a batch: a download must not hold a forming batch open.
-            adapter, entry = self.adapters.ensure(name, entry)
+            adapter, entry = self.adapters.ensure(name, entry, job.tenant)
         with self.batcher.incoming() as ticket:
             images = load_images(inp.images, self.ctx)
             control.check()
@@ -165,19 +185,21 @@ class CaptionHandler:
                 out["language"] = language
         return out
 
-    def _adapter(self, inp: CaptionInput) -> tuple[str | None, dict[str, Any] | None]:
-        """The registry adapter the job asks for, by name or by language (None: none),
-        and its registry entry when finding it read one."""
+    def _adapter(
+        self, inp: CaptionInput, tenant: str | None
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """The registry adapter the job (of ``tenant``) asks for, by name or by language
+        (None: none), and its registry entry when finding it read one."""
         if inp.adapter is None and inp.language is None:
             return None, None
         if self.adapters is None:
             field = "adapter" if inp.adapter is not None else "language"
             raise InvalidInput(f"input.{field}: this worker has no adapter registry")
         if inp.adapter is None:
-            entry = self.adapters.entry_for_language(str(inp.language))
+            entry = self.adapters.entry_for_language(str(inp.language), tenant)
             return (None, None) if entry is None else (str(entry["name"]), entry)
         if inp.language is not None:
-            return inp.adapter, self.adapters.check_language(inp.adapter, inp.language)
+            return inp.adapter, self.adapters.check_language(inp.adapter, inp.language, tenant)
         return inp.adapter, None
 
     def _caption(

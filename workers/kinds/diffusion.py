@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from api_client.adapters import adapter_field, entry_tenant
 from api_client.errors import ImageqError, InvalidInput
 from api_client.inputs import AdapterRef, GenerateInput, InpaintInput, StyleInput
 from api_client.schemas import JobDocument
@@ -107,8 +108,9 @@ class DiffusionHandler:
         self.registry = registry
 
     def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]:
+        asked = list(getattr(inp, "adapters", []))
         with self.batcher.incoming() as ticket:
-            call = self._prepare(job, inp, control)
+            call = self._prepare(job, self._owned_adapters(inp, job.tenant), control)
             ran = self.batcher.run([call], control.check, ticket, charge=control.charge_model)[0]
         control.metrics.update(
             batch_size=ran.batch_size,
@@ -118,7 +120,30 @@ class DiffusionHandler:
         )
         # A cancel that came after the last step still keeps the outputs out of storage.
         control.check()
-        return self._output(job.id, ran.result)
+        return self._output(job.id, ran.result, asked)
+
+    def _owned_adapters(self, inp: Any, tenant: str | None) -> Any:
+        """``inp`` with each adapter named by its registry field (owner and name, see
+        ``api_client.adapters``): resolved with the job's tenant, its own first, then the
+        shared one. The pipeline's adapter cache and batch keys then tell two tenants'
+        adapters of one name apart. Another tenant's adapter is unknown, like a missing one.
+        """
+        refs: list[AdapterRef] = list(getattr(inp, "adapters", []))
+        if not refs:
+            return inp
+        names = [ref.name for ref in refs]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InvalidInput(f"adapters: {', '.join(map(repr, repeated))} listed twice")
+        owned = []
+        for ref in refs:
+            entry = self.registry.get(ref.name, tenant)
+            if entry is None:
+                raise InvalidInput(f"adapters: no adapter named {ref.name!r} in the registry")
+            field = adapter_field(ref.name, entry_tenant(entry))
+            # model_construct: a field holds "/", which a name typed by a user may not.
+            owned.append(AdapterRef.model_construct(name=field, scale=ref.scale))
+        return inp.model_copy(update={"adapters": owned})
 
     def _prepare(self, job: JobDocument, inp: Any, control: JobControl) -> PipelineCall:
         if isinstance(inp, GenerateInput):
@@ -170,16 +195,14 @@ class DiffusionHandler:
             raise type(exc)(f"input.{name}: {exc.message}") from None
 
     def _fetch_adapters(self, refs: list[AdapterRef]) -> None:
-        """Resolve and download the adapters now: an unknown name fails before GPU work,
-        and the pipeline thread then finds them in the local cache."""
-        names = [ref.name for ref in refs]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise InvalidInput(f"adapters: {', '.join(map(repr, repeated))} listed twice")
-        for name in names:
-            self.registry.local_dir(name)
+        """Download the adapters (registry fields, ``_owned_adapters``) now: the pipeline
+        thread then finds them in the local cache."""
+        for ref in refs:
+            self.registry.local_dir(ref.name)
 
-    def _output(self, job_id: str, images: list[GeneratedImage]) -> dict[str, Any]:
+    def _output(
+        self, job_id: str, images: list[GeneratedImage], asked: list[AdapterRef]
+    ) -> dict[str, Any]:
         entries = []
         for index, image in enumerate(images):
             ref = self.ctx.put_output(job_id, f"image-{index}.png", image.png(), "image/png")
@@ -194,6 +217,9 @@ class DiffusionHandler:
             entries.append(entry)
         # What all images share; each image's own seed is in its entry and its PNG.
         parameters = {k: v for k, v in images[0].parameters.items() if k != "seed"}
+        if "adapters" in parameters:
+            # The names the job gave, not the registry fields they resolved to.
+            parameters["adapters"] = [{"name": a.name, "scale": a.scale} for a in asked]
         return {
             "images": entries,
             "seeds": [image.seed for image in images],
@@ -217,7 +243,7 @@ def _build(ctx: WorkerContext, device: str, inpaint_only: bool) -> Built:
         settings.model_inpaint if inpaint_only else settings.model_diffusion,
         settings=settings,
         inpaint_only=inpaint_only,
-        # Names are resolved per job, so an adapter published now serves the next job.
+        # Fields are resolved per job, so an adapter published now serves the next job.
         adapter_path=registry.local_dir,
         max_loaded_adapters=settings.max_loaded_adapters,
     )

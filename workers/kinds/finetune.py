@@ -5,7 +5,9 @@ whose visibility timeout outlasts a run; the job's lease keeps a redelivered cop
 waiting while this one lives). A job: check the adapter name, fetch and validate the
 dataset, caption what lacks a text (``auto_caption``), cache latents or image
 embeddings, train with checkpoints (resuming from the newest complete one), publish
-the adapter to ``adapters/{name}/`` and the registry, and return what it published.
+the adapter (a new revision folder under ``adapters/{name}/``, or
+``adapters/_tenants/{tenant}/{name}/`` for a tenant's job, then the registry entry
+switched to it) and return what it published.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from api_client.adapters import adapter_field
 from api_client.errors import InvalidInput, ModelError
 from api_client.inputs import FinetuneInput
 from api_client.schemas import JobDocument
@@ -53,12 +56,12 @@ class FinetuneHandler:
         # On SIGTERM a fine-tune stops at its next step and resumes on another worker
         # from the checkpoint it saves there, instead of holding the worker for hours.
         control.hands_back = True
-        self.check_name(job.id, inp)
+        self.check_name(job.id, inp, job.tenant)
         work = work_root(self.settings) / job.id
         remove_tree(work)  # a crashed attempt's leftovers
         began = time.monotonic()
         try:
-            return self._run(job.id, inp, control, work)
+            return self._run(job.id, inp, control, work, job.tenant)
         finally:
             # A fine-tune holds its worker's device for the whole run (models load per
             # job, auto_caption included): all of it is the job's model time.
@@ -73,7 +76,12 @@ class FinetuneHandler:
                 torch.cuda.empty_cache()
 
     def _run(
-        self, job_id: str, inp: FinetuneInput, control: JobControl, work: Path
+        self,
+        job_id: str,
+        inp: FinetuneInput,
+        control: JobControl,
+        work: Path,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         dataset = self._dataset(job_id, inp, control, work)
         control(0, inp.max_steps, {"stage": "preparing"})
@@ -82,12 +90,14 @@ class FinetuneHandler:
         # Trained: publishing takes seconds, so a SIGTERM now waits for it.
         control.hands_back = False
         control(inp.max_steps, inp.max_steps, {"stage": "publishing"})
-        return self._publish(job_id, inp, dataset, trainer, result, control)
+        return self._publish(job_id, inp, dataset, trainer, result, control, tenant)
 
     # -- before training ----------------------------------------------------------------
-    def check_name(self, job_id: str, inp: FinetuneInput) -> None:
-        """Refuse to train for a name that is taken, unless overwrite (or it is ours)."""
-        entry = self.registry.get(inp.name)
+    def check_name(self, job_id: str, inp: FinetuneInput, tenant: str | None = None) -> None:
+        """Refuse to train for a name that is taken in the job's own namespace (its
+        tenant's, or the shared one without a tenant), unless overwrite (or it is ours).
+        A tenant's adapter may shadow a shared one of its name, never replace it."""
+        entry = self.registry.entry(adapter_field(inp.name, tenant))
         if entry is not None and not inp.overwrite and entry.get("job_id") != job_id:
             raise InvalidInput(
                 f"input.name: adapter {inp.name!r} exists (from job {entry.get('job_id')}); "
@@ -113,9 +123,8 @@ class FinetuneHandler:
             # Steps of this stage (images captioned), so each report is its own event.
             control(done, total, {"stage": "auto_caption", "captioned": done, "of": total})
 
-        texts = auto_caption(
-            missing, self.settings, self.ctx.storage, job_id, control.check, progress
-        )
+        # In this process, on this job's time: no caption jobs outside the tenant's limits.
+        texts = auto_caption(missing, self.settings, self.device, control.check, progress)
         control.metrics["auto_captioned"] = len(texts)
         # Kept beside the outputs, so a user can see what the model trained on.
         self.ctx.put_output(
@@ -208,6 +217,7 @@ class FinetuneHandler:
         trainer: Trainer,
         result: LoopResult,
         control: JobControl,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         base_model = self.base_model(inp.target)
         metrics = {
@@ -234,9 +244,9 @@ class FinetuneHandler:
         files = trainer.export()
         files[INFO_FILE] = json.dumps(info, indent=1).encode()
         # Ours already when a crash came between publishing and the final record.
-        own = (self.registry.get(inp.name) or {}).get("job_id") == job_id
+        own = (self.registry.entry(adapter_field(inp.name, tenant)) or {}).get("job_id") == job_id
         entry = self.registry.publish(
-            inp.name, files, info, overwrite=inp.overwrite or own, guard=control.hold
+            inp.name, files, info, overwrite=inp.overwrite or own, guard=control.hold, tenant=tenant
         )
         log.info("job %s published adapter %s (%s)", job_id, inp.name, entry["uri"])
         # A storage URI names a key, so the folder's URI is its key's plus the slash.
