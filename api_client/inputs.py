@@ -25,6 +25,17 @@ SCHEDULER_ALIASES = {
 }
 
 
+class Reference:
+    """Marks a string field whose value a worker fetches (``Annotated[str, REFERENCE]``):
+    what a tenant's job may name there is checked (api_client.references)."""
+
+    def __repr__(self) -> str:
+        return "REFERENCE"
+
+
+REFERENCE = Reference()
+
+
 def _check_image_ref(value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("an image reference must be a non-empty string")
@@ -39,7 +50,9 @@ def _check_image_ref(value: str) -> str:
     return value
 
 
-ImageRef = Annotated[str, Field(min_length=1), AfterValidator(_check_image_ref)]
+ImageRef = Annotated[str, Field(min_length=1), AfterValidator(_check_image_ref), REFERENCE]
+#: A dataset or a tokenizer folder: an archive or a storage prefix (``.../``).
+DataRef = Annotated[str, Field(min_length=1, max_length=4096), REFERENCE]
 #: A BCP 47 language tag, stored in canonical case ("fr", "ja", "pt-BR", "zh-Hant").
 LanguageTag = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(language_tag)]
 
@@ -187,7 +200,7 @@ class VocabularyOptions(Strict):
     strategy: Literal["base", "extend", "replace"]
     #: ``replace`` only: a tokenizer folder (a storage prefix, or a zip/tar archive of
     #: one), referenced like a dataset.
-    tokenizer: str | None = Field(default=None, min_length=1, max_length=4096)
+    tokenizer: DataRef | None = None
     #: ``extend`` only: at most this many frequent sub-words join the missing characters.
     max_subwords: int = Field(default=1000, ge=0, le=100_000)
 
@@ -205,7 +218,7 @@ class VocabularyOptions(Strict):
 
 class FinetuneInput(JobInput):
     target: Literal["diffusion", "caption"]
-    dataset: str = Field(min_length=1, max_length=4096)
+    dataset: DataRef
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=8.0, gt=0.0, le=1024.0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from api_client.schemas import JobRecord
-from api_client.uploads import s3_client
+from api_client.settings import Settings
+from api_client.uploads import STORAGE_SCHEME, local_root, s3_client
 
 # SigV4 presigned URLs cannot live longer than seven days.
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600
@@ -54,4 +55,28 @@ def _resign(value: Any, ttl_s: int) -> Any:
         return out
     if isinstance(value, list):
         return [_resign(v, ttl_s) for v in value]
+    return value
+
+
+def storage_root(settings: Settings) -> str:
+    """What every stored file's ``uri`` starts with (``s3://bucket/prefix/``,
+    ``file:///abs/root/``): the part a tenant is not shown."""
+    url = settings.storage_url
+    if url[:5].lower() == "s3://":
+        bucket, _, prefix = url[5:].partition("/")
+        stripped = prefix.strip("/")
+        return f"s3://{bucket}/" + (stripped + "/" if stripped else "")
+    return local_root(url).as_uri().rstrip("/") + "/"
+
+
+def hide_storage_root(value: Any, root: str) -> Any:
+    """``value`` (a record's JSON) with the storage root in every string replaced by
+    ``storage://``: a tenant sees ``storage://jobs/{id}/image-0.png``, never the bucket,
+    prefix or folder (presigned ``url``s stay: they are what a tenant downloads)."""
+    if isinstance(value, str):
+        return value.replace(root, STORAGE_SCHEME) if root in value else value
+    if isinstance(value, dict):
+        return {k: hide_storage_root(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [hide_storage_root(v, root) for v in value]
     return value

@@ -86,7 +86,7 @@ def put_object(settings: Settings, key: str, data: bytes, content_type: str) -> 
     """Write ``data`` at ``key`` in the storage ``settings.storage_url`` names."""
     url = settings.storage_url
     if url[:7].lower() == "file://":
-        _put_local(_local_root(url), key, data)
+        _put_local(local_root(url), key, data)
     elif url[:5].lower() == "s3://":
         bucket, _, prefix = url[5:].partition("/")
         stripped = prefix.strip("/")
@@ -95,7 +95,7 @@ def put_object(settings: Settings, key: str, data: bytes, content_type: str) -> 
         raise ImageqError(f"IMAGEQ_STORAGE_URL must be file://... or s3://..., not {url!r}")
 
 
-def _local_root(url: str) -> Path:
+def local_root(url: str) -> Path:
     # The same reading of file:// URLs as the workers' LocalStorage, so both sides
     # name the same folder (file://./data is relative to the working directory).
     rest = unquote(url[7:].split("?", 1)[0].split("#", 1)[0])

@@ -254,7 +254,7 @@ def test_upload_limits(acme: httpx.Client, globex: httpx.Client) -> None:
         "/v1/uploads", content=png_bytes(), headers={"Content-Type": "image/png"}
     ).json()["ref"]
     error = assert_error(
-        submit(globex, {"kind": "caption", "input": {"image": ref}}), 422, "invalid_input"
+        submit(globex, {"kind": "caption", "input": {"image": ref}}), 422, "forbidden_url"
     )
     assert error["field"] == "input.image"
 

@@ -75,7 +75,14 @@ def _tokens_parser() -> argparse.ArgumentParser:
     p.add_argument("tenant")
     p.add_argument("--rate", type=float, help="jobs per second (0: no limit)")
     p.add_argument("--max-in-flight", type=int, help="jobs not yet final (0: no limit)")
-    p = sub.add_parser("list", help="tenants, their limits and token prefixes")
+    p.add_argument(
+        "--allow-prefix",
+        action="append",
+        metavar="URI",
+        help="an s3://bucket/path/ or file:///path/ the tenant's jobs may read (repeatable; "
+        "replaces its grants; '' withdraws them all)",
+    )
+    p = sub.add_parser("list", help="tenants, their limits, grants and token prefixes")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("revoke", help="every token of TENANT, or the token TOKEN_PREFIX begins")
     p.add_argument("what", metavar="TENANT|TOKEN_PREFIX")
@@ -91,7 +98,10 @@ def tokens_main(argv: list[str]) -> int:
     tokens = TokenStore(client, RecordStore(client, settings))
     try:
         if args.action == "create":
-            token = tokens.create(args.tenant, args.rate, args.max_in_flight)
+            grants = None
+            if args.allow_prefix is not None:
+                grants = [p for p in args.allow_prefix if p]
+            token = tokens.create(args.tenant, args.rate, args.max_in_flight, grants)
             print(token)
             print(
                 f"imageq: a token for tenant {args.tenant!r}; it is shown this once "
@@ -126,7 +136,7 @@ def tokens_main(argv: list[str]) -> int:
 def _format(tenants: list[dict[str, object]], settings: Settings) -> str:
     if not tenants:
         return "(no tenants)"
-    rows = [["tenant", "rate/s", "max in flight", "tokens"]]
+    rows = [["tenant", "rate/s", "max in flight", "tokens", "allowed prefixes"]]
     for t in tenants:
         rate = (
             t["rate"] if t["rate"] is not None else f"{settings.gateway_default_rate:g} (default)"
@@ -137,8 +147,12 @@ def _format(tenants: list[dict[str, object]], settings: Settings) -> str:
             else f"{settings.gateway_default_max_in_flight} (default)"
         )
         shown = ", ".join(f"{tok['prefix']}…" for tok in t["tokens"]) or "(revoked)"  # type: ignore[attr-defined]
-        rows.append([str(t["tenant"]), str(rate), str(cap), shown])
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        granted = t.get("allow_prefixes")
+        grants = (
+            ", ".join(str(p) for p in granted) if isinstance(granted, list) and granted else "-"
+        )
+        rows.append([str(t["tenant"]), str(rate), str(cap), shown, grants])
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
     )

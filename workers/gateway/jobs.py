@@ -16,9 +16,10 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import JSONResponse, Response
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
-from api_client.kinds import KINDS
-from api_client.schemas import JobRecord, JobStatus, job_id_for
-from api_client.uploads import STORAGE_SCHEME, UPLOAD_PREFIX
+from api_client.kinds import JOB_KINDS, KINDS
+from api_client.object_urls import hide_storage_root
+from api_client.references import check_references
+from api_client.schemas import JobRecord, JobStatus, job_id_for, parse_input
 from workers.gateway.errors import (
     InFlightLimit,
     Malformed,
@@ -126,19 +127,17 @@ def prefer_wait(header: str | None, cap_s: float) -> float | None:
     return None
 
 
-def _check_uploads(value: Any, tenant: str, path: str = "input") -> None:
-    """A tenant's job may name its own uploads only (``storage://uploads/TENANT/...``)."""
-    if isinstance(value, str):
-        if value.startswith(STORAGE_SCHEME) and not value.startswith(
-            f"{STORAGE_SCHEME}{UPLOAD_PREFIX}{tenant}/"
-        ):
-            raise InvalidInput(f"{path}: not an upload of this tenant (POST /v1/uploads)")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_uploads(item, tenant, f"{path}[{i}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_uploads(item, tenant, f"{path}.{key}")
+def check_input_refs(gw: Gateway, tenant: str, kind: Any, inp: Any) -> None:
+    """What the tenant's job names, refused here as the worker would refuse it (the
+    same walker and rule: api_client.references); an input that does not parse is left
+    to the submit, which names its problems."""
+    if not isinstance(kind, str) or kind not in JOB_KINDS:
+        return
+    try:
+        model = parse_input(kind, inp)
+    except InvalidInput:
+        return
+    check_references(model, tenant, gw.grants.grants(tenant))
 
 
 def _check_webhook(webhook: Any, gw: Gateway) -> None:
@@ -175,7 +174,7 @@ def submit_sync(
         )
     try:
         # After the limits: a flood of bad requests is refused before any DNS lookup.
-        _check_uploads(body.get("input"), tenant)
+        check_input_refs(gw, tenant, body.get("kind"), body.get("input"))
         _check_webhook(body.get("webhook"), gw)
         return gw.client.submit_once(
             body.get("kind"),  # type: ignore[arg-type]  # parse_job checks every field
@@ -194,8 +193,10 @@ def submit_sync(
         raise
 
 
-def render(record: JobRecord) -> dict[str, Any]:
-    return record.to_json()
+def render(record: JobRecord, root: str) -> dict[str, Any]:
+    """A record as its tenant sees it: ``storage://`` refs, not the storage root."""
+    shown: dict[str, Any] = hide_storage_root(record.to_json(), root)
+    return shown
 
 
 # -- routes -------------------------------------------------------------------------
@@ -253,7 +254,9 @@ async def submit_job(request: Request) -> Response:
     if seconds is not None:
         record = await wait_final(gw.hub, gw.channel(record.id), gw.read, record, seconds)
         headers["Preference-Applied"] = f"wait={seconds:g}"
-    return JSONResponse(render(record), status_code=201 if created else 200, headers=headers)
+    return JSONResponse(
+        render(record, gw.storage_root), status_code=201 if created else 200, headers=headers
+    )
 
 
 @router.get(
@@ -277,7 +280,9 @@ async def list_jobs(
     records, next_cursor = await gw.run(
         gw.client.list_page, status, kind, limit, cursor, tenant.name
     )
-    return JSONResponse({"data": [render(r) for r in records], "next_cursor": next_cursor})
+    return JSONResponse(
+        {"data": [render(r, gw.storage_root) for r in records], "next_cursor": next_cursor}
+    )
 
 
 @router.get(
@@ -291,7 +296,7 @@ async def get_job(request: Request, job_id: str) -> Response:
     tenant = await authenticate(request)
     gw = gateway(request)
     record = await gw.owned(tenant.name, job_id)
-    data = render(record)
+    data = render(record, gw.storage_root)
     if record.status == JobStatus.QUEUED:
         data["queue_position"] = await gw.queue_position(record)
     return JSONResponse(data)
@@ -309,7 +314,7 @@ async def cancel_job(request: Request, job_id: str) -> Response:
     gw = gateway(request)
     await gw.owned(tenant.name, job_id)
     record = await gw.run(gw.client.cancel, job_id)
-    return JSONResponse(render(record))
+    return JSONResponse(render(record, gw.storage_root))
 
 
 @router.get(
@@ -331,7 +336,12 @@ async def job_event_stream(request: Request, job_id: str) -> Response:
     gw = gateway(request)
     await gw.owned(tenant.name, job_id)
     events = job_events(
-        gw.hub, gw.channel(job_id), gw.read, job_id, gw.settings.gateway_stream_max_s, render
+        gw.hub,
+        gw.channel(job_id),
+        gw.read,
+        job_id,
+        gw.settings.gateway_stream_max_s,
+        lambda record: render(record, gw.storage_root),
     )
     return EventSourceResponse(
         events,

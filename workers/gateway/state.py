@@ -17,8 +17,10 @@ import redis.asyncio as aioredis
 from api_client.client import Client
 from api_client.kinds import JOB_KINDS
 from api_client.names import job_queue
+from api_client.object_urls import storage_root
 from api_client.queues import priority_lists
 from api_client.records import RecordStore
+from api_client.references import GrantReader
 from api_client.schemas import JobRecord, JobStatus
 from api_client.scripts import script
 from api_client.settings import Settings
@@ -53,6 +55,9 @@ class Gateway:
         # the Client (Celery's producer is synchronous) run in worker threads.
         self.aredis = _async_redis(settings.records_redis_url)
         self.auth = Authenticator(self.aredis, self.store, settings.gateway_token_cache_s)
+        self.grants = GrantReader(self.store, settings.gateway_token_cache_s)
+        #: What stored files' uris start with; tenants are shown storage:// instead.
+        self.storage_root = storage_root(settings)
         self.limits = Limits(self.client.redis, self.store, settings)
         self.hub = UpdateHub(self.aredis, self.store.key("gw", "hub"))
         self.metrics = metrics or GatewayMetrics()

@@ -7,7 +7,7 @@ compared with ``hmac.compare_digest``. A tenant may hold several tokens (rotatio
 make a new one, move the callers, revoke the old by its prefix).
 
 Keys (``imageq:{prefix}gw:...``): ``token:{sha256}`` (JSON: tenant, prefix, created_at),
-``tenant:{name}`` (hash: rate, max_in_flight, created_at), ``tenant-tokens:{name}``
+``tenant:{name}`` (hash: rate, max_in_flight, allow_prefixes, created_at), ``tenant-tokens:{name}``
 (set of hashes), ``tenants`` (set of names).
 """
 
@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from api_client.errors import InvalidInput
 from api_client.records import RecordStore, utcnow
+from api_client.references import GRANTS_FIELD, check_grant, parse_grants, tenant_key
 from api_client.schemas import TENANT_PATTERN
 
 TOKEN_PREFIX = "iq_"
@@ -79,10 +80,16 @@ class TokenStore:
         return self.store.key("gw", *parts)
 
     def create(
-        self, tenant: str, rate: float | None = None, max_in_flight: int | None = None
+        self,
+        tenant: str,
+        rate: float | None = None,
+        max_in_flight: int | None = None,
+        allow_prefixes: list[str] | None = None,
     ) -> str:
-        """A new token for ``tenant`` (made if new); limits given here replace its own."""
+        """A new token for ``tenant`` (made if new); limits and granted prefixes given
+        here replace its own (an empty list withdraws every grant)."""
         check_tenant_name(tenant)
+        grants = None if allow_prefixes is None else [check_grant(p) for p in allow_prefixes]
         if rate is not None and rate < 0:
             raise InvalidInput("rate: must be 0 (no limit) or more jobs per second")
         if max_in_flight is not None and max_in_flight < 0:
@@ -100,10 +107,12 @@ class TokenStore:
             limits["rate"] = repr(float(rate))
         if max_in_flight is not None:
             limits["max_in_flight"] = str(int(max_in_flight))
+        if grants is not None:
+            limits[GRANTS_FIELD] = json.dumps(sorted(set(grants)))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hsetnx(self.key("tenant", tenant), "created_at", entry["created_at"])
+        pipe.hsetnx(tenant_key(self.store, tenant), "created_at", entry["created_at"])
         for field, value in limits.items():
-            pipe.hset(self.key("tenant", tenant), field, value)
+            pipe.hset(tenant_key(self.store, tenant), field, value)
         pipe.set(self.key("token", digest), json.dumps(entry))
         pipe.sadd(self.key("tenant-tokens", tenant), digest)
         pipe.sadd(self.key("tenants"), tenant)
@@ -114,7 +123,7 @@ class TokenStore:
         """Every tenant with its limits (None: the deployment's default) and tokens."""
         out = []
         for name in sorted(str(t) for t in self.redis.smembers(self.key("tenants"))):
-            config = self.redis.hgetall(self.key("tenant", name))
+            config = self.redis.hgetall(tenant_key(self.store, name))
             digests = sorted(str(d) for d in self.redis.smembers(self.key("tenant-tokens", name)))
             raws = self.redis.mget([self.key("token", d) for d in digests]) if digests else []
             tokens = [json.loads(raw) for raw in raws if raw]
@@ -125,6 +134,7 @@ class TokenStore:
                     "max_in_flight": (
                         int(config["max_in_flight"]) if "max_in_flight" in config else None
                     ),
+                    "allow_prefixes": list(parse_grants(config.get(GRANTS_FIELD))),
                     "created_at": config.get("created_at"),
                     "tokens": [
                         {"prefix": t["prefix"], "created_at": t["created_at"]}

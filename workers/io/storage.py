@@ -149,7 +149,8 @@ class LocalStorage:
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ObjectNotFound(f"no object {key!r} in {self.root}") from None
+            # The root stays out: messages reach the job's submitter.
+            raise ObjectNotFound(f"no object {key!r} in storage") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

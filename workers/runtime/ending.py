@@ -13,10 +13,12 @@ import logging
 from typing import Any
 
 from api_client.errors import Canceled, ImageqError, InternalError, WorkerLost
+from api_client.object_urls import hide_storage_root
 from api_client.records import Document, RecordStore, final_record, utcnow
 from api_client.schemas import JobDocument, JobRecord, JobStatus
 from api_client.settings import Settings
 from api_client.webhooks import event_id, progress_key
+from workers.io.storage import Storage
 from workers.runtime.context import Deferred, Output, WorkerContext
 from workers.runtime.control import LeaseKeeper, LeaseLost
 from workers.runtime.failover import RunningSet, back_to_queued
@@ -298,7 +300,7 @@ class RunEnding:
             url=webhook["url"],
             type=event_type,
             timestamp=utcnow(),
-            data=record.to_json(),
+            data=_shown(record, self.ctx.storage),
         )
         self.ctx.send_webhook(event)
 
@@ -315,6 +317,16 @@ def _status(job_id: str, error: ImageqError | None) -> JobStatus:
     status = JobStatus.CANCELED if isinstance(error, Canceled) else JobStatus.FAILED
     log.info("job %s %s: %s", job_id, status, error)
     return status
+
+
+def _shown(record: JobRecord, storage: Storage) -> dict[str, Any]:
+    """A record as a webhook carries it: a tenant's job names its files ``storage://...``,
+    not by the storage root (as the gateway shows it)."""
+    data = record.to_json()
+    if record.tenant is None:
+        return data
+    shown: dict[str, Any] = hide_storage_root(data, storage.uri("x")[:-1])
+    return shown
 
 
 def _result_json(record: JobRecord) -> bytes:

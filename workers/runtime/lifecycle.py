@@ -19,6 +19,7 @@ from typing import Any
 
 from api_client.errors import Canceled, ImageqError, InternalError, InvalidInput, WorkerLost
 from api_client.records import Document, new_record, parse_time, utcnow
+from api_client.references import GrantReader
 from api_client.schemas import JobDocument, JobRecord, JobStatus, WebhookSpec, parse_job
 from workers.runtime.context import Built, Deferred, Handler, Output, WorkerContext
 from workers.runtime.control import HandedBack, JobControl, LeaseKeeper, LeaseLost, RunInterrupted
@@ -45,6 +46,8 @@ class JobRunner(RunEnding):
         # running job's lease and the cancel set (leases).
         self.transitions = Transitions(ctx.store)
         self.heart = Heart(ctx.store, self.settings.heartbeat_interval_s)
+        # A tenant's grants, read once per tenant job (remembered as long as a token).
+        self.grants = GrantReader(ctx.store, self.settings.gateway_token_cache_s)
         #: Jobs whose count this runner claimed when it ended them (``take_counted``).
         self.counted: set[str] = set()
 
@@ -195,6 +198,8 @@ class JobRunner(RunEnding):
         )
         try:
             control.check()
+            # Before any fetch, whoever enqueued the job: what its tenant may name.
+            self.grants.check(job.input, job.tenant)
             output = self.handlers[job.kind].handle(job, job.input, control)
         except RunInterrupted:
             raise
