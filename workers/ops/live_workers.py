@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from api_client.records import RecordStore, utcnow
+from workers.runtime.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ class WorkerRegistry:
         # A job ended since the write in flight took its snapshot / a thread is writing.
         self._dirty = False
         self._writing = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="imageq-registry", daemon=True)
+        # Keeps beating through a Redis restart.
+        self._ticker = Ticker("imageq-registry", every_s, self.publish)
 
     @property
     def key(self) -> str:
@@ -147,11 +148,10 @@ class WorkerRegistry:
 
     def start(self) -> None:
         self.publish()
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._ticker.stop()
         try:
             pipe = self.store.redis.pipeline(transaction=False)
             pipe.delete(self.key)
@@ -159,10 +159,3 @@ class WorkerRegistry:
             pipe.execute()
         except Exception as exc:  # Redis may already be gone at shutdown
             log.debug("registry cleanup: %s", exc)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.publish()
-            except Exception as exc:  # keep beating through a Redis restart
-                log.warning("registry heartbeat: %s", exc)

@@ -21,6 +21,7 @@ from api_client.errors import Canceled, ImageqError, JobTimeout
 from api_client.records import RecordStore
 from api_client.schemas import JobStatus
 from workers.runtime.failover import RunningSet
+from workers.runtime.ticker import Ticker
 
 if TYPE_CHECKING:
     from workers.runtime.leases import Heart
@@ -208,10 +209,8 @@ class LeaseKeeper:
         self.attempt: int | None = None
         self._stop = threading.Event()
         # Only without the worker's one lease thread (``heart``) does a lease beat itself.
-        self._thread = (
-            None
-            if heart is not None
-            else threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        self._ticker = (
+            None if heart is not None else Ticker(f"lease-{job_id}", every_s, self.keep_or_lose)
         )
         self._verified = time.monotonic()
         self._released = False
@@ -220,11 +219,11 @@ class LeaseKeeper:
     def __enter__(self) -> LeaseKeeper:
         if not self._watched_at_start:
             self._watch()
-        if self._thread is None:
+        if self._ticker is None:
             assert self.heart is not None
             self.heart.add(self)
         else:
-            self._thread.start()
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -236,9 +235,8 @@ class LeaseKeeper:
         self._stop.set()
         if self.heart is not None:
             self.heart.remove(self)
-        thread = self._thread
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(5)
+        if self._ticker is not None:
+            self._ticker.stop()
 
     def release(self) -> None:
         """Stop renewing and give the lease up (never one another worker holds)."""
@@ -328,9 +326,3 @@ class LeaseKeeper:
             return
         self._mark_lost()
         raise LeaseLost(f"job {self.job_id}: another worker holds the job now")
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.every_s):
-            if self.lost:
-                return
-            self.keep_or_lose()

@@ -32,8 +32,6 @@ visibility timeout stays the backstop.
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from api_client.records import Document, RecordStore
 from api_client.schemas import JobRecord, JobStatus
 from api_client.scripts import script
 from api_client.settings import Settings
+from workers.runtime.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +142,8 @@ class FailoverSweeper:
         self.fail_lost = fail_lost
         self.every_s = max(0.05, every_s)
         self.worker_name = worker_name
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Jitter, so that the sweepers of a fleet started together do not run in step.
+        self._ticker = Ticker("imageq-failover", self.every_s, self.sweep, jitter=0.2)
 
     def sweep(self) -> list[tuple[str, str]]:
         """One pass over the due entries; returns (job id, action) for each one acted on."""
@@ -240,21 +239,10 @@ class FailoverSweeper:
 
     # -- the thread -----------------------------------------------------------------------
     def start(self) -> None:
-        def loop() -> None:
-            # Jitter, so that the sweepers of a fleet started together do not run in step.
-            while not self._stop.wait(self.every_s * random.uniform(0.8, 1.2)):
-                try:
-                    self.sweep()
-                except Exception as exc:  # Redis away for a moment: try again next pass
-                    log.warning("failover sweeper: %s", exc)
-
-        self._thread = threading.Thread(target=loop, name="imageq-failover", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._ticker.stop()
 
 
 # -- handing a job on -----------------------------------------------------------------------

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from api_client.records import RecordStore
 from api_client.scripts import script
 from api_client.webhook_log import KeptOutcome, WebhookLog
+from workers.runtime.ticker import Ticker
 from workers.webhooks.post import DeliveryOutcome, WebhookEvent, deliver, next_delay_s
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ class WebhookDispatcher:
         self._claim = script(store.redis, "outbox_claim")
         self._unclaim = script(store.redis, "outbox_unclaim")
         self.log = WebhookLog(store)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker: Ticker | None = None
 
     def _done_key(self, webhook_id: str) -> str:
         return self.store.key("wh", webhook_id, "done")
@@ -115,17 +114,8 @@ class WebhookDispatcher:
         return moved
 
     def start(self, every_s: float = 0.2) -> None:
-        def loop() -> None:
-            while not self._stop.wait(every_s):
-                try:
-                    self.pump()
-                except Exception as exc:  # Redis away for a moment: try again next tick
-                    log.warning("webhook scheduler: %s", exc)
-
-        self._thread = threading.Thread(target=loop, name="imageq-webhook-pump", daemon=True)
-        self._thread.start()
+        self._ticker = Ticker("imageq-webhook-pump", every_s, self.pump).start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._ticker is not None:
+            self._ticker.stop()
