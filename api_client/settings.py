@@ -156,6 +156,14 @@ class Settings(BaseSettings):
     max_image_bytes: int = 20 * 1024 * 1024
     max_data_uri_bytes: int = 256 * 1024
     max_image_pixels: int = 40_000_000
+    # Decoded pixels one job's images may add up to, read from their headers before any
+    # is decoded. max_image_pixels bounds one image; without a job budget, one 33 KB PNG
+    # of 6000 x 6000 named 512 times made a caption worker decode 18 Gpx (~60 GB of RGB)
+    # and be OOM-killed, and redelivery then killed the next worker. 256 Mpx still takes
+    # 512 web images of 0.5 Mpx, or 21 twelve-megapixel phone photos, and bounds a job's
+    # decoding to ~768 MB of RGB and seconds of CPU (workers decode one image at a time
+    # and keep a reduced copy, so the memory held is far less: docs/reliability.md).
+    max_job_pixels: int = 256_000_000
     fetch_timeout_s: float = 20.0
     max_redirects: int = 3
     webhook_schedule_s: Annotated[tuple[float, ...], NoDecode] = DEFAULT_WEBHOOK_SCHEDULE_S

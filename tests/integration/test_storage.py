@@ -266,3 +266,92 @@ def test_throttling_and_5xx_are_retried_other_errors_are_not(
     with pytest.raises(TransientError, match="after 3 attempts"):
         store.get("k")
     assert flaky.calls == 7
+
+
+# --- byte caps: reads stop past them ---------------------------------------------------
+
+
+class CountingBody:
+    """An S3 body that counts what is read from it."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk: bytes = self.body.read(size) if size >= 0 else self.body.read()
+        self.read_bytes += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def test_read_capped_stops_one_byte_past_the_cap() -> None:
+    import io
+
+    stream = io.BytesIO(b"x" * (50 * 1024 * 1024))
+    with pytest.raises(InvalidInput, match="larger than the limit of 1000 bytes"):
+        storage_module.read_capped(stream, 1000, "the object")
+    assert stream.tell() == 1001
+    assert storage_module.read_capped(io.BytesIO(b"abc"), 3, "x") == b"abc"
+
+
+def test_s3_reads_past_the_cap_fail_without_reading_the_object(
+    s3_env: S3Env, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = S3Storage(s3_env.bucket, "", FAST)
+    big = b"\x89PNG" + bytes(8 * 1024 * 1024)
+    store.put("uploads/big.png", big, "image/png")
+    bodies: list[CountingBody] = []
+    real = store._s3.client.get_object
+
+    def get_object(*, hide_length: bool = False, **kwargs: Any) -> Any:
+        answer = dict(real(**kwargs))
+        bodies.append(CountingBody(answer["Body"]))
+        answer["Body"] = bodies[-1]
+        if hide_length:
+            answer.pop("ContentLength", None)
+        return answer
+
+    monkeypatch.setattr(store._s3.client, "get_object", get_object)
+    small = FAST.with_(max_image_bytes=1000)
+    # The length header alone refuses it: not one byte of the body read.
+    with pytest.raises(InvalidInput, match="larger than the limit of 1000 bytes"):
+        fetch_bytes("storage://uploads/big.png", small, store)
+    with pytest.raises(InvalidInput, match="larger than the limit of 1000 bytes"):
+        fetch_bytes(f"s3://{s3_env.bucket}/uploads/big.png", small, store)
+    assert [b.read_bytes for b in bodies] == [0, 0]
+    # Without (or despite) the header, the count stops one byte past the cap.
+    monkeypatch.setattr(
+        store._s3.client, "get_object", lambda **kw: get_object(hide_length=True, **kw)
+    )
+    with pytest.raises(InvalidInput, match="larger than the limit of 1000 bytes"):
+        store.get("uploads/big.png", 1000)
+    assert bodies[-1].read_bytes == 1001
+    assert store.get("uploads/big.png", len(big)) == big
+    assert store.get("uploads/big.png") == big  # no cap: as before
+
+
+def test_local_reads_past_the_cap_fail(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    store.put("uploads/big.png", bytes(3 * 1024 * 1024), "image/png")
+    with pytest.raises(InvalidInput, match="larger than the limit of 1000 bytes"):
+        store.get("uploads/big.png", 1000)
+    assert len(store.get("uploads/big.png", 3 * 1024 * 1024)) == 3 * 1024 * 1024
+    with pytest.raises(InvalidInput, match="larger than the limit of 20971520 bytes"):
+        fetch_bytes("storage://uploads/x.png", Settings(), _Huge(tmp_path))
+
+
+class _Huge(LocalStorage):
+    """Storage whose object is past the shipped cap (20 MiB), read only through its cap."""
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        assert max_bytes == Settings().max_image_bytes == 20 * 1024 * 1024
+        return storage_module.read_capped(_Endless(), max_bytes, "the object")
+
+
+class _Endless:
+    def read(self, size: int = -1) -> bytes:
+        assert 0 <= size <= 1024 * 1024  # never "everything"
+        return bytes(size)

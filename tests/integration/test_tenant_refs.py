@@ -57,9 +57,9 @@ class CountingStorage:
         attr = getattr(self.inner, name)
         if name in ("get", "list", "exists", "read_uri"):
 
-            def counted(arg: str) -> Any:
+            def counted(arg: str, *args: Any, **kwargs: Any) -> Any:
                 self.reads.append(f"{name} {arg}")
-                return attr(arg)
+                return attr(arg, *args, **kwargs)
 
             return counted
         return attr

@@ -288,7 +288,7 @@ class FakeStorage(LocalStorage):
         self.data = data
         self.read: list[str] = []
 
-    def read_uri(self, uri: str) -> bytes:
+    def read_uri(self, uri: str, max_bytes: int | None = None) -> bytes:
         self.read.append(uri)
         return self.data
 

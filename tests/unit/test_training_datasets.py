@@ -243,3 +243,78 @@ def test_auto_caption_accepts_missing_texts_and_unlisted_images(
         ("a.png", None),
         ("b.png", None),
     ]
+
+
+def with_extras(files: dict[str, bytes], kind: str) -> bytes:
+    """``files`` plus three folders and three symlinks, as a zip or a streamed tar."""
+    buf = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(buf, "w") as archive:
+            for i in range(3):
+                archive.writestr(f"dir{i}/", b"")
+                link = zipfile.ZipInfo(f"link{i}.png")
+                link.external_attr = (0o120777) << 16
+                archive.writestr(link, b"/etc/passwd")
+            for name, data in files.items():
+                archive.writestr(name, data)
+        return buf.getvalue()
+    with tarfile.open(fileobj=buf, mode="w|gz") as tar:
+        for i in range(3):
+            folder = tarfile.TarInfo(f"dir{i}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            link = tarfile.TarInfo(f"link{i}.png")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_folders_and_links_count_against_the_entry_cap(
+    kind: str, settings: Settings, storage: LocalStorage, tmp_path: Path
+) -> None:
+    uri = storage.put(f"datasets/extras.{kind}", with_extras(good_files(), kind), "x")
+    # Three files and six skipped entries: nine entries.
+    assert load(uri, settings.with_(max_dataset_files=9), storage, tmp_path / "1") == EXPECTED
+    with pytest.raises(InvalidInput, match=r"more than 8 files \(every entry counts"):
+        load(uri, settings.with_(max_dataset_files=8), storage, tmp_path / "2")
+
+
+def test_a_tar_of_too_many_entries_is_refused_while_streaming(
+    storage: LocalStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = Settings()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|gz") as tar:
+        folder = tarfile.TarInfo("d")
+        folder.type = tarfile.DIRTYPE
+        for _ in range(shipped.max_dataset_files + 20_000):
+            tar.addfile(folder)
+    data = buf.getvalue()
+    assert len(data) < 1024 * 1024  # ~60 MB of headers, compressed
+    uri = storage.put("datasets/entries.tar.gz", data, "application/gzip")
+    opened: list[str] = []
+    read = 0
+    real_open, real_next = tarfile.open, tarfile.TarFile.next
+
+    def spy_open(*args: object, **kwargs: object) -> tarfile.TarFile:
+        opened.append(str(kwargs.get("mode")))
+        return real_open(*args, **kwargs)
+
+    def spy_next(self: tarfile.TarFile) -> tarfile.TarInfo | None:
+        nonlocal read
+        read += 1
+        return real_next(self)
+
+    monkeypatch.setattr(tarfile, "open", spy_open)
+    monkeypatch.setattr(tarfile.TarFile, "next", spy_next)
+    with pytest.raises(InvalidInput, match=f"more than {shipped.max_dataset_files} files"):
+        load(uri, shipped, storage, tmp_path)
+    assert opened == ["r|*"]
+    # Refused at the entry past the cap (opening reads the first one ahead), not after
+    # walking the whole archive.
+    assert read <= shipped.max_dataset_files + 2

@@ -17,20 +17,18 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from api_client.image_header import image_size
 from api_client.redact import redact_ref
 from api_client.settings import Settings
 from api_client.uploads import ref_key
 from workers.io.netguard import Deadline, check_url, safe_session
-from workers.io.storage import Storage, file_uri_path, open_storage
+from workers.io.storage import Storage, file_uri_path, open_storage, too_big
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES = 64 * 1024
+
 # --- fetching ----------------------------------------------------------------------
-
-
-def _too_big(what: str, limit: int) -> InvalidInput:
-    return InvalidInput(f"{what} is larger than the limit of {limit} bytes")
 
 
 def _fetch_http(url: str, settings: Settings, seconds: float) -> bytes:
@@ -56,12 +54,12 @@ def _fetch_http(url: str, settings: Settings, seconds: float) -> bytes:
                         raise InputFetchFailed(f"{redact_ref(current)} answered HTTP {status}")
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > limit:
-                        raise _too_big("the download", limit)
+                        raise too_big("the download", limit)
                     body = bytearray()
                     for chunk in response.iter_content(_CHUNK_BYTES):
                         body += chunk
                         if len(body) > limit:
-                            raise _too_big("the download", limit)
+                            raise too_big("the download", limit)
                     # A socket shut by the deadline can look like a clean end of body.
                     deadline.remaining()
                     return bytes(body)
@@ -87,13 +85,13 @@ def _decode_data_uri(ref: str, settings: Settings) -> bytes:
     # Base64 is 4/3 of the data plus line breaks: a payload over twice the limit cannot fit,
     # and refusing it here spares decoding it.
     if len(payload) > 2 * limit + 1024:
-        raise _too_big("the data URI", limit)
+        raise too_big("the data URI", limit)
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput("the data URI is not valid base64") from None
     if len(data) > limit:
-        raise _too_big("the data URI", limit)
+        raise too_big("the data URI", limit)
     return data
 
 
@@ -109,7 +107,7 @@ def _read_file(ref: str, settings: Settings) -> bytes:
     except OSError as exc:
         raise InputFetchFailed(f"{ref}: {exc.strerror or exc}") from None
     if len(data) > settings.max_image_bytes:
-        raise _too_big("the file", settings.max_image_bytes)
+        raise too_big("the file", settings.max_image_bytes)
     return data
 
 
@@ -131,8 +129,10 @@ def fetch_bytes(
         return _read_file(ref, settings)
     if scheme in ("s3", "storage"):
         store = storage if storage is not None else open_storage(settings)
+        cap = settings.max_image_bytes
+        # Storage stops reading one chunk past the cap: a huge object is never read whole.
         if scheme == "s3":
-            data = store.read_uri(ref)
+            data = store.read_uri(ref, cap)
         else:
             # An upload (api_client.uploads): a key under uploads/ of this deployment's
             # own storage, whatever its backend; nothing else there can be named.
@@ -140,9 +140,9 @@ def fetch_bytes(
                 key = ref_key(ref)
             except InvalidInput as exc:
                 raise ForbiddenUrl(exc.message) from None
-            data = store.get(key)
+            data = store.get(key, cap)
         if len(data) > settings.max_image_bytes:
-            raise _too_big("the object", settings.max_image_bytes)
+            raise too_big("the object", settings.max_image_bytes)
         return data
     raise ForbiddenUrl(
         f"unsupported image reference scheme {scheme!r}: use s3://, https://, http://, "
@@ -152,35 +152,76 @@ def fetch_bytes(
 
 # --- decoding ----------------------------------------------------------------------
 
+# Modes Image.reduce() works in; others (palette, 1-bit, CMYK...) become RGB first.
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F"})
 
-def decode_image(data: bytes, settings: Settings) -> Image.Image:
-    """Decode one image to RGB: allowed formats only, pixel cap before decoding, EXIF applied.
 
-    Animated GIF/WebP/PNG give their first frame.
-    """
+def _open(data: bytes) -> Image.Image:
+    """Pillow's lazy open: the header only, no pixels decoded."""
     if not data:
         raise InvalidInput("the image is empty (0 bytes)")
     try:
-        opened = Image.open(BytesIO(data), formats=list(FORMATS))
+        return Image.open(BytesIO(data), formats=list(FORMATS))
     except UnidentifiedImageError:
         raise InvalidInput("not a JPEG, PNG, WebP, GIF or BMP image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"image has too many pixels: {exc}") from None
     except Exception as exc:  # PIL raises many types (SyntaxError, struct.error, ...)
         raise InvalidInput(f"could not read the image header: {exc}") from None
+
+
+def _check_size(width: int, height: int, settings: Settings) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidInput(f"image has an empty size {width}x{height}")
+    if width * height > settings.max_image_pixels:
+        raise InvalidInput(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{settings.max_image_pixels}"
+        )
+
+
+def header_size(data: bytes, settings: Settings) -> tuple[int, int]:
+    """(width, height) from the image's header, within the pixel cap; nothing decoded."""
+    size = image_size(data)
+    if size is None:  # a header the light reader does not know: Pillow's lazy open
+        with _open(data) as opened:
+            size = opened.size
+    _check_size(*size, settings)
+    return size
+
+
+def _reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """``image`` shrunk by a whole factor while both sides stay at least ``min_side``."""
+    factor = min(image.width // min_side, image.height // min_side)
+    if factor < 2:
+        return image
+    if image.mode not in _REDUCIBLE:
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return image.reduce(factor)
+
+
+def decode_image(data: bytes, settings: Settings, min_side: int | None = None) -> Image.Image:
+    """Decode one image to RGB: allowed formats only, pixel cap before decoding, EXIF applied.
+
+    Animated GIF/WebP/PNG give their first frame. ``min_side``: what the caller needs;
+    the image is reduced while decoding (JPEG: DCT scaling, 1/2 to 1/8) or right after
+    it, by whole factors only, so that both sides stay at least ``min_side`` (or as
+    they were when smaller). The full-size RGB copy of a large photo is never made.
+    """
+    opened = _open(data)
     with opened:
-        width, height = opened.size
-        if width <= 0 or height <= 0:
-            raise InvalidInput(f"image has an empty size {width}x{height}")
-        if width * height > settings.max_image_pixels:
-            raise InvalidInput(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{settings.max_image_pixels}"
-            )
+        _check_size(*opened.size, settings)
         try:
+            if min_side is not None and opened.format == "JPEG":
+                # Before load(): libjpeg then decodes at 1/2, 1/4 or 1/8 scale, each side
+                # still at least min_side.
+                opened.draft("RGB", (min_side, min_side))
             # load() decodes the current frame only, so a GIF's other frames are never read.
             opened.load()
-            upright = ImageOps.exif_transpose(opened)
+            image: Image.Image = opened
+            if min_side is not None:
+                image = _reduced(image, min_side)
+            upright = ImageOps.exif_transpose(image)
             return upright.convert("RGB")
         except Exception as exc:
             raise InvalidInput(
@@ -188,6 +229,8 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
             ) from None
 
 
-def load_image(ref: str, settings: Settings, storage: Storage | None = None) -> Image.Image:
-    """Fetch and decode one image reference."""
-    return decode_image(fetch_bytes(ref, settings, storage), settings)
+def load_image(
+    ref: str, settings: Settings, storage: Storage | None = None, min_side: int | None = None
+) -> Image.Image:
+    """Fetch and decode one image reference (``min_side``: see ``decode_image``)."""
+    return decode_image(fetch_bytes(ref, settings, storage), settings, min_side)

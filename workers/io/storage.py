@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import unquote
 
 import boto3
@@ -53,6 +53,7 @@ _THROTTLING_CODES = frozenset(
     }
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_CHUNK_BYTES = 1024 * 1024
 
 
 class ObjectNotFound(InputFetchFailed):
@@ -68,7 +69,7 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes, content_type: str) -> str: ...
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, max_bytes: int | None = None) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -78,7 +79,32 @@ class Storage(Protocol):
 
     def public_url(self, key: str) -> str | None: ...
 
-    def read_uri(self, uri: str) -> bytes: ...
+    def read_uri(self, uri: str, max_bytes: int | None = None) -> bytes: ...
+
+
+class TooLarge(InvalidInput):
+    """Input over a byte cap (an image, an object, an archive)."""
+
+
+def too_big(what: str, limit: int) -> TooLarge:
+    """The error for input over a byte cap of ``limit`` bytes."""
+    return TooLarge(f"{what} is larger than the limit of {limit} bytes")
+
+
+def read_capped(stream: IO[bytes], max_bytes: int | None, what: str) -> bytes:
+    """All of ``stream``, read in chunks and stopped one chunk past ``max_bytes``.
+
+    Whatever a header declared: the bytes are counted as they arrive, so an object over
+    the cap never sits whole in memory (``InvalidInput``).
+    """
+    if max_bytes is None:
+        return stream.read()
+    body = bytearray()
+    while chunk := stream.read(min(_CHUNK_BYTES, max_bytes + 1 - len(body))):
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_big(what, max_bytes)
+    return bytes(body)
 
 
 def check_key(key: str) -> str:
@@ -144,10 +170,11 @@ class LocalStorage:
         _fsync_dir(path.parent)
         return path.as_uri()  # what uri(key) says, without resolving the path again
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
         try:
-            return path.read_bytes()
+            with path.open("rb") as handle:
+                return read_capped(handle, max_bytes, "the object")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             # The root stays out: messages reach the job's submitter.
             raise ObjectNotFound(f"no object {key!r} in storage") from None
@@ -177,17 +204,17 @@ class LocalStorage:
     def public_url(self, key: str) -> str | None:
         return None
 
-    def read_uri(self, uri: str) -> bytes:
+    def read_uri(self, uri: str, max_bytes: int | None = None) -> bytes:
         scheme = uri.partition(":")[0].lower()
         if scheme == "file":
             path = file_uri_path(uri).resolve()
             if not path.is_relative_to(self.root):
                 raise ForbiddenUrl(f"{uri} is outside the storage root {self.root}")
-            return self.get(path.relative_to(self.root).as_posix())
+            return self.get(path.relative_to(self.root).as_posix(), max_bytes)
         if scheme == "s3":
             if self._s3 is None:
                 self._s3 = _S3Client(self._settings)
-            return self._s3.read_uri(uri)
+            return self._s3.read_uri(uri, max_bytes)
         raise ForbiddenUrl(f"storage cannot read {scheme!r} URIs")
 
 
@@ -268,19 +295,28 @@ class _S3Client:
                 return f"{retried + 1} attempts"
         return f"up to {self.max_attempts} attempts"
 
-    def read(self, bucket: str, key: str) -> bytes:
+    def read(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
         def read() -> bytes:
             # The body is read inside call(): a stream that breaks halfway is a
             # TransientError too (botocore retries the request, not the read).
-            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            return body
+            answer = self.client.get_object(Bucket=bucket, Key=key)
+            body = answer["Body"]
+            try:
+                declared = answer.get("ContentLength")
+                if max_bytes is not None and isinstance(declared, int) and declared > max_bytes:
+                    raise too_big("the object", max_bytes)
+                # Counted as it streams in, whatever the length header said.
+                return read_capped(body, max_bytes, "the object")
+            finally:
+                # Unread bytes are dropped with the connection, never downloaded.
+                body.close()
 
         return self.call(f"get s3://{bucket}/{key}", read)
 
-    def read_uri(self, uri: str) -> bytes:
+    def read_uri(self, uri: str, max_bytes: int | None = None) -> bytes:
         bucket, key = _split_s3_uri(uri)
         try:
-            return self.read(bucket, key)
+            return self.read(bucket, key, max_bytes)
         except StorageError as exc:
             # The URI came from a job, so a refusal is the input's problem, not ours.
             raise InputFetchFailed(exc.message) from None
@@ -316,8 +352,8 @@ class S3Storage:
         )
         return self.uri(key)
 
-    def get(self, key: str) -> bytes:
-        return self._s3.read(self.bucket, self._key(key))
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        return self._s3.read(self.bucket, self._key(key), max_bytes)
 
     def exists(self, key: str) -> bool:
         full = self._key(key)
@@ -358,10 +394,10 @@ class S3Storage:
         )
         return url
 
-    def read_uri(self, uri: str) -> bytes:
+    def read_uri(self, uri: str, max_bytes: int | None = None) -> bytes:
         if uri[:5].lower() != "s3://":
             raise ForbiddenUrl(f"S3 storage reads only s3:// URIs, not {uri[:16]!r}…")
-        return self._s3.read_uri(uri)
+        return self._s3.read_uri(uri, max_bytes)
 
 
 def open_storage(settings: Settings) -> Storage:

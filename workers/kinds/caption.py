@@ -13,31 +13,27 @@ from typing import Any
 from PIL import Image
 
 from api_client.adapters import adapter_field, entry_tenant
-from api_client.errors import ImageqError, InvalidInput
+from api_client.errors import InvalidInput
 from api_client.inputs import CaptionInput, GenerationOptions
 from api_client.languages import BASE_LANGUAGE, best_matches, match_rank, primary
 from api_client.schemas import JobDocument
 from api_client.settings import Settings
 from workers.io.adapter_registry import AdapterRegistry, revision_of
-from workers.io.images import load_image
+from workers.io.job_images import decode_side, load_job_images
 from workers.ops.devices import SpeedOptions
 from workers.predictors.adapters import peft_adapter_name
+from workers.predictors.attention import OVERLAY_MAX_SIDE
+from workers.predictors.blip import DEFAULT_INPUT_SIDE
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
 from workers.runtime.autobatch import RunBatch, for_worker
 from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
 from workers.runtime.lifecycle import Built, WorkerContext
 
-
-def load_images(refs: list[str], ctx: WorkerContext) -> list[Any]:
-    """Load every image; an error names the image (``input.images[3]``) it came from."""
-    images = []
-    for i, ref in enumerate(refs):
-        try:
-            images.append(load_image(ref, ctx.settings, ctx.storage))
-        except ImageqError as exc:
-            raise type(exc)(f"input.images[{i}]: {exc.message}") from None
-    return images
+# Stands in for an image once the model's input tensor is made from it and nothing else
+# reads it (no attention overlay): a 512-image job keeps no decoded image beside its
+# tensors. Never drawn on or changed; the predictors read ``pixels`` instead.
+PREPROCESSED = Image.new("RGB", (1, 1))
 
 
 class CaptionAdapters:
@@ -138,12 +134,14 @@ class CaptionHandler:
         batcher: CaptionBatcher,
         adapters: CaptionAdapters | None = None,
         preprocess: Preprocess | None = None,
+        input_side: int = DEFAULT_INPUT_SIDE,
     ) -> None:
         self.ctx = ctx
         self.batcher = batcher
         self.adapters = adapters
         # On this job's thread, not the batcher's (BlipPredictor.preprocess says why).
         self.preprocess = preprocess
+        self.input_side = input_side
 
     def handle(self, job: JobDocument, inp: CaptionInput, control: JobControl) -> dict[str, Any]:
         name, entry = self._adapter(inp, job.tenant)
@@ -152,19 +150,14 @@ class CaptionHandler:
             # Before joining a batch: a download must not hold a forming batch open.
             adapter, entry = self.adapters.ensure(name, entry, job.tenant)
         with self.batcher.incoming() as ticket:
-            images = load_images(inp.images, self.ctx)
+            # Overlays keep the input's size up to OVERLAY_MAX_SIDE: decoded that large.
+            side = decode_side(self.input_side)
+            side = max(side, OVERLAY_MAX_SIDE) if inp.attention else side
+            images = load_job_images(inp.images, self.ctx.settings, self.ctx.storage, side)
             control.check()
-            items = [
-                CaptionItem(
-                    image=image,
-                    prompt=inp.prompt,
-                    generation=inp.generation,
-                    adapter=adapter,
-                    attention=inp.attention,
-                    pixels=None if self.preprocess is None else self.preprocess(image),
-                )
-                for image in images
-            ]
+            # One decoded image at a time: each leaves only its tensor (and, for an
+            # overlay, a copy no larger than the overlay) before the next is decoded.
+            items = [self._item(image, inp, adapter) for image in images]
             ran = self.batcher.run(
                 items,
                 control.check,
@@ -175,8 +168,8 @@ class CaptionHandler:
         control.metrics["batch_size"] = max(r.batch_size for r in ran)
         control.metrics["images"] = len(items)
         captions = [
-            self._caption(job.id, i, image, r.result, inp)
-            for i, (image, r) in enumerate(zip(images, ran, strict=True))
+            self._caption(job.id, i, item.image, r.result, inp)
+            for i, (item, r) in enumerate(zip(items, ran, strict=True))
         ]
         out: dict[str, Any] = {"captions": captions}
         if name is not None:
@@ -184,6 +177,24 @@ class CaptionHandler:
             if language := (entry or {}).get("language"):
                 out["language"] = language
         return out
+
+    def _item(self, image: Image.Image, inp: CaptionInput, adapter: str | None) -> CaptionItem:
+        """The batch item of one decoded image, holding only what the job still needs."""
+        pixels = None if self.preprocess is None else self.preprocess(image)
+        if inp.attention:
+            # The overlay's panels are at most OVERLAY_MAX_SIDE: a copy that size draws
+            # the same panels (to a pixel of rounding) as the decoded image.
+            image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+        elif pixels is not None:
+            image = PREPROCESSED
+        return CaptionItem(
+            image=image,
+            prompt=inp.prompt,
+            generation=inp.generation,
+            adapter=adapter,
+            attention=inp.attention,
+            pixels=pixels,
+        )
 
     def _adapter(
         self, inp: CaptionInput, tenant: str | None
@@ -287,5 +298,7 @@ def build(ctx: WorkerContext, device: str) -> Built:
         if owned:
             shutil.rmtree(cache, ignore_errors=True)
 
-    handler = CaptionHandler(ctx, batcher, adapters, preprocess=predictor.preprocess)
+    handler = CaptionHandler(
+        ctx, batcher, adapters, preprocess=predictor.preprocess, input_side=predictor.input_side
+    )
     return {"caption": handler}, [batcher.stop, remove_cache]

@@ -20,11 +20,11 @@ from typing import Any
 from PIL import Image
 
 from api_client.adapters import adapter_field, entry_tenant
-from api_client.errors import ImageqError, InvalidInput
+from api_client.errors import InvalidInput
 from api_client.inputs import AdapterRef, GenerateInput, InpaintInput, StyleInput
 from api_client.schemas import JobDocument
 from workers.io.adapter_registry import AdapterRegistry
-from workers.io.images import load_image
+from workers.io.job_images import Named, load_all
 from workers.predictors.base import Batched
 from workers.predictors.diffusion import (
     NO_IP_ADAPTER,
@@ -160,8 +160,7 @@ class DiffusionHandler:
         return GenerateJob(inp, control)
 
     def _inpaint(self, inp: InpaintInput, control: JobControl) -> PipelineCall:
-        image = self._load("image", inp.image)
-        mask = self._load("mask", inp.mask)
+        image, mask = self._load(image=inp.image, mask=inp.mask)
         # The checks run_inpaint makes, made here so that bad input never waits for the GPU.
         fit_mask(mask, image.size, self._output_size(image))
         check_strength(inp.steps, inp.strength)
@@ -174,8 +173,10 @@ class DiffusionHandler:
     def _style(self, inp: StyleInput, control: JobControl) -> PipelineCall:
         if inp.style_image is not None and not self.predictor.has_ip_adapter:
             raise InvalidInput(NO_IP_ADAPTER)
-        image = self._load("image", inp.image)
-        style = None if inp.style_image is None else self._load("style_image", inp.style_image)
+        if inp.style_image is None:
+            (image,), style = self._load(image=inp.image), None
+        else:
+            image, style = self._load(image=inp.image, style_image=inp.style_image)
         self._output_size(image)
         check_strength(inp.steps, inp.strength)
         self._fetch_adapters(inp.adapters)
@@ -188,11 +189,13 @@ class DiffusionHandler:
         width, height = image.size
         return fit_size(width, height, self.ctx.settings.max_output_pixels)
 
-    def _load(self, name: str, ref: str) -> Image.Image:
-        try:
-            return load_image(ref, self.ctx.settings, self.ctx.storage)
-        except ImageqError as exc:
-            raise type(exc)(f"input.{name}: {exc.message}") from None
+    def _load(self, **refs: str) -> list[Image.Image]:
+        """The job's images by input field, within its pixel budget (IMAGEQ_MAX_JOB_PIXELS).
+
+        Decoded at full size: the output size follows the input image's.
+        """
+        named = [Named(field, ref) for field, ref in refs.items()]
+        return list(load_all(named, self.ctx.settings, self.ctx.storage))
 
     def _fetch_adapters(self, refs: list[AdapterRef]) -> None:
         """Download the adapters (registry fields, ``_owned_adapters``) now: the pipeline

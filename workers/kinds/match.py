@@ -20,7 +20,8 @@ from PIL import Image
 from api_client.errors import InvalidInput
 from api_client.inputs import MatchInput
 from api_client.schemas import JobDocument
-from workers.kinds.caption import load_images
+from workers.io.job_images import decode_side, load_job_images
+from workers.kinds.caption import PREPROCESSED
 from workers.ops.devices import SpeedOptions
 from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
 from workers.runtime.autobatch import RunBatch, for_worker
@@ -47,14 +48,16 @@ class MatchHandler:
     def handle(self, job: JobDocument, inp: MatchInput, control: JobControl) -> dict[str, Any]:
         with self.batcher.incoming() as ticket:
             truncated = self._check_texts(inp.texts)
-            images = load_images(inp.images, self.ctx)
+            side = decode_side(self.predictor.input_side)
+            images = load_job_images(inp.images, self.ctx.settings, self.ctx.storage, side)
             control.check()
             # One item per image: the batcher's size limit counts images, as for
             # captions, and the predictor runs the vision encoder once per image for
             # all its texts.
-            # Pixels on this job's thread, not the batcher's (BlipPredictor.preprocess).
+            # Pixels on this job's thread, not the batcher's (BlipPredictor.preprocess);
+            # images decoded one at a time, each kept only as its tensor.
             items = [
-                MatchItem(image, list(inp.texts), self.predictor.preprocess(image))
+                MatchItem(PREPROCESSED, list(inp.texts), self.predictor.preprocess(image))
                 for image in images
             ]
             ran = self.batcher.run(

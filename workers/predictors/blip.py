@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["BlipPredictor", "check_local_model", "load_checked"]
+__all__ = ["DEFAULT_INPUT_SIDE", "BlipPredictor", "check_local_model", "load_checked"]
+
+# BLIP-base's processor resizes every image to 384 x 384; the side assumed before setup.
+DEFAULT_INPUT_SIDE = 384
 
 
 def load_checked(model_class: Any, model_id: str, dtype: torch.dtype) -> Any:
@@ -102,6 +105,16 @@ class BlipPredictor:
         return self.model
 
     # -- pixels -----------------------------------------------------------------------
+    @property
+    def input_side(self) -> int:
+        """The longer side of the vision encoder's input (384 for BLIP-base)."""
+        size = getattr(getattr(self.processor, "image_processor", None), "size", None)
+        # A dict in older transformers, a SizeDict (attributes) in newer ones.
+        read = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
+        sides = [read(name) for name in ("height", "width", "shortest_edge", "longest_edge")]
+        known = [int(side) for side in sides if isinstance(side, int) and side > 0]
+        return max(known) if known else DEFAULT_INPUT_SIDE
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One image as the vision encoder takes it: ``[3, H, W]`` float32, on the CPU.
 

@@ -31,7 +31,7 @@ from api_client.errors import ForbiddenUrl, ImageqError, InvalidInput
 from api_client.redact import redact_ref
 from api_client.settings import Settings
 from workers.io.images import decode_image, fetch_bytes
-from workers.io.storage import LocalStorage, S3Storage, Storage, file_uri_path
+from workers.io.storage import LocalStorage, S3Storage, Storage, TooLarge, file_uri_path
 
 METADATA = "metadata.jsonl"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
@@ -118,10 +118,8 @@ def _is_prefix(ref: str, scheme: str, own_key: str | None, settings: Settings) -
 
 def _read_archive(ref: str, own_key: str | None, settings: Settings, storage: Storage) -> bytes:
     if own_key is not None:
-        data = storage.get(own_key)
-        if len(data) > settings.max_dataset_bytes:
-            raise InvalidInput(f"the archive is larger than {settings.max_dataset_bytes} bytes")
-        return data
+        # Storage stops reading past the cap: an oversized archive is never read whole.
+        return storage.get(own_key, settings.max_dataset_bytes)
     # The image fetcher's guards (URL checks, deadline, byte cap) with the dataset's cap.
     capped = settings.with_(max_image_bytes=settings.max_dataset_bytes)
     return fetch_bytes(ref, capped, storage, deadline_s=settings.dataset_fetch_timeout_s)
@@ -150,13 +148,16 @@ def _download_prefix(
     fetched = 0
     for key in keys:
         name = key[len(prefix) :]
+        writer.count(name)
         if writer.accepts(name):
-            data = source.get(key)
-            fetched += len(data)
-            if fetched > settings.max_dataset_bytes:
+            # What is left of the byte cap: storage stops reading one chunk past it.
+            try:
+                data = source.get(key, settings.max_dataset_bytes - fetched)
+            except TooLarge:
                 raise InvalidInput(
                     f"the files add up to more than {settings.max_dataset_bytes} bytes"
-                )
+                ) from None
+            fetched += len(data)
             writer.write(name, BytesIO(data))
     if not writer.files:
         raise InvalidInput("no files under this prefix")
@@ -169,6 +170,7 @@ def unpack(data: bytes, dest: Path, settings: Settings) -> None:
         if zipfile.is_zipfile(BytesIO(data)):
             with zipfile.ZipFile(BytesIO(data)) as archive:
                 for info in archive.infolist():
+                    writer.count(info.filename)
                     # The high bits of external_attr carry Unix modes: skip links.
                     is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
                     if info.is_dir() or is_link or not writer.accepts(info.filename):
@@ -176,8 +178,11 @@ def unpack(data: bytes, dest: Path, settings: Settings) -> None:
                     with archive.open(info) as member:
                         writer.write(info.filename, member)
             return
-        with tarfile.open(fileobj=BytesIO(data), mode="r:*") as tar:
+        # "r|*": a stream, one entry after the other; tarfile never lists the whole
+        # archive first, so a tar of millions of entries stops at the entry cap.
+        with tarfile.open(fileobj=BytesIO(data), mode="r|*") as tar:
             for entry in tar:
+                writer.count(entry.name)
                 if not entry.isfile() or not writer.accepts(entry.name):
                     continue
                 handle = tar.extractfile(entry)
@@ -208,6 +213,21 @@ class _Writer:
         self.settings = settings
         self.files = 0
         self.bytes = 0
+        self.entries = 0
+
+    def count(self, name: str) -> None:
+        """Count one entry, whatever it is (file, folder, link, skipped), against the cap.
+
+        Skipped entries cost reading their headers too: an archive of a million links
+        must fail at the cap, not be walked to its end.
+        """
+        self.entries += 1
+        limit = self.settings.max_dataset_files
+        if self.entries > limit:
+            raise InvalidInput(
+                f"more than {limit} files (every entry counts: folders, links, skipped ones; "
+                f"the {self.entries}th is {name[:80]!r})"
+            )
 
     def accepts(self, name: str) -> bool:
         return safe_name(name) is not None
@@ -217,8 +237,6 @@ class _Writer:
         if rel is None:
             return
         self.files += 1
-        if self.files > self.settings.max_dataset_files:
-            raise InvalidInput(f"more than {self.settings.max_dataset_files} files")
         path = self.dest.joinpath(*rel.parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         limit = self.settings.max_dataset_unpacked_bytes
