@@ -75,6 +75,9 @@ class Control:
     def images_progress(self, stage: str, images: int) -> None:
         return None
 
+    def charge_model(self, seconds: float) -> None:
+        self.metrics["model_s"] = self.metrics.get("model_s", 0.0) + seconds
+
 
 def context(storage: LocalStorage, settings: Settings = SHIPPED) -> WorkerContext:
     return WorkerContext(settings, None, storage, lambda event: None, "test")
