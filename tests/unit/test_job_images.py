@@ -213,11 +213,12 @@ class Recording:
 
         return nullcontext(None)
 
-    def run(self, items: list[CaptionItem], *args: Any) -> list[Any]:
+    def run(self, items: list[CaptionItem], *args: Any, **options: Any) -> list[Any]:
         from workers.runtime.batching import Ran
 
         self.items = list(items)
-        return [Ran(CaptionResult([f"c{i}"]), len(items), 1, 0.0) for i in range(len(items))]
+        results = [CaptionResult([f"c{i}"]) for i in range(len(items))]
+        return [Ran(result, len(items), 1, 0.0, 0.0) for result in results]
 
 
 def test_caption_handler_keeps_tensors_only_and_overlay_sized_copies(
