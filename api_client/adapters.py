@@ -1,6 +1,6 @@
 """Adapter namespaces: which registry entries a tenant sees, and where they live.
 
-One Redis hash (``RecordStore.key("adapters")``) holds every published adapter. A shared
+One Redis hash (``RecordStore.keys.adapters()``) holds every published adapter. A shared
 adapter (published by a job without a tenant: the operator's) is the field ``{name}``,
 as before tenants had adapters; a tenant's is ``{tenant}/{name}``. Neither a tenant
 (``TENANT_PATTERN``) nor an adapter name may hold "/", so a field names one owner and
@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-#: The registry hash, under ``RecordStore.key``.
-ADAPTERS_KEY = "adapters"
 #: Tenant adapters' storage folder; "_" cannot start an adapter name, so no shared
 #: adapter's folder can collide with it.
 TENANTS_FOLDER = "_tenants"

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from api_client.adapters import ADAPTERS_KEY, adapter_field, visible
+from api_client.adapters import adapter_field, visible
 from api_client.celery_config import celery_config
 from api_client.errors import IdempotencyConflict, InvalidInput, JobTimeout, NotFound
 from api_client.kinds import JOB_KINDS
@@ -411,7 +411,7 @@ class Client:
         """Published adapters, newest first (the registry written by finetune jobs):
         ``tenant``'s own and the shared ones (``tenant`` None: every one, the operator's
         view). Each entry's ``tenant`` names its owner (None: shared)."""
-        raw = self.redis.hgetall(self.store.key(ADAPTERS_KEY))
+        raw = self.redis.hgetall(self.store.keys.adapters())
         entries = visible((json.loads(v) for v in raw.values()), tenant)
         return sorted(entries, key=lambda e: str(e.get("created_at", "")), reverse=True)
 
@@ -420,7 +420,7 @@ class Client:
         registry; False if there was none. Never another namespace's: a tenant cannot
         delete a shared adapter. Its files stay in storage (this client has no storage
         writer) until the name is published again, which prunes old revisions."""
-        return bool(self.redis.hdel(self.store.key(ADAPTERS_KEY), adapter_field(name, tenant)))
+        return bool(self.redis.hdel(self.store.keys.adapters(), adapter_field(name, tenant)))
 
 
 def document_fingerprint(document: dict[str, Any]) -> str:

@@ -41,10 +41,10 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
 def live_workers(store: RecordStore) -> list[dict[str, Any]]:
     """Workers whose heartbeat key has not expired, from the ``workers`` index (no scan
     of the keyspace: a scrape may call this every few seconds)."""
-    names = store.redis.zrangebyscore(store.key("workers"), time.time(), "+inf")
+    names = store.redis.zrangebyscore(store.keys.workers(), time.time(), "+inf")
     if not names:
         return []
-    raws = store.redis.mget([store.key("worker", str(name)) for name in names])
+    raws = store.redis.mget([store.keys.worker(str(name)) for name in names])
     out = [json.loads(raw) for raw in raws if raw]
     return sorted(out, key=lambda w: str(w.get("name")))
 

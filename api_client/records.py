@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from api_client.errors import ImageqError, InvalidInput
+from api_client.keys import Keys
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus
 from api_client.scripts import script
 from api_client.settings import Settings
@@ -67,6 +68,8 @@ class RecordStore:
         self.redis = client
         self.settings = settings
         self.ns = f"imageq:{settings.queue_prefix}"
+        #: Every key this deployment uses (the schema: ``api_client/keys.py``).
+        self.keys = Keys(self.ns)
         #: Called with a job id when this process requests a cancel (a worker's cancel
         #: set hears other processes' cancels on the ``cancels`` channel).
         self.cancel_listeners: list[Callable[[str], None]] = []
@@ -76,20 +79,20 @@ class RecordStore:
         return self.ns + ":".join(parts)
 
     def channel(self, job_id: str) -> str:
-        return self.key("updates", job_id)
+        return self.keys.updates(job_id)
 
     # -- reads ------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.get(self.key("job", job_id))
+        raw = self.redis.get(self.keys.job(job_id))
         return None if raw is None else JobRecord.model_validate_json(raw)
 
     def get_document(self, job_id: str) -> Document | None:
-        raw = self.redis.get(self.key("doc", job_id))
+        raw = self.redis.get(self.keys.doc(job_id))
         return None if raw is None else json.loads(raw)
 
     def index(self, tenant: str | None = None) -> str:
         """The sorted set of job ids by creation time: all jobs, or one tenant's."""
-        return self.key("jobs") if tenant is None else self.key("tenant", tenant, "jobs")
+        return self.keys.jobs() if tenant is None else self.keys.tenant_jobs(tenant)
 
     def list_ids(self, limit: int = 100, tenant: str | None = None) -> list[str]:
         """Newest first; entries whose record expired are pruned on the way."""
@@ -132,7 +135,7 @@ class RecordStore:
         """The records of ``ids`` in order; ids whose record expired leave the index."""
         if not ids:
             return
-        raws = self.redis.mget([self.key("job", i) for i in ids])
+        raws = self.redis.mget([self.keys.job(i) for i in ids])
         for job_id, raw in zip(ids, raws, strict=True):
             if raw is None:
                 self.redis.zrem(self.index(tenant), job_id)
@@ -141,7 +144,7 @@ class RecordStore:
 
     def fingerprint(self, job_id: str) -> str | None:
         """The hash of the document an idempotent job was created with (see ``create``)."""
-        value = self.redis.get(self.key("fingerprint", job_id))
+        value = self.redis.get(self.keys.fingerprint(job_id))
         return None if value is None else str(value)
 
     # -- writes -----------------------------------------------------------------------
@@ -154,8 +157,8 @@ class RecordStore:
         record, written before it, so whoever finds the record finds the fingerprint.
         """
         ttl = self.settings.result_ttl_s
-        key = self.key("job", record.id)
-        fingerprint_key = self.key("fingerprint", record.id)
+        key = self.keys.job(record.id)
+        fingerprint_key = self.keys.fingerprint(record.id)
         if fingerprint is not None:
             self.redis.set(fingerprint_key, fingerprint, nx=True, ex=ttl)
         encoded = json.dumps(record.to_json())
@@ -169,8 +172,8 @@ class RecordStore:
         if fingerprint is not None:
             # Ours now, even over a stale one left by an expired job of the same key.
             pipe.set(fingerprint_key, fingerprint, ex=ttl)
-        pipe.set(self.key("doc", record.id), json.dumps(document), ex=ttl)
-        pipe.zadd(self.key("jobs"), {record.id: now})
+        pipe.set(self.keys.doc(record.id), json.dumps(document), ex=ttl)
+        pipe.zadd(self.keys.jobs(), {record.id: now})
         if record.tenant is not None:
             pipe.zadd(self.index(record.tenant), {record.id: now})
         pipe.publish(self.channel(record.id), encoded)
@@ -179,21 +182,21 @@ class RecordStore:
 
     def delete(self, job_id: str, tenant: str | None = None) -> None:
         self.redis.delete(
-            self.key("job", job_id), self.key("doc", job_id), self.key("fingerprint", job_id)
+            self.keys.job(job_id), self.keys.doc(job_id), self.keys.fingerprint(job_id)
         )
-        self.redis.zrem(self.key("jobs"), job_id)
+        self.redis.zrem(self.keys.jobs(), job_id)
         if tenant is not None:
             self.redis.zrem(self.index(tenant), job_id)
 
     def save_document(self, job_id: str, document: Document) -> None:
-        self.redis.set(self.key("doc", job_id), json.dumps(document), ex=self.settings.result_ttl_s)
+        self.redis.set(self.keys.doc(job_id), json.dumps(document), ex=self.settings.result_ttl_s)
 
     def update(self, job_id: str, mutate: Mutation) -> tuple[JobRecord | None, bool]:
         """Apply ``mutate`` atomically; it returns the new record or None for no change.
 
         Returns (record after the call, whether this call changed it).
         """
-        key = self.key("job", job_id)
+        key = self.keys.job(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -239,47 +242,47 @@ class RecordStore:
 
     # -- cancel -----------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
-        self.redis.set(self.key("cancel", job_id), "1", ex=self.settings.result_ttl_s)
-        self.redis.publish(self.key("cancels"), job_id)
+        self.redis.set(self.keys.cancel(job_id), "1", ex=self.settings.result_ttl_s)
+        self.redis.publish(self.keys.cancels(), job_id)
         for listener in list(self.cancel_listeners):
             listener(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.redis.exists(self.key("cancel", job_id)))
+        return bool(self.redis.exists(self.keys.cancel(job_id)))
 
     # -- leases: no two workers run one job at once ----------------------------------
     def acquire_lease(self, job_id: str, token: str) -> bool:
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        key = self.key("lease", job_id)
+        key = self.keys.lease(job_id)
         if self.redis.set(key, token, nx=True, px=ttl_ms):
             return True
         # The same worker may get its own job back (a retry of this delivery).
         return self.redis.get(key) == token
 
     def renew_lease(self, job_id: str, token: str) -> bool:
-        key = self.key("lease", job_id)
+        key = self.keys.lease(job_id)
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
         return bool(script(self.redis, "renew_lease")(keys=[key], args=[token, ttl_ms]))
 
     def release_lease(self, job_id: str, token: str) -> None:
-        script(self.redis, "release_lease")(keys=[self.key("lease", job_id)], args=[token])
+        script(self.redis, "release_lease")(keys=[self.keys.lease(job_id)], args=[token])
 
     def lease_holder(self, job_id: str) -> str | None:
-        value = self.redis.get(self.key("lease", job_id))
+        value = self.redis.get(self.keys.lease(job_id))
         return None if value is None else str(value)
 
     # -- once-only side effects (final webhook, result.json) --------------------------
     def claim_once(self, job_id: str, what: str) -> bool:
         """True for exactly one caller per (job, what) within the record's lifetime."""
-        key = self.key("once", job_id)
+        key = self.keys.once(job_id)
         claim = script(self.redis, "claim_once")
         return bool(claim(keys=[key], args=[what, utcnow(), self.settings.result_ttl_s]))
 
     def done_once(self, job_id: str, what: str) -> bool:
-        return bool(self.redis.hexists(self.key("once", job_id), what))
+        return bool(self.redis.hexists(self.keys.once(job_id), what))
 
     def forget_once(self, job_id: str, what: str) -> None:
-        self.redis.hdel(self.key("once", job_id), what)
+        self.redis.hdel(self.keys.once(job_id), what)
 
 
 def encode_cursor(position: tuple[float, str]) -> str:

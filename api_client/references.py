@@ -34,7 +34,7 @@ from api_client.uploads import STORAGE_SCHEME, UPLOAD_PREFIX
 
 #: Schemes only a grant opens; the prefixes granted are lower-case in their scheme.
 GRANTABLE_SCHEMES = ("s3://", "file://")
-#: The field of a tenant's hash (``RecordStore.key("gw", "tenant", NAME)``) holding its
+#: The field of a tenant's hash (``RecordStore.keys.gateway_tenant(NAME)``) holding its
 #: granted prefixes, a JSON list.
 GRANTS_FIELD = "allow_prefixes"
 
@@ -179,7 +179,7 @@ def check_references(model: BaseModel, tenant: str, grants: Sequence[str]) -> No
 
 def tenant_key(store: RecordStore, tenant: str) -> str:
     """The hash of a gateway tenant (limits, grants): ``imageq:{prefix}gw:tenant:NAME``."""
-    return store.key("gw", "tenant", tenant)
+    return store.keys.gateway_tenant(tenant)
 
 
 def parse_grants(raw: str | bytes | None) -> tuple[str, ...]:

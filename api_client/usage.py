@@ -66,11 +66,11 @@ class UsageLedger:
         self.settings = store.settings
 
     def day_key(self, tenant: str, day: str) -> str:
-        return self.store.key("usage", tenant, day)
+        return self.store.keys.usage(tenant, day)
 
     @property
     def tenants_key(self) -> str:
-        return self.store.key("usage-tenants")
+        return self.store.keys.usage_tenants()
 
     def charge_of(self, record: JobRecord) -> Charge:
         tenant = usage_tenant(record)
@@ -87,7 +87,7 @@ class UsageLedger:
         """Count a final job once (True: this call counted it)."""
         c = self.charge_of(record)
         counted = script(self.store.redis, "charge_job")(
-            keys=[self.store.key("once", record.id), c.day_key, c.tenants_key],
+            keys=[self.store.keys.once(record.id), c.day_key, c.tenants_key],
             args=[
                 utcnow(),
                 c.kind,

@@ -46,8 +46,8 @@ class WebhookLog:
     def __init__(self, store: RecordStore) -> None:
         self.store = store
         self.settings = store.settings
-        self._events = store.key("wh", "kept")
-        self._index = store.key("wh", "kept", "index")
+        self._events = store.keys.webhooks_kept()
+        self._index = store.keys.webhooks_kept_index()
 
     def keep(self, event: dict[str, Any], outcome: KeptOutcome) -> None:
         """Keep a delivery that will not be tried again (called by the webhooks worker)."""
@@ -132,7 +132,7 @@ class WebhookLog:
         raw = r.hget(self._events, webhook_id)
         if raw is None:
             return False
-        r.delete(self.store.key("wh", webhook_id, "done"))
+        r.delete(self.store.keys.webhook_done(webhook_id))
         event: dict[str, Any] = json.loads(raw)["event"]
         event["attempt"] = 0
         send(event)

@@ -82,7 +82,7 @@ class Queued:
         self.worker.start()
 
     def ready(self) -> None:
-        key = self.client.store.key("worker", self.name)
+        key = self.client.store.keys.worker(self.name)
         self.worker.wait_ready(self.client.redis, key, timeout_s=900)
 
     def _submit(self, uri: str, jobs: int, per_job: int) -> list[str]:

@@ -142,7 +142,7 @@ def run_defaults(args: argparse.Namespace, path: Path, env: dict[str, str], tmp:
     sizes = [int(s) for s in args.bare_sizes.split(",")]
     try:
         began = time.monotonic()
-        key = client.store.key("worker", IMAGEQ)
+        key = client.store.keys.worker(IMAGEQ)
         worker.wait_ready(client.redis, key, timeout_s=1800)
         tuned = json.loads(client.redis.get(key) or "{}").get("batch_tuning") or "not measured"
         print(f"  imageq worker measured: {tuned}", flush=True)

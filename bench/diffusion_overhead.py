@@ -68,7 +68,7 @@ def run(jobs: int, steps: int, size: int, storage: str) -> None:
     worker = WorkerProcess("diffusion", env, "diffusion@bench", tmp / "worker.log").start()
     try:
         pipe = bare_pipeline(model)
-        worker.wait_ready(connect(redis_server.url), client.store.key("worker", "diffusion@bench"))
+        worker.wait_ready(connect(redis_server.url), client.store.keys.worker("diffusion@bench"))
         fields: dict[str, Any] = {"width": size, "height": size, "steps": steps}
 
         def bare_one(seed: int) -> float:

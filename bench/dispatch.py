@@ -222,7 +222,7 @@ class Bench:
     # -- imageq -------------------------------------------------------------------------
     def _processed(self, names: list[str]) -> int:
         self.polls += len(names)
-        raws = [self.redis.get(self.client.store.key("worker", name)) for name in names]
+        raws = [self.redis.get(self.client.store.keys.worker(name)) for name in names]
         return sum(int(json.loads(raw)["processed"]) for raw in raws if raw)
 
     def imageq(
@@ -285,7 +285,7 @@ class Bench:
 
     def ready(self) -> None:
         for name, worker in zip(self.names, self.workers, strict=True):
-            worker.wait_ready(self.redis, self.client.store.key("worker", name), 300)
+            worker.wait_ready(self.redis, self.client.store.keys.worker(name), 300)
             if name != IMAGEQ:
                 self._consume(self.control, f"{PREFIX}caption", name, on=False)
         deadline = time.monotonic() + 120

@@ -138,7 +138,7 @@ def run(
     paired: list[float] = []
     try:
         # Measured once the worker is idle, so the two never share the CPU.
-        worker.wait_ready(connect(redis_server.url), client.store.key("worker", "finetune@bench"))
+        worker.wait_ready(connect(redis_server.url), client.store.keys.worker("finetune@bench"))
         bare = BareLoop(target, settings, folder, batch)
         bare.steps_per_s(min(steps, 50))  # one-off allocations
         for r in range(rounds):

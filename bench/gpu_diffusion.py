@@ -127,7 +127,7 @@ def queue_rates(
     worker.start()
     fields: dict[str, Any] = {"width": size, "height": size, "steps": steps}
     try:
-        worker.wait_ready(connect(redis_server.url), client.store.key("worker", name), 900)
+        worker.wait_ready(connect(redis_server.url), client.store.keys.worker(name), 900)
 
         def job(batch: int, seed: int) -> None:
             record = client.wait(

@@ -115,7 +115,7 @@ def await_final(
         for start in range(0, len(pending), 500):
             chunk = pending[start : start + 500]
             for job_id, raw in zip(
-                chunk, store.redis.mget([store.key("job", j) for j in chunk]), strict=True
+                chunk, store.redis.mget([store.keys.job(j) for j in chunk]), strict=True
             ):
                 if raw is not None:
                     records[job_id] = json.loads(raw)
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     try:
         for worker in workers:
-            worker.wait_ready(store.redis, store.key("worker", worker.name), timeout_s=300)
+            worker.wait_ready(store.redis, store.keys.worker(worker.name), timeout_s=300)
         total = args.producers * args.jobs_per_producer
         print(f"submitting {total} jobs from {args.producers} producers", flush=True)
         submitted = produce(

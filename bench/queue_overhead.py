@@ -97,7 +97,7 @@ def run(jobs: int, concurrency: int) -> None:
     bare_app = Celery("bench-client", broker=redis_server.url, backend=redis_server.url)
     bare_app.conf.update(task_serializer="json", accept_content=["json"])
     try:
-        worker.wait_ready(connect(redis_server.url), client.store.key("worker", "caption@bench"))
+        worker.wait_ready(connect(redis_server.url), client.store.keys.worker("caption@bench"))
         uri = image_uri()
         raw_b64 = uri.split(",", 1)[1]
 

@@ -129,8 +129,8 @@ def main() -> int:
             for job in (jobs[2], jobs[5]):
                 client.cancel(job.id)
             redis_client = connect(settings.records_redis_url)
-            webhooks.start().wait_ready(redis_client, client.store.key("worker", webhooks.name))
-            worker.start().wait_ready(redis_client, client.store.key("worker", WORKER))
+            webhooks.start().wait_ready(redis_client, client.store.keys.worker(webhooks.name))
+            worker.start().wait_ready(redis_client, client.store.keys.worker(WORKER))
             records = [client.wait(job.id, 120) for job in jobs]
             print("jobs:", dict(Counter(str(r.status) for r in records)))
 

@@ -265,7 +265,7 @@ class Corpus:
     registry: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def registry_entry(self, name: str) -> dict[str, Any]:
-        raw = self.stack.redis.get(self.stack.store.key("worker", name))
+        raw = self.stack.redis.get(self.stack.store.keys.worker(name))
         assert raw is not None, f"{name} left the registry"
         entry: dict[str, Any] = json.loads(raw)
         return entry
@@ -307,7 +307,7 @@ def corpus(
         for kind, name in (("caption", WORKER), ("diffusion", DIFFUSION_WORKER))
     }
     for name, worker in workers.items():
-        worker.wait_ready(stack.redis, stack.store.key("worker", name))
+        worker.wait_ready(stack.redis, stack.store.keys.worker(name))
     app = Celery("corpus-backend", broker=stack.settings.broker_url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
     found = Corpus(stack, workers, netlog, app)

@@ -68,7 +68,7 @@ def stacks(
         (inp, inp.worker("inpaint", "inpaint@diff", ready=False)),
     ]
     for stack, worker in started:
-        worker.wait_ready(stack.redis, stack.store.key("worker", worker.name))
+        worker.wait_ready(stack.redis, stack.store.keys.worker(worker.name))
     return {"sd": sd, "ip": ip, "inp": inp}
 
 

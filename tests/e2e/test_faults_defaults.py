@@ -153,7 +153,7 @@ def two_workers(stack: Stack) -> Iterator[Callable[..., list[WorkerProcess]]]:
 def _two_workers(stack: Stack, kind: str, name: str, **env: str) -> list[WorkerProcess]:
     workers = [stack.worker(kind, f"{name}-{i}@defaults", ready=False, **env) for i in range(2)]
     for worker in workers:
-        worker.wait_ready(stack.redis, stack.store.key("worker", worker.name))
+        worker.wait_ready(stack.redis, stack.store.keys.worker(worker.name))
     return workers
 
 
@@ -478,7 +478,7 @@ def test_a_crash_while_ending_still_sends_one_final_webhook(
     if crash_at == "after_final_record":
         assert receiver.for_job(job.id) == []  # the event was never sent by the victim
     # A sweeper completes the job's side effects once the dead worker's lease lapses.
-    running = stack.store.key("running")
+    running = stack.store.keys.running()
     wait_until(lambda: stack.redis.zscore(running, job.id) is None, TARGET_S + 30, "finalize")
     finalized_s = time.monotonic() - crashed
     record_property("crash_to_finalized_s", round(finalized_s, 1))

@@ -104,7 +104,7 @@ def test_redis_restart_loses_nothing(
     record_property("restart_to_new_job_done_s", round(recovered_s, 1))
     assert recovered_s < RECOVERY_S
     for name in ("webhooks@restart", "caption@restart"):
-        assert stack.redis.exists(stack.store.key("worker", name))
+        assert stack.redis.exists(stack.store.keys.worker(name))
     assert all(w.alive() for w in stack.workers)
 
     # Nothing lost: every job ran to success exactly once, with one final webhook.

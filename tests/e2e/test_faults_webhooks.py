@@ -114,7 +114,7 @@ def _canceled_id(stack: Stack, job_id: str) -> str:
 
 
 def _done(stack: Stack, webhook_id: str) -> str | None:
-    value = stack.redis.get(stack.store.key("wh", webhook_id, "done"))
+    value = stack.redis.get(stack.store.keys.webhook_done(webhook_id))
     return None if value is None else str(value)
 
 
@@ -128,7 +128,7 @@ def test_receiver_down_then_500_then_up_gets_each_event_once(
     stack.worker("webhooks", "webhooks@outage")
     jobs = _canceled_jobs(stack, hooks.url("/outage"), 3)  # receiver down: refused
     ids = {_canceled_id(stack, job_id) for job_id in jobs}
-    wait_until(lambda: stack.redis.zcard(stack.store.key("wh", "due")) >= 3, 30, "retries")
+    wait_until(lambda: stack.redis.zcard(stack.store.keys.webhook_due()) >= 3, 30, "retries")
     time.sleep(1.5)
     hooks.default = 500
     hooks.start()  # up, but failing
@@ -147,7 +147,7 @@ def test_receiver_down_then_500_then_up_gets_each_event_once(
         record_property(f"posts_for_{webhook_id[-17:]}", len(mine))
         payload = verify(mine[-1].headers, mine[-1].body, webhook_secret)
         assert payload["type"] == "job.canceled"
-    assert stack.redis.zcard(stack.store.key("wh", "due")) == 0
+    assert stack.redis.zcard(stack.store.keys.webhook_due()) == 0
 
 
 def test_410_stops_and_302_is_not_followed(

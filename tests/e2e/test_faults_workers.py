@@ -109,7 +109,7 @@ class Fleet:
         self.started.append(worker)
         if not ready:
             return worker
-        return worker.wait_ready(self.stack.redis, self.stack.store.key("worker", name))
+        return worker.wait_ready(self.stack.redis, self.stack.store.keys.worker(name))
 
     def live_pids(self) -> list[int]:
         return [w.pid for w in self.started if w.alive()]

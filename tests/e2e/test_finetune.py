@@ -87,7 +87,7 @@ def ft(
         stack.worker("finetune", "finetune-1@ft", ready=False),
     ]
     for worker in workers:
-        worker.wait_ready(stack.redis, stack.store.key("worker", worker.name))
+        worker.wait_ready(stack.redis, stack.store.keys.worker(worker.name))
     stack.extra["finetune"] = workers[-1]
     return stack
 
@@ -342,7 +342,7 @@ def test_auto_caption_runs_inside_the_finetune_job(ft: Stack, receiver: WebhookR
     # and publishing the last training step's: both were dropped as duplicates.
     assert stages.index("dataset") < stages.index("auto_caption") < stages.index("publishing")
     for webhook_id in ids:
-        assert ft.redis.get(ft.store.key("wh", webhook_id, "done")) == "delivered"
+        assert ft.redis.get(ft.store.keys.webhook_done(webhook_id)) == "delivered"
     assert record.metrics["auto_captioned"] == 3
     captions = json.loads(ft.storage_path("jobs", job.id, "auto_captions.json").read_text())
     assert sorted(captions) == ["1.png", "2.png", "3.png"] and all(captions.values())
@@ -386,7 +386,7 @@ def boto3_client(s3_env: S3Env) -> Any:
 
 def test_a_lapsed_lease_is_taken_back_unless_another_worker_holds_it(ft: Stack) -> None:
     """Redis away longer than the lease TTL must not leave an hours-long run unprotected."""
-    store, key = ft.store, ft.store.key("lease", "lease-test")
+    store, key = ft.store, ft.store.keys.lease("lease-test")
     assert store.acquire_lease("lease-test", "me/1")
     with LeaseKeeper(store, "lease-test", "me/1", every_s=0.05) as keeper:
         ft.redis.delete(key)  # expired while the heartbeat could not reach Redis

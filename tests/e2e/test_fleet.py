@@ -46,7 +46,7 @@ class FleetProcess:
         )
 
     def registered_pid(self, name: str) -> int | None:
-        raw = self.stack.redis.get(self.stack.store.key("worker", name))
+        raw = self.stack.redis.get(self.stack.store.keys.worker(name))
         return None if raw is None else int(json.loads(raw)["pid"])
 
     def wait_registered(self, name: str, other_than: int | None = None) -> int:

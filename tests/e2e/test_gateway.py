@@ -64,7 +64,7 @@ def stack(
         for kind in ("webhooks", "caption", "diffusion")
     ]
     for worker in started:
-        worker.wait_ready(found.redis, found.store.key("worker", worker.name))
+        worker.wait_ready(found.redis, found.store.keys.worker(worker.name))
     yield found
     found.close()
 

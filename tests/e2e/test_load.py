@@ -37,7 +37,7 @@ def test_sustained_load_loses_and_duplicates_nothing(
         stack.worker(kind, f"{kind}@load", ready=False) for kind in ("webhooks", "caption", "match")
     ]
     for worker in started:
-        worker.wait_ready(stack.redis, stack.store.key("worker", worker.name))
+        worker.wait_ready(stack.redis, stack.store.keys.worker(worker.name))
 
     began = time.monotonic()
     submitted = produce(stack.settings, PRODUCERS, PER_PRODUCER, 0.0, receiver.url("/load"))

@@ -112,7 +112,7 @@ def ml(make_stack: Callable[..., Stack], tiny_caption_model: Path) -> Stack:
         stack.worker("finetune", "finetune@ml", ready=False),
     ]
     for worker in workers:
-        worker.wait_ready(stack.redis, stack.store.key("worker", worker.name))
+        worker.wait_ready(stack.redis, stack.store.keys.worker(worker.name))
     return stack
 
 

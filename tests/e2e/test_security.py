@@ -219,7 +219,7 @@ def test_no_secret_in_task_arguments_logs_or_events(
         # retried message (sent by the worker, not the client) is checked too.
         key = "secret-job-1"
         job_id = job_id_for(key)
-        secure.redis.set(secure.store.key("lease", job_id), "elsewhere", px=1500)
+        secure.redis.set(secure.store.keys.lease(job_id), "elsewhere", px=1500)
         job = secure.client.caption(image=image, webhook=hook, idempotency_key=key)
         assert job.id == job_id
         assert secure.client.wait(job.id, 60).status == "succeeded"
@@ -286,4 +286,4 @@ def test_models_load_from_safetensors_only(
     assert worker.process.wait(120) == 3
     log = worker.log_path.read_text(errors="replace")
     assert "model_error" in log and "safetensors" in log, log[-2000:]
-    assert not stack.redis.exists(stack.store.key("worker", worker.name))
+    assert not stack.redis.exists(stack.store.keys.worker(worker.name))

@@ -74,7 +74,7 @@ def test_status_shows_queues_workers_current_job_and_throughput(
     slow = stack.client.caption(image=images.url("/slow.png"))
 
     def busy() -> bool:
-        raw = stack.redis.get(stack.store.key("worker", WORKER))
+        raw = stack.redis.get(stack.store.keys.worker(WORKER))
         return bool(raw) and slow.id in (json.loads(raw).get("current") or {})
 
     wait_until(busy, 15, "the worker to report its current job", every_s=0.2)
@@ -128,7 +128,7 @@ def test_backlog_counts_messages_reserved_but_not_started(stack: Stack) -> None:
     )
 
     def reserved() -> bool:
-        raw = stack.redis.get(stack.store.key("worker", WORKER))
+        raw = stack.redis.get(stack.store.keys.worker(WORKER))
         return bool(raw) and (json.loads(raw).get("reserved") or {}).get(prefix + "caption") == 1
 
     wait_until(reserved, 15, "the worker to report the reserved message", every_s=0.2)

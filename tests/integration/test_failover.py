@@ -264,7 +264,7 @@ def test_a_run_that_lost_its_lease_stops_and_records_nothing(fleet: Any) -> None
 
     def taken_over(step: int, control: JobControl) -> None:
         if step == 2:  # this worker stalled; another one took the job
-            store.redis.set(store.key("lease", doc["id"]), "other/1")
+            store.redis.set(store.keys.lease(doc["id"]), "other/1")
             store.update(doc["id"], lambda r: r.model_copy(update={"attempt": 2}))
 
     worker.handler.on_step = taken_over
@@ -292,10 +292,10 @@ def test_a_stalled_run_finds_its_job_moved_on_even_with_no_lease_left(fleet: Any
     keeper = LeaseKeeper(store, doc["id"], "me/1", every_s=60)
     keeper.attempt = 1
     keeper.verify()
-    store.redis.delete(store.key("lease", doc["id"]))  # lapsed while frozen
+    store.redis.delete(store.keys.lease(doc["id"]))  # lapsed while frozen
     keeper.verify()  # still ours: taken back
     assert store.lease_holder(doc["id"]) == "me/1"
-    store.redis.delete(store.key("lease", doc["id"]))
+    store.redis.delete(store.keys.lease(doc["id"]))
     store.finish(doc["id"], JobStatus.SUCCEEDED, output={})  # attempt 1 finished elsewhere
     with pytest.raises(LeaseLost):
         keeper.verify()
@@ -435,7 +435,7 @@ def test_a_stale_runs_result_json_written_after_the_job_ended_is_put_right(
     def stalled_put(key: str, data: bytes, content_type: str) -> str:
         if key.endswith("result.json") and not stalled:
             stalled.append(key)
-            store.redis.delete(store.key("lease", doc["id"]))  # lapsed while frozen
+            store.redis.delete(store.keys.lease(doc["id"]))  # lapsed while frozen
             done = live.runner.execute(doc, "t")
             assert done is not None and done.attempt == 2
         return put(key, data, content_type)
@@ -481,7 +481,7 @@ def test_a_stale_runs_result_json_landing_before_the_final_record_is_rewritten(
     done = live.runner.execute(doc, "t")
     assert done is not None and done.attempt == 2 and done.worker == "live"
     assert _result(live, doc["id"]) == done.to_json()
-    assert not store.redis.hexists(store.key("once", doc["id"]), "result.json:stale")
+    assert not store.redis.hexists(store.keys.once(doc["id"]), "result.json:stale")
     assert RunningSet(store).score(doc["id"]) is None and store.lease_holder(doc["id"]) is None
 
 
@@ -492,7 +492,7 @@ def test_checkpoint_writes_ask_redis_whether_the_run_still_holds_its_job(fleet: 
 
     def taken_over(step: int, control: JobControl) -> None:
         control.hold()  # ours: passes
-        store.redis.set(store.key("lease", doc["id"]), "other/1")
+        store.redis.set(store.keys.lease(doc["id"]), "other/1")
         control.hold()
 
     worker.handler.on_step = taken_over
@@ -594,7 +594,7 @@ def test_a_job_whose_document_expired_fails_as_worker_lost_instead_of_being_forg
     doc = _doc()
     _died_mid_run(worker, doc)
     store = worker.runner.store
-    store.redis.delete(store.key("doc", doc["id"]))
+    store.redis.delete(store.keys.doc(doc["id"]))
     assert worker.sweeper.sweep() == [(doc["id"], "redispatch")]
     assert worker.jobs == []  # nothing to re-send
     record = store.get(doc["id"])
@@ -612,7 +612,7 @@ def test_a_job_whose_document_expired_stays_watched_while_it_cannot_be_ended(
     doc = _doc()
     _died_mid_run(worker, doc)
     store = worker.runner.store
-    store.redis.delete(store.key("doc", doc["id"]))
+    store.redis.delete(store.keys.doc(doc["id"]))
     storage = worker.runner.ctx.storage
 
     def down(key: str, data: bytes, content_type: str) -> str:

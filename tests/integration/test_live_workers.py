@@ -89,7 +89,7 @@ def test_live_workers_come_from_the_index(store: RecordStore) -> None:
         # A worker that stops says goodbye; one whose key expired is not listed either.
         a.stop()
         assert [w["name"] for w in live_workers(store)] == ["match-c@test"]
-        store.redis.zadd(store.key("workers"), {"ghost@test": time.time() - 1})
+        store.redis.zadd(store.keys.workers(), {"ghost@test": time.time() - 1})
         assert [w["name"] for w in live_workers(store)] == ["match-c@test"]
     finally:
         b.stop()

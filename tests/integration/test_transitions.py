@@ -99,7 +99,7 @@ def test_writes_only_over_this_runs_attempt_and_lease(store: RecordStore) -> Non
     assert transitions.write(run, progress)[0] == "ok"
     assert run.record.progress == {"step": 1, "total": 2}
     # Lapsed while frozen, nobody took it: the final write takes it back.
-    store.redis.delete(store.key("lease", job_id))
+    store.redis.delete(store.keys.lease(job_id))
     done = final_record(run.record, JobStatus.SUCCEEDED, output={"ok": True})
     state, _ = transitions.write(run, done, final=True, result_written=True, release=["counted"])
     assert state == "ok"
@@ -116,7 +116,7 @@ def test_a_newer_attempt_or_another_holder_refuses_the_write(store: RecordStore)
     run = _started(store, transitions, "w/1")
     job_id = run.record.id
     done = final_record(run.record, JobStatus.SUCCEEDED, output={})
-    store.redis.set(store.key("lease", job_id), "w/2")
+    store.redis.set(store.keys.lease(job_id), "w/2")
     state, found = transitions.write(run, done, final=True, result_written=True)
     assert state == "lost" and found is not None and found.status == "running"
     store.update(job_id, lambda r: r.model_copy(update={"attempt": 2}))
@@ -148,9 +148,9 @@ def test_the_heart_renews_every_lease_and_sees_a_takeover(store: RecordStore) ->
             keeper.attempt = 1
             keeper.__enter__()
             keepers.append(keeper)
-        store.redis.set(store.key("lease", "job-2"), "other/1")
+        store.redis.set(store.keys.lease("job-2"), "other/1")
         time.sleep(1.0)
-        ttl_ms = store.redis.pttl(store.key("lease", "job-0"))
+        ttl_ms = store.redis.pttl(store.keys.lease("job-0"))
         assert ttl_ms > 4000  # renewed (TTL 5 s) several times by now
         assert not keepers[0].lost and keepers[2].lost
         for keeper in keepers:

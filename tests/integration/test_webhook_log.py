@@ -50,7 +50,7 @@ def test_bounded_by_count_newest_kept(redis_server: RedisServer) -> None:
 def test_replay_sends_a_fresh_attempt_once(redis_server: RedisServer) -> None:
     log = _log(redis_server)
     log.keep(_event(1), KeptOutcome.FAILED)
-    done = log.store.key("wh", "msg_job1_succeeded", "done")
+    done = log.store.keys.webhook_done("msg_job1_succeeded")
     log.store.redis.set(done, "retry")
     sent: list[dict[str, Any]] = []
     assert log.replay("msg_job1_succeeded", sent.append)
@@ -101,7 +101,7 @@ class Broker:
         if self.down:
             raise ConnectionError("broker away")
         # Its done mark is cleared before the send: the webhooks worker must not drop it.
-        done = self.log.store.key("wh", args[0]["webhook_id"], "done")
+        done = self.log.store.keys.webhook_done(args[0]["webhook_id"])
         assert self.log.store.redis.get(done) is None
         self.sent.append(args[0])
 
@@ -118,7 +118,7 @@ def test_a_replay_the_broker_refused_stays_kept_and_is_sent_by_the_next(
 ) -> None:
     log = _log(redis_server)
     log.keep(_event(1), KeptOutcome.FAILED)
-    log.store.redis.set(log.store.key("wh", "msg_job1_succeeded", "done"), "retry")
+    log.store.redis.set(log.store.keys.webhook_done("msg_job1_succeeded"), "retry")
     client, broker = _client(log, monkeypatch)
     broker.down = True
     with pytest.raises(ConnectionError):

@@ -32,7 +32,7 @@ def _event(n: int = 0) -> WebhookEvent:
 
 
 def _due(store: RecordStore) -> list[str]:
-    return [str(m) for m in store.redis.zrangebyscore(store.key("wh", "due"), "-inf", "+inf")]
+    return [str(m) for m in store.redis.zrangebyscore(store.keys.webhook_due(), "-inf", "+inf")]
 
 
 def test_a_failed_enqueue_leaves_the_retry_due_for_the_next_pump(store: RecordStore) -> None:

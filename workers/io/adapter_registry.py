@@ -26,7 +26,7 @@ from typing import Any
 
 from redis.commands.core import Script
 
-from api_client.adapters import ADAPTERS_KEY, adapter_field, adapter_folder, lookup_fields
+from api_client.adapters import adapter_field, adapter_folder, lookup_fields
 from api_client.errors import InvalidInput
 from api_client.records import RecordStore, utcnow
 from api_client.scripts import script
@@ -66,7 +66,7 @@ class AdapterRegistry:
 
     @property
     def key(self) -> str:
-        return self.store.key(ADAPTERS_KEY)
+        return self.store.keys.adapters()
 
     @property
     def _switch(self) -> Script:

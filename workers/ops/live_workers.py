@@ -72,11 +72,11 @@ class WorkerRegistry:
 
     @property
     def key(self) -> str:
-        return self.store.key("worker", self.name)
+        return self.store.keys.worker(self.name)
 
     @property
     def index_key(self) -> str:
-        return self.store.key("workers")
+        return self.store.keys.workers()
 
     def job_started(self, job_id: str, kind: str) -> None:
         with self._lock:

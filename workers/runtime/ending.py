@@ -186,7 +186,7 @@ class RunEnding:
         """Storage or network trouble: ``Deferred`` with a backoff a few times, then fail
         the job (``internal``, "gave up after ...")."""
         settings = self.settings
-        counter = self.store.key("transient", job_id)
+        counter = self.store.keys.transient(job_id)
         tries = int(self.store.redis.incr(counter))
         self.store.redis.expire(counter, settings.result_ttl_s)
         if tries > settings.storage_retries:

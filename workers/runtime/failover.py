@@ -75,7 +75,7 @@ class RunningSet:
 
     def __init__(self, store: RecordStore) -> None:
         self.store = store
-        self.key = store.key("running")
+        self.key = store.keys.running()
 
     def watch(self, job_id: str, look_in_s: float) -> None:
         """Keep ``job_id`` in the set; a sweeper looks at it after ``look_in_s``."""
@@ -87,7 +87,7 @@ class RunningSet:
 
     def watch_if_free(self, job_id: str, look_in_s: float) -> None:
         """``watch`` unless a lease is held: a run that just started watches it itself."""
-        keys = [self.key, self.store.key("lease", job_id)]
+        keys = [self.key, self.store.keys.lease(job_id)]
         script(self.store.redis, "watch_if_free")(keys=keys, args=[job_id, time.time() + look_in_s])
 
     def score(self, job_id: str) -> float | None:
@@ -106,9 +106,9 @@ class RunningSet:
         first, most = resend_grace_s(settings)
         keys = [
             self.key,
-            self.store.key("job", job_id),
-            self.store.key("lease", job_id),
-            self.store.key("resent", job_id),
+            self.store.keys.job(job_id),
+            self.store.keys.lease(job_id),
+            self.store.keys.resent(job_id),
         ]
         args: list[str | float] = [
             job_id,

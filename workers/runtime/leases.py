@@ -113,7 +113,7 @@ class Heart:
         while not self._stop.is_set():
             pubsub = self.store.redis.pubsub()
             try:
-                pubsub.subscribe(self.store.key("cancels"))
+                pubsub.subscribe(self.store.keys.cancels())
                 while not self._stop.is_set():
                     wait = max(0.0, min(next_beat - time.monotonic(), 0.5))
                     message = pubsub.get_message(timeout=wait)
@@ -159,7 +159,7 @@ class Heart:
             watched = list(self._watched)
         if not watched:
             return
-        values = self.store.redis.mget([self.store.key("cancel", j) for j in watched])
+        values = self.store.redis.mget([self.store.keys.cancel(j) for j in watched])
         for job_id, value in zip(watched, values, strict=True):
             if value is not None:
                 self._cancel_seen(job_id)
@@ -183,8 +183,8 @@ class Heart:
         if keepers:
             ttl = self.store.settings.lease_ttl_s
             renewed = self._beat(
-                keys=[self.store.key("running")]
-                + [self.store.key("lease", k.job_id) for k in keepers],
+                keys=[self.store.keys.running()]
+                + [self.store.keys.lease(k.job_id) for k in keepers],
                 args=[int(ttl * 1000), time.time() + ttl]
                 + [part for k in keepers for part in (k.token, k.job_id)],
             )

@@ -111,19 +111,19 @@ class Transitions:
     def _call_claim(
         self, document: Document, token: str, served: bool, record: JobRecord | None
     ) -> Claimed | None:
-        key, job_id = self.store.key, str(document["id"])
+        keys, job_id = self.store.keys, str(document["id"])
         now = time.time()
         tenant = document.get("tenant") if isinstance(document.get("tenant"), str) else None
         state, raw, doc = self._claim(
             keys=[
-                key("job", job_id),
-                key("doc", job_id),
-                key("cancel", job_id),
-                key("lease", job_id),
-                key("running"),
-                key("jobs"),
+                keys.job(job_id),
+                keys.doc(job_id),
+                keys.cancel(job_id),
+                keys.lease(job_id),
+                keys.running(),
+                keys.jobs(),
                 self.store.channel(job_id),
-                self.store.index(tenant) if tenant is not None else key("jobs"),
+                self.store.index(tenant) if tenant is not None else keys.jobs(),
             ],
             args=[
                 "" if record is None else json.dumps(record.to_json()),
@@ -145,7 +145,7 @@ class Transitions:
     def start(self, job_id: str, expected: str, new: JobRecord) -> str | None:
         """Set ``new`` if the record still reads ``expected``; else the record now."""
         state, raw = self._start(
-            keys=[self.store.key("job", job_id), self.store.channel(job_id)],
+            keys=[self.store.keys.job(job_id), self.store.channel(job_id)],
             args=[expected, json.dumps(new.to_json()), self.settings.result_ttl_s],
         )
         return None if state == "ok" else str(raw)
@@ -166,16 +166,16 @@ class Transitions:
         ``release`` (with ``final``): also claim these once-only names, leave the running
         set and give the lease up, as ``release`` does."""
         job_id = new.id
-        key = self.store.key
+        keys = self.store.keys
         # Only a final write charges usage; a progress write names the keys unused.
         charge = self.usage.charge_of(new)
         state, raw = self._write(
             keys=[
-                key("job", job_id),
+                keys.job(job_id),
                 self.store.channel(job_id),
-                key("lease", job_id),
-                key("once", job_id),
-                key("running"),
+                keys.lease(job_id),
+                keys.once(job_id),
+                keys.running(),
                 charge.day_key,
                 charge.tenants_key,
             ],
@@ -207,17 +207,17 @@ class Transitions:
         """This run wrote result.json but its job is not its own any more (lua/stale.lua):
         whichever run ends the job writes result.json again."""
         mark = script(self.store.redis, "mark_stale")
-        mark(keys=[self.store.key("once", job_id)], args=[utcnow(), self.settings.result_ttl_s])
+        mark(keys=[self.store.keys.once(job_id)], args=[utcnow(), self.settings.result_ttl_s])
 
     def take_stale_mark(self, job_id: str) -> bool:
         """Whether a run that lost the job wrote result.json late (the mark is removed)."""
-        return bool(script(self.store.redis, "take_stale")(keys=[self.store.key("once", job_id)]))
+        return bool(script(self.store.redis, "take_stale")(keys=[self.store.keys.once(job_id)]))
 
     def release(self, job_id: str, token: str, claims: list[str]) -> None:
         """The claims, then out of the running set, then the lease (if still ours)."""
-        key = self.store.key
+        keys = self.store.keys
         self._release(
-            keys=[key("running"), key("lease", job_id), key("once", job_id)],
+            keys=[keys.running(), keys.lease(job_id), keys.once(job_id)],
             args=[job_id, token, self.settings.result_ttl_s, utcnow(), *claims],
         )
 

@@ -63,7 +63,7 @@ def run_demo(*, tiny: bool, timeout_s: float = 600) -> int:
             client = Client(settings)
             for worker in workers:
                 print(f"waiting for the {worker.kind} worker to load and warm up ...")
-                worker.wait_ready(redis_client, client.store.key("worker", worker.name), timeout_s)
+                worker.wait_ready(redis_client, client.store.keys.worker(worker.name), timeout_s)
             began = time.monotonic()
             job = client.caption(image=sample_data_uri(), webhook=receiver.url("/demo"))
             print(f"submitted caption job {job.id}")

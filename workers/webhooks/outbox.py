@@ -47,14 +47,14 @@ class WebhookDispatcher:
         self._ticker: Ticker | None = None
 
     def _done_key(self, webhook_id: str) -> str:
-        return self.store.key("wh", webhook_id, "done")
+        return self.store.keys.webhook_done(webhook_id)
 
     def handle(self, event: WebhookEvent) -> str:
         """Deliver one attempt; returns the outcome (or ``duplicate``)."""
         r = self.store.redis
         if r.exists(self._done_key(event.webhook_id)):
             return "duplicate"
-        lock = self.store.key("wh", event.webhook_id, "lock")
+        lock = self.store.keys.webhook_lock(event.webhook_id)
         hold_ms = int((self.settings.webhook_timeout_s + 5) * 1000)
         if not r.set(lock, "1", nx=True, px=hold_ms):
             return "duplicate"
@@ -84,7 +84,7 @@ class WebhookDispatcher:
     def schedule(self, event: WebhookEvent, delay_s: float) -> None:
         event.attempt += 1
         due = time.time() + delay_s
-        self.store.redis.zadd(self.store.key("wh", "due"), {json.dumps(event.to_dict()): due})
+        self.store.redis.zadd(self.store.keys.webhook_due(), {json.dumps(event.to_dict()): due})
 
     def pump(self) -> int:
         """Move due retries into the queue, each once (see the module's docstring).
@@ -92,7 +92,7 @@ class WebhookDispatcher:
         A failed send puts that event's due time back and stops the pass (the broker is
         likely away): the loop tries again on its next tick.
         """
-        key = self.store.key("wh", "due")
+        key = self.store.keys.webhook_due()
         r = self.store.redis
         moved = 0
         now = time.time()
