@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from api_client.records import Document, RecordStore
 from api_client.schemas import JobRecord, JobStatus
@@ -60,11 +61,26 @@ def resend_grace_s(settings: Settings) -> tuple[float, float]:
     return first, max(first, float(settings.visibility_timeout_s))
 
 
+class Action(StrEnum):
+    """What the sweeper found to do about one due job (lua/inspect.lua)."""
+
+    #: Not due any more: another sweeper was first.
+    SKIP = "skip"
+    #: A live lease: looked at again when it could lapse.
+    HELD = "held"
+    #: No record left: forgotten.
+    GONE = "gone"
+    #: No lease, not final: claimed for a re-send (its worker died).
+    REDISPATCH = "redispatch"
+    #: No lease, final: claimed to complete its last side effects.
+    FINALIZE = "finalize"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the sweeper found (and, for ``redispatch``/``finalize``, claimed) for a job."""
 
-    action: str  # skip (another sweeper was first) | held | gone | redispatch | finalize
+    action: Action
     status: str
     attempt: int
     worker: str
@@ -119,7 +135,7 @@ class RunningSet:
             settings.result_ttl_s,
         ]
         action, status, attempt, worker = inspect(keys=keys, args=args)
-        return Verdict(str(action), str(status), int(attempt), str(worker))
+        return Verdict(Action(action), str(status), int(attempt), str(worker))
 
 
 class FailoverSweeper:
@@ -150,7 +166,9 @@ class FailoverSweeper:
         acted: list[tuple[str, str]] = []
         for job_id in self.running.due():
             verdict = self.running.inspect(job_id, recheck_s=self.every_s)
-            act = {"redispatch": self._redispatch, "finalize": self._finalize}.get(verdict.action)
+            act = {Action.REDISPATCH: self._redispatch, Action.FINALIZE: self._finalize}.get(
+                verdict.action
+            )
             if act is not None and act(job_id, verdict):
                 acted.append((job_id, verdict.action))
         return acted

@@ -26,7 +26,7 @@ from workers.runtime.control import HandedBack, JobControl, LeaseKeeper, LeaseLo
 from workers.runtime.ending import RunEnding
 from workers.runtime.failover import RunningSet, hand_back, runs_lost
 from workers.runtime.leases import Heart
-from workers.runtime.transitions import Claimed, RunRecord, Transitions, Written
+from workers.runtime.transitions import Claimed, ClaimState, RunRecord, Transitions, Written
 
 # The types handlers and builders use live in ``context``; they are imported from here.
 __all__ = ["Built", "Deferred", "Handler", "JobRunner", "Output", "WorkerContext"]
@@ -85,15 +85,15 @@ class JobRunner(RunEnding):
         claimed = self.transitions.claim(
             lambda: new_record(document), document, token, served=job.kind in self.handlers
         )
-        if claimed.state == "final":
+        if claimed.state is ClaimState.FINAL:
             # A redelivery of a finished job: only complete what a crash may have skipped.
             self.finalize(job.id)
             return None
-        if claimed.state == "canceled":
+        if claimed.state is ClaimState.CANCELED:
             return self._end(job, Canceled("canceled before it started"))
-        if claimed.state == "unserved":
+        if claimed.state is ClaimState.UNSERVED:
             return self._end(job, InvalidInput(f"kind: this worker does not serve {job.kind!r}"))
-        if claimed.state != "leased":
+        if claimed.state is not ClaimState.LEASED:
             wait = min(self.settings.lease_wait_s, self.settings.visibility_timeout_s / 2)
             raise Deferred(max(0.5, wait))
         lease = LeaseKeeper(

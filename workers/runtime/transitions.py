@@ -56,11 +56,26 @@ class Written(StrEnum):
     GONE = "gone"
 
 
+class ClaimState(StrEnum):
+    """What a delivery's ``claim`` found (lua/claim.lua)."""
+
+    #: The job ended already: complete what a crash may have skipped.
+    FINAL = "final"
+    #: Canceled before it started: ends ``canceled`` without running.
+    CANCELED = "canceled"
+    #: This worker does not serve the job's kind: ends ``invalid_input``.
+    UNSERVED = "unserved"
+    #: Another run holds the lease: look again later.
+    HELD = "held"
+    #: This delivery holds the lease now: it runs the job.
+    LEASED = "leased"
+
+
 @dataclass
 class Claimed:
-    """What ``claim`` found: ``state`` is final, canceled, unserved, held or leased."""
+    """What ``claim`` found, and the record and document it read."""
 
-    state: str
+    state: ClaimState
     record: JobRecord
     raw: str
     document: Document
@@ -140,7 +155,9 @@ class Transitions:
         )
         if state == "missing":
             return None
-        return Claimed(str(state), JobRecord.model_validate_json(raw), str(raw), json.loads(doc))
+        return Claimed(
+            ClaimState(state), JobRecord.model_validate_json(raw), str(raw), json.loads(doc)
+        )
 
     def start(self, job_id: str, expected: str, new: JobRecord) -> str | None:
         """Set ``new`` if the record still reads ``expected``; else the record now."""
