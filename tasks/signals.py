@@ -14,7 +14,7 @@ from tasks.outcome import counted
 from tasks.state import WorkerState
 from workers.ops.launch import batch_pool_size
 from workers.ops.live_workers import WorkerRegistry
-from workers.ops.metrics import Metrics
+from workers.ops.metrics import Metrics, WorkerView
 from workers.runtime.autobatch import measured
 from workers.runtime.redis_transport import use_in_worker
 
@@ -68,7 +68,14 @@ def connect_signals(state: WorkerState) -> None:
             # Sent before Celery builds its pool and consumer from ``concurrency``: jobs
             # in flight follow the batch size the worker measured, not the default one.
             sender.concurrency = batch_pool_size(autobatch.size)
-        metrics = Metrics.maybe_start(state.settings, runtime)
+        view = WorkerView(
+            name=runtime.ctx.worker_name,
+            kind=state.settings.worker_kind,
+            device=runtime.device,
+            model=runtime.ctx.model_id,
+            model_load_s=runtime.model_load_s,
+        )
+        metrics = Metrics.maybe_start(state.settings, view)
         holder["metrics"] = metrics
         registry = WorkerRegistry(
             runtime.ctx.store,

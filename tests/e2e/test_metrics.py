@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
 
 import pytest
 import requests
@@ -157,8 +156,7 @@ def test_gpu_memory_and_a_redis_that_is_away(monkeypatch: pytest.MonkeyPatch) ->
     from prometheus_client import generate_latest
 
     from api_client.settings import Settings
-    from workers.ops.metrics import Metrics
-    from workers.runtime.build import Runtime
+    from workers.ops.metrics import Metrics, WorkerView
 
     gib = 1 << 30
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)
@@ -174,12 +172,14 @@ def test_gpu_memory_and_a_redis_that_is_away(monkeypatch: pytest.MonkeyPatch) ->
             "IMAGEQ_WORKER_KIND": "diffusion",
         }
     )
-    runtime = SimpleNamespace(
+    view = WorkerView(
+        name="diffusion-gpu1@host",
+        kind="diffusion",
         device="cuda:1",
+        model="sd15",
         model_load_s=12.5,
-        ctx=SimpleNamespace(worker_name="diffusion-gpu1@host", model_id="sd15"),
     )
-    metrics = Metrics(settings, cast(Runtime, runtime))
+    metrics = Metrics(settings, view)
     samples: Samples = {}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for sample in family.samples:

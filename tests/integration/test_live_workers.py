@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -16,8 +16,7 @@ from api_client.queues import live_workers, priority_lists, reserved_by_queue
 from api_client.records import RecordStore, connect
 from api_client.settings import Settings
 from workers.ops.live_workers import WorkerRegistry
-from workers.ops.metrics import Metrics
-from workers.runtime.build import Runtime
+from workers.ops.metrics import Metrics, WorkerView
 from workers.testing.services import RedisServer
 
 _n = itertools.count()
@@ -116,10 +115,8 @@ def test_metrics_backlog_is_depth_plus_reserved(store: RecordStore) -> None:
     store.redis.lpush(priority_lists(caption)[5], "m2")
     reg = registry(store, "caption-e@test", reserved=lambda: {caption: 3})
     reg.start()
-    runtime = SimpleNamespace(
-        device="cpu", model_load_s=0.1, ctx=SimpleNamespace(worker_name="w", model_id="m")
-    )
-    metrics = Metrics(settings, cast(Runtime, runtime))
+    view = WorkerView(name="w", kind="caption", device="cpu", model="m", model_load_s=0.1)
+    metrics = Metrics(settings, view)
     try:
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -21,7 +22,6 @@ from api_client.records import RecordStore
 from api_client.schemas import JobRecord
 from api_client.settings import Settings
 from api_client.usage import usage_tenant
-from workers.runtime.build import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,19 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _SCRAPE_REDIS_TIMEOUT_S = 2.0
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    """What the metrics say of the worker they run in (not the worker's runtime itself)."""
+
+    name: str
+    kind: str
+    device: str
+    model: str
+    model_load_s: float
+
+
 class Metrics:
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: WorkerView) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
         self.settings = settings
@@ -83,16 +94,16 @@ class Metrics:
         info = Info("imageq_worker", "What this worker is and where it runs", registry=r)
         info.info(
             {
-                "name": runtime.ctx.worker_name,
-                "kind": settings.worker_kind,
+                "name": runtime.name,
+                "kind": runtime.kind,
                 "device": runtime.device,
-                "model": runtime.ctx.model_id,
+                "model": runtime.model,
             }
         )
         r.register(_LiveCollector(settings, runtime))
 
     @classmethod
-    def maybe_start(cls, settings: Settings, runtime: Runtime) -> Metrics | None:
+    def maybe_start(cls, settings: Settings, runtime: WorkerView) -> Metrics | None:
         """Serve metrics if ``IMAGEQ_METRICS_PORT`` is set; a busy port is logged, not fatal."""
         if not settings.metrics_port:
             return None
@@ -155,7 +166,7 @@ def broker_queues(settings: Settings) -> dict[str, list[str]]:
 class _LiveCollector:
     """Read at scrape time: queue depths and backlogs (which Flower lacks), GPU memory."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: WorkerView) -> None:
         self.settings = settings
         self.runtime = runtime
         # The broker, not the records store: a deployment may keep them apart.
