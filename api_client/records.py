@@ -19,7 +19,6 @@ import redis
 from api_client.errors import ImageqError, InvalidInput
 from api_client.keys import Keys
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus
-from api_client.scripts import script
 from api_client.settings import Settings
 
 #: A job document as stored (JSON): what a redelivery or a re-dispatch sends again.
@@ -249,40 +248,6 @@ class RecordStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
-
-    # -- leases: no two workers run one job at once ----------------------------------
-    def acquire_lease(self, job_id: str, token: str) -> bool:
-        ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        key = self.keys.lease(job_id)
-        if self.redis.set(key, token, nx=True, px=ttl_ms):
-            return True
-        # The same worker may get its own job back (a retry of this delivery).
-        return self.redis.get(key) == token
-
-    def renew_lease(self, job_id: str, token: str) -> bool:
-        key = self.keys.lease(job_id)
-        ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        return bool(script(self.redis, "renew_lease")(keys=[key], args=[token, ttl_ms]))
-
-    def release_lease(self, job_id: str, token: str) -> None:
-        script(self.redis, "release_lease")(keys=[self.keys.lease(job_id)], args=[token])
-
-    def lease_holder(self, job_id: str) -> str | None:
-        value = self.redis.get(self.keys.lease(job_id))
-        return None if value is None else str(value)
-
-    # -- once-only side effects (final webhook, result.json) --------------------------
-    def claim_once(self, job_id: str, what: str) -> bool:
-        """True for exactly one caller per (job, what) within the record's lifetime."""
-        key = self.keys.once(job_id)
-        claim = script(self.redis, "claim_once")
-        return bool(claim(keys=[key], args=[what, utcnow(), self.settings.result_ttl_s]))
-
-    def done_once(self, job_id: str, what: str) -> bool:
-        return bool(self.redis.hexists(self.keys.once(job_id), what))
-
-    def forget_once(self, job_id: str, what: str) -> None:
-        self.redis.hdel(self.keys.once(job_id), what)
 
 
 def encode_cursor(position: tuple[float, str]) -> str:

@@ -46,7 +46,9 @@ def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
                 ),
             )
             store = runtime.ctx.store
-            return conclude(task, store, find_record(store, args[0] if args else {}, task_id))
+            return conclude(
+                task, runtime.runner.state, find_record(store, args[0] if args else {}, task_id)
+            )
         job = args[0]
         try:
             try:
@@ -64,7 +66,8 @@ def _job_task(state: WorkerState) -> Callable[..., dict[str, Any] | None]:
         # REVOKED for a canceled one, so Flower and task events tell the truth.
         store = runtime.ctx.store
         counted = record is not None and runtime.runner.take_counted(record.id)
-        return conclude(task, store, record or find_record(store, job, task_id), counted=counted)
+        found = record or find_record(store, job, task_id)
+        return conclude(task, runtime.runner.state, found, counted=counted)
 
     return run
 

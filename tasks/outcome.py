@@ -44,6 +44,7 @@ from celery.worker.request import Request
 from api_client.errors import ERRORS_BY_CODE
 from api_client.records import RecordStore
 from api_client.schemas import JobRecord, JobStatus
+from workers.runtime.jobstate import JobState
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def find_record(store: RecordStore, raw: Any, task_id: str) -> JobRecord | None:
 
 
 def conclude(
-    task: Task, store: RecordStore, record: JobRecord | None, *, counted: bool = False
+    task: Task, state: JobState, record: JobRecord | None, *, counted: bool = False
 ) -> dict[str, Any] | None:
     """End the task as its job ended (table above); ``record`` is the job's record now.
 
@@ -128,7 +129,7 @@ def conclude(
             f"job {record.id} is {record.status} again: another delivery runs it",
             exc=None,
         )
-    if counted or store.claim_once(record.id, "counted"):
+    if counted or state.claim_once(record.id, "counted"):
         setattr(task.request, _COUNTED, record)
     if record.status == JobStatus.SUCCEEDED:
         return {"kind": record.kind, "status": str(record.status), "metrics": record.metrics}

@@ -72,9 +72,9 @@ import os
 
 _AT = os.environ.get("FAULT_CRASH_AT", "")
 if _AT:
-    from api_client import records
+    from workers.runtime import jobstate
 
-    _claim_once = records.RecordStore.claim_once
+    _claim_once = jobstate.JobState.claim_once
 
     def claim_once(self, job_id, what):
         # "result.json" is claimed right after the final record is stored, before the
@@ -86,7 +86,7 @@ if _AT:
             os._exit(70)
         return _claim_once(self, job_id, what)
 
-    records.RecordStore.claim_once = claim_once
+    jobstate.JobState.claim_once = claim_once
 """
 
 

@@ -29,6 +29,7 @@ from tests.fixtures.services import Stack
 from tests.helpers import png_uri
 from workers.io.storage import S3Storage
 from workers.runtime.control import LeaseKeeper
+from workers.runtime.jobstate import JobState
 from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 from workers.training.datasets import load_dataset
 
@@ -387,13 +388,15 @@ def boto3_client(s3_env: S3Env) -> Any:
 def test_a_lapsed_lease_is_taken_back_unless_another_worker_holds_it(ft: Stack) -> None:
     """Redis away longer than the lease TTL must not leave an hours-long run unprotected."""
     store, key = ft.store, ft.store.keys.lease("lease-test")
-    assert store.acquire_lease("lease-test", "me/1")
+    assert JobState(store).acquire_lease("lease-test", "me/1")
     with LeaseKeeper(store, "lease-test", "me/1", every_s=0.05) as keeper:
         ft.redis.delete(key)  # expired while the heartbeat could not reach Redis
-        wait_until(lambda: store.lease_holder("lease-test") == "me/1", 5, "lease taken back")
+        wait_until(
+            lambda: JobState(store).lease_holder("lease-test") == "me/1", 5, "lease taken back"
+        )
         assert not keeper.lost
         ft.redis.set(key, "other/2")
         wait_until(lambda: keeper.lost, 5, "lease lost to another worker")
-        assert store.lease_holder("lease-test") == "other/2"
+        assert JobState(store).lease_holder("lease-test") == "other/2"
     # Leaving never releases a lease this worker no longer holds.
-    assert store.lease_holder("lease-test") == "other/2"
+    assert JobState(store).lease_holder("lease-test") == "other/2"

@@ -18,6 +18,7 @@ from api_client.errors import NotFound
 from api_client.names import celery_priority, job_queue, task_name
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
+from workers.runtime.jobstate import JobState
 from workers.testing.services import wait_until
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
@@ -80,7 +81,7 @@ def test_a_raw_message_is_known_and_cancelable_before_any_worker_takes_it(stack:
     assert done.status == "succeeded" and done.attempt == 1
     assert stack.client.wait(urgent, timeout_s=60).status == "succeeded"
     # The worker that took the canceled job's message ended it without running it.
-    wait_until(lambda: stack.store.done_once(second, "result.json"), 30, "result.json")
+    wait_until(lambda: JobState(stack.store).done_once(second, "result.json"), 30, "result.json")
     ended = stack.client.get(second)
     assert ended.status == "canceled" and ended.attempt == 0 and ended.output is None
     result = json.loads(stack.storage_path("jobs", second, "result.json").read_text())

@@ -23,6 +23,7 @@ from api_client.webhooks import event_id
 from workers.io.storage import LocalStorage
 from workers.runtime.control import JobControl, LeaseKeeper, LeaseLost
 from workers.runtime.failover import FailoverSweeper, RunningSet, resend_grace_s
+from workers.runtime.jobstate import JobState
 from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
 from workers.testing.services import RedisServer, WebhookReceiver
 from workers.webhooks.outbox import WebhookDispatcher
@@ -163,7 +164,7 @@ def test_a_live_lease_is_left_alone_and_looked_at_again_later(fleet: Any) -> Non
     doc = _doc()
     _died_mid_run(worker, doc)
     store = worker.runner.store
-    assert store.acquire_lease(doc["id"], "slow-worker/1")
+    assert JobState(store).acquire_lease(doc["id"], "slow-worker/1")
     assert worker.sweeper.sweep() == [] and worker.jobs == []
     score = RunningSet(store).score(doc["id"])
     assert score is not None and score > 0
@@ -233,7 +234,7 @@ def test_the_final_event_is_sent_before_it_is_marked_done(fleet: Any) -> None:
     worker.runner.ctx.send_webhook = crash
     with pytest.raises(KeyboardInterrupt):
         worker.runner.emit(doc["id"], "job.succeeded", record)
-    assert not store.done_once(doc["id"], "webhook:job.succeeded")
+    assert not JobState(store).done_once(doc["id"], "webhook:job.succeeded")
     worker.runner.ctx.send_webhook = worker.webhooks.append
     worker.runner.finalize(doc["id"])
     worker.runner.finalize(doc["id"])
@@ -275,7 +276,7 @@ def test_a_run_that_lost_its_lease_stops_and_records_nothing(fleet: Any) -> None
     assert not worker.runner.ctx.storage.exists(f"jobs/{doc['id']}/out.txt")
     assert [e.type for e in worker.webhooks] == []
     # The holder's lease and its place in the running set are left alone.
-    assert store.lease_holder(doc["id"]) == "other/1"
+    assert JobState(store).lease_holder(doc["id"]) == "other/1"
     assert RunningSet(store).score(doc["id"]) is not None
 
 
@@ -288,18 +289,18 @@ def test_a_stalled_run_finds_its_job_moved_on_even_with_no_lease_left(fleet: Any
     store.update(
         doc["id"], lambda r: r.model_copy(update={"status": JobStatus.RUNNING, "attempt": 1})
     )
-    assert store.acquire_lease(doc["id"], "me/1")
+    assert JobState(store).acquire_lease(doc["id"], "me/1")
     keeper = LeaseKeeper(store, doc["id"], "me/1", every_s=60)
     keeper.attempt = 1
     keeper.verify()
     store.redis.delete(store.keys.lease(doc["id"]))  # lapsed while frozen
     keeper.verify()  # still ours: taken back
-    assert store.lease_holder(doc["id"]) == "me/1"
+    assert JobState(store).lease_holder(doc["id"]) == "me/1"
     store.redis.delete(store.keys.lease(doc["id"]))
     store.finish(doc["id"], JobStatus.SUCCEEDED, output={})  # attempt 1 finished elsewhere
     with pytest.raises(LeaseLost):
         keeper.verify()
-    assert store.lease_holder(doc["id"]) is None
+    assert JobState(store).lease_holder(doc["id"]) is None
 
 
 def test_a_hand_back_requeues_without_counting_and_resends_at_once(fleet: Any) -> None:
@@ -318,7 +319,7 @@ def test_a_hand_back_requeues_without_counting_and_resends_at_once(fleet: Any) -
     # Not counted against max_attempts (requeued), but the next run is attempt 2.
     assert record is not None and record.status == "queued" and record.attempt == 1
     assert record.metrics["requeued"] == 1
-    assert store.lease_holder(doc["id"]) is None
+    assert JobState(store).lease_holder(doc["id"]) is None
     assert [job["id"] for job in leaving.jobs] == [doc["id"]]
     # Watched for the re-send's grace: should the message's worker die before claiming
     # it, a sweeper sends it again (not the broker's visibility timeout).
@@ -482,7 +483,10 @@ def test_a_stale_runs_result_json_landing_before_the_final_record_is_rewritten(
     assert done is not None and done.attempt == 2 and done.worker == "live"
     assert _result(live, doc["id"]) == done.to_json()
     assert not store.redis.hexists(store.keys.once(doc["id"]), "result.json:stale")
-    assert RunningSet(store).score(doc["id"]) is None and store.lease_holder(doc["id"]) is None
+    assert (
+        RunningSet(store).score(doc["id"]) is None
+        and JobState(store).lease_holder(doc["id"]) is None
+    )
 
 
 def test_checkpoint_writes_ask_redis_whether_the_run_still_holds_its_job(fleet: Any) -> None:
@@ -497,7 +501,7 @@ def test_checkpoint_writes_ask_redis_whether_the_run_still_holds_its_job(fleet: 
 
     worker.handler.on_step = taken_over
     assert worker.runner.execute(doc, "t") is None
-    assert store.lease_holder(doc["id"]) == "other/1"
+    assert JobState(store).lease_holder(doc["id"]) == "other/1"
     assert not worker.runner.ctx.storage.exists(f"jobs/{doc['id']}/result.json")
 
 

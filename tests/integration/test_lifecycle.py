@@ -19,6 +19,7 @@ from api_client.settings import Settings
 from api_client.webhooks import event_id
 from workers.io.storage import LocalStorage
 from workers.runtime.control import JobControl
+from workers.runtime.jobstate import JobState
 from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
 from workers.testing.services import RedisServer
 from workers.webhooks.post import WebhookEvent
@@ -126,7 +127,7 @@ def test_live_lease_defers_a_second_delivery(env: tuple) -> None:
     runner, handler, _ = env
     doc = _doc()
     runner.store.create(new_record(doc), doc)
-    assert runner.store.acquire_lease(doc["id"], "other-worker/1")
+    assert JobState(runner.store).acquire_lease(doc["id"], "other-worker/1")
     with pytest.raises(Deferred):
         runner.execute(doc, "fallback")
     assert handler.calls == 0

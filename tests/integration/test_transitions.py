@@ -16,6 +16,7 @@ from api_client.schemas import JobRecord, JobStatus, parse_job
 from api_client.settings import Settings
 from workers.runtime.control import LeaseKeeper
 from workers.runtime.failover import RunningSet
+from workers.runtime.jobstate import JobState
 from workers.runtime.leases import Heart
 from workers.runtime.transitions import RunRecord, Transitions
 from workers.testing.services import RedisServer, wait_until
@@ -55,7 +56,7 @@ def test_a_raw_message_gets_its_record_and_the_lease_in_one_claim(store: RecordS
     assert claimed.state == "leased" and claimed.record.status == "queued"
     assert store.get_document(str(doc["id"])) == doc
     assert str(doc["id"]) in store.list_ids(tenant="acme")
-    assert store.lease_holder(str(doc["id"])) == "w/1"
+    assert JobState(store).lease_holder(str(doc["id"])) == "w/1"
     assert RunningSet(store).score(str(doc["id"])) is not None
     # The same worker may take its own lease back; another one waits.
     assert transitions.claim(lambda: new_record(doc), doc, "w/1", served=True).state == "leased"
@@ -75,7 +76,7 @@ def test_final_canceled_and_unserved_jobs_are_refused_before_the_lease(
     for doc, served, state in cases:
         claimed = transitions.claim(lambda d=doc: new_record(d), doc, "w/1", served=served)
         assert claimed.state == state
-        assert store.lease_holder(str(doc["id"])) is None
+        assert JobState(store).lease_holder(str(doc["id"])) is None
 
 
 def test_start_is_a_compare_and_set(store: RecordStore) -> None:
@@ -105,8 +106,10 @@ def test_writes_only_over_this_runs_attempt_and_lease(store: RecordStore) -> Non
     assert state == "ok"
     record = store.get(job_id)
     assert record is not None and record.status == "succeeded"
-    assert store.done_once(job_id, "result.json") and store.done_once(job_id, "counted")
-    assert store.lease_holder(job_id) is None and RunningSet(store).score(job_id) is None
+    assert JobState(store).done_once(job_id, "result.json") and JobState(store).done_once(
+        job_id, "counted"
+    )
+    assert JobState(store).lease_holder(job_id) is None and RunningSet(store).score(job_id) is None
     # Final now: nothing more is written.
     assert transitions.write(run, progress)[0] == "final"
 
@@ -123,8 +126,8 @@ def test_a_newer_attempt_or_another_holder_refuses_the_write(store: RecordStore)
     state, found = transitions.write(run, run.record.model_copy(update={"progress": {}}))
     assert state == "moved" and found is not None and found.attempt == 2
     transitions.release(job_id, "w/1", ["webhook:job.succeeded"])
-    assert store.lease_holder(job_id) == "w/2"  # the holder's, untouched
-    assert store.done_once(job_id, "webhook:job.succeeded")
+    assert JobState(store).lease_holder(job_id) == "w/2"  # the holder's, untouched
+    assert JobState(store).done_once(job_id, "webhook:job.succeeded")
 
 
 def test_the_heart_renews_every_lease_and_sees_a_takeover(store: RecordStore) -> None:
@@ -143,7 +146,7 @@ def test_the_heart_renews_every_lease_and_sees_a_takeover(store: RecordStore) ->
                 ),
                 {"id": job_id},
             )
-            assert store.acquire_lease(job_id, f"w/{i}")
+            assert JobState(store).acquire_lease(job_id, f"w/{i}")
             keeper = LeaseKeeper(store, job_id, f"w/{i}", 0.2, RunningSet(store), heart=heart)
             keeper.attempt = 1
             keeper.__enter__()
@@ -155,7 +158,10 @@ def test_the_heart_renews_every_lease_and_sees_a_takeover(store: RecordStore) ->
         assert not keepers[0].lost and keepers[2].lost
         for keeper in keepers:
             keeper.release()
-        assert store.lease_holder("job-0") is None and store.lease_holder("job-2") == "other/1"
+        assert (
+            JobState(store).lease_holder("job-0") is None
+            and JobState(store).lease_holder("job-2") == "other/1"
+        )
     finally:
         heart.stop()
 

@@ -21,6 +21,7 @@ from api_client.errors import Canceled, ImageqError, JobTimeout
 from api_client.records import RecordStore
 from api_client.schemas import JobStatus
 from workers.runtime.failover import RunningSet
+from workers.runtime.jobstate import JobState
 from workers.runtime.ticker import Ticker
 
 if TYPE_CHECKING:
@@ -200,6 +201,7 @@ class LeaseKeeper:
         watched: bool = False,
     ) -> None:
         self.store, self.job_id, self.token, self.every_s = store, job_id, token, every_s
+        self.state = JobState(store)
         self.running = running
         self.heart = heart
         # Already in the running set (the claim that took the lease put it there).
@@ -243,7 +245,7 @@ class LeaseKeeper:
         self.stop_renewing()
         if not self._released:
             self._released = True
-            self.store.release_lease(self.job_id, self.token)
+            self.state.release_lease(self.job_id, self.token)
 
     def released(self) -> None:
         """Given up by other means (``transitions.release``): nothing left to release."""
@@ -284,16 +286,16 @@ class LeaseKeeper:
 
     def _keep(self) -> bool:
         """Renew, or take back a lapsed lease nobody else took; False when lost."""
-        if self.store.renew_lease(self.job_id, self.token):
+        if self.state.renew_lease(self.job_id, self.token):
             self._watch()
             return True
         # Expired but free (Redis was away longer than the TTL, the worker was frozen):
         # take it back while the job is still this run's, or an hours-long job would run
         # on unprotected from a redelivered copy.
         if (
-            self.store.lease_holder(self.job_id) is None
+            self.state.lease_holder(self.job_id) is None
             and self._still_ours()
-            and self.store.acquire_lease(self.job_id, self.token)
+            and self.state.acquire_lease(self.job_id, self.token)
         ):
             self._watch()
             log.warning("job %s: lease had lapsed (worker stalled?); taken back", self.job_id)
@@ -303,7 +305,7 @@ class LeaseKeeper:
     def _mark_lost(self) -> None:
         if not self.lost:
             self.lost = True
-            holder = self.store.lease_holder(self.job_id)
+            holder = self.state.lease_holder(self.job_id)
             log.warning(
                 "job %s: lease lost to %s (this worker stalled past the %.0f s TTL); "
                 "abandoning attempt %s to the holder",
@@ -321,7 +323,7 @@ class LeaseKeeper:
         now = time.monotonic()
         if max_age_s and now - self._verified < max_age_s:
             return
-        if self.store.lease_holder(self.job_id) == self.token or self._keep():
+        if self.state.lease_holder(self.job_id) == self.token or self._keep():
             self._verified = now
             return
         self._mark_lost()

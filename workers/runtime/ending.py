@@ -22,6 +22,7 @@ from workers.io.storage import Storage
 from workers.runtime.context import Deferred, Output, WorkerContext
 from workers.runtime.control import LeaseKeeper, LeaseLost
 from workers.runtime.failover import RunningSet, back_to_queued
+from workers.runtime.jobstate import JobState
 from workers.runtime.transitions import RunRecord, Transitions, Written, stored_webhook
 from workers.webhooks.post import WebhookEvent
 
@@ -41,6 +42,7 @@ class RunEnding:
     ctx: WorkerContext
     settings: Settings
     store: RecordStore
+    state: JobState
     running: RunningSet
     transitions: Transitions
     #: Jobs whose count this runner claimed when it ended them (``take_counted``).
@@ -94,18 +96,18 @@ class RunEnding:
             return final
         if state is Written.REWRITE:
             self.ctx.storage.put(key, _result_json(final), "application/json")
-        self.store.claim_once(job.id, "result.json")
+        self.state.claim_once(job.id, "result.json")
         if webhook is not None and send:
             # Sent first, marked done after, as ``emit`` does.
             self._send(job.id, event_type, final, webhook)
-            self.store.claim_once(job.id, "webhook:" + event_type)
+            self.state.claim_once(job.id, "webhook:" + event_type)
         run.claims.append(COUNTED)
         return final
 
     def _result_written_too_late(self, job_id: str) -> None:
         """This run wrote result.json, then found its job ended by another run: written
         again from the final record (and any other side effect completed)."""
-        self.store.forget_once(job_id, "result.json")
+        self.state.forget_once(job_id, "result.json")
         self.finalize(job_id)
 
     def _final(
@@ -176,7 +178,7 @@ class RunEnding:
             self._result_written_too_late(job_id)
             return None
         if wrote:
-            self.store.claim_once(job_id, "result.json")
+            self.state.claim_once(job_id, "result.json")
         self.finalize(job_id)
         return record if changed else None
 
@@ -251,9 +253,9 @@ class RunEnding:
         try:
             # A run that lost the job may have written its result.json over this one's.
             stale = self.transitions.take_stale_mark(job_id)
-            if stale or not self.store.done_once(job_id, "result.json"):
+            if stale or not self.state.done_once(job_id, "result.json"):
                 self.ctx.storage.put(key, _result_json(record), "application/json")
-                self.store.claim_once(job_id, "result.json")
+                self.state.claim_once(job_id, "result.json")
         finally:
             # Storage that stays down (the job failed for it) must not also swallow the
             # final event: the record in Redis is final either way.
@@ -278,14 +280,14 @@ class RunEnding:
             return
         final = record.is_final and event_type != "job.progress"
         done = "webhook:" + event_type
-        if final and self.store.done_once(job_id, done):
+        if final and self.state.done_once(job_id, done):
             return
         # Sent first, marked done after: a crash between the two sends it again from a
         # later finalize (sweeper, redelivery) with the same webhook-id, and the webhooks
         # worker delivers one webhook-id once. Marked first, a crash would lose it.
         self._send(job_id, event_type, record, webhook, key)
         if final:
-            self.store.claim_once(job_id, done)
+            self.state.claim_once(job_id, done)
 
     def _send(
         self,

@@ -25,6 +25,7 @@ from workers.runtime.context import Built, Deferred, Handler, Output, WorkerCont
 from workers.runtime.control import HandedBack, JobControl, LeaseKeeper, LeaseLost, RunInterrupted
 from workers.runtime.ending import RunEnding
 from workers.runtime.failover import RunningSet, hand_back, runs_lost
+from workers.runtime.jobstate import JobState
 from workers.runtime.leases import Heart
 from workers.runtime.transitions import Claimed, ClaimState, RunRecord, Transitions, Written
 
@@ -41,6 +42,7 @@ class JobRunner(RunEnding):
         self.handlers = handlers
         self.settings = ctx.settings
         self.store = ctx.store
+        self.state = JobState(ctx.store)
         self.running = RunningSet(ctx.store)
         # One round trip per state transition (transitions), one thread for every
         # running job's lease and the cancel set (leases).
