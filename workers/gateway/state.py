@@ -21,6 +21,7 @@ from api_client.queues import priority_lists
 from api_client.records import RecordStore
 from api_client.schemas import JobRecord, JobStatus
 from api_client.settings import Settings
+from api_client.tenant_caps import PriorityCaps
 from workers.gateway.errors import JobNotFound
 from workers.gateway.limits import Limits
 from workers.gateway.metrics import GatewayMetrics
@@ -129,6 +130,7 @@ class Gateway:
         self.aredis = _async_redis(settings.records_redis_url)
         self.auth = Authenticator(self.aredis, self.store, settings.gateway_token_cache_s)
         self.limits = Limits(self.client.redis, self.store, settings)
+        self.caps = PriorityCaps(self.client.redis, self.store)
         self.hub = UpdateHub(self.aredis, self.store.key("gw", "hub"))
         self.metrics = metrics or GatewayMetrics()
         self._brokers: dict[str, aioredis.Redis] = {settings.records_redis_url: self.aredis}

@@ -7,7 +7,7 @@ compared with ``hmac.compare_digest``. A tenant may hold several tokens (rotatio
 make a new one, move the callers, revoke the old by its prefix).
 
 Keys (``imageq:{prefix}gw:...``): ``token:{sha256}`` (JSON: tenant, prefix, created_at),
-``tenant:{name}`` (hash: rate, max_in_flight, created_at), ``tenant-tokens:{name}``
+``tenant:{name}`` (hash: rate, max_in_flight, max_priority, created_at), ``tenant-tokens:{name}``
 (set of hashes), ``tenants`` (set of names).
 """
 
@@ -79,7 +79,11 @@ class TokenStore:
         return self.store.key("gw", *parts)
 
     def create(
-        self, tenant: str, rate: float | None = None, max_in_flight: int | None = None
+        self,
+        tenant: str,
+        rate: float | None = None,
+        max_in_flight: int | None = None,
+        max_priority: int | None = None,
     ) -> str:
         """A new token for ``tenant`` (made if new); limits given here replace its own."""
         check_tenant_name(tenant)
@@ -87,6 +91,8 @@ class TokenStore:
             raise InvalidInput("rate: must be 0 (no limit) or more jobs per second")
         if max_in_flight is not None and max_in_flight < 0:
             raise InvalidInput("max_in_flight: must be 0 (no limit) or more jobs")
+        if max_priority is not None and not 0 <= max_priority <= 9:
+            raise InvalidInput("max_priority: must be a job priority, 0 to 9")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = hash_token(token)
         entry = {
@@ -100,6 +106,8 @@ class TokenStore:
             limits["rate"] = repr(float(rate))
         if max_in_flight is not None:
             limits["max_in_flight"] = str(int(max_in_flight))
+        if max_priority is not None:
+            limits["max_priority"] = str(int(max_priority))
         pipe = self.redis.pipeline(transaction=True)
         pipe.hsetnx(self.key("tenant", tenant), "created_at", entry["created_at"])
         for field, value in limits.items():
@@ -124,6 +132,9 @@ class TokenStore:
                     "rate": float(config["rate"]) if "rate" in config else None,
                     "max_in_flight": (
                         int(config["max_in_flight"]) if "max_in_flight" in config else None
+                    ),
+                    "max_priority": (
+                        int(config["max_priority"]) if "max_priority" in config else None
                     ),
                     "created_at": config.get("created_at"),
                     "tokens": [
