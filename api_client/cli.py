@@ -203,6 +203,13 @@ def _usage(args: argparse.Namespace, client: Client) -> int:
     return _print([asdict(row) for row in client.usage(args.tenant, since)])
 
 
+def _errors_show(args: argparse.Namespace, client: Client) -> int:
+    detail = client.error_detail(args.error_id)
+    if detail is None:
+        raise NotFound(f"error {args.error_id!r}: no detail kept (unknown, or expired)")
+    return _print(detail)
+
+
 def _status(args: argparse.Namespace, client: Client) -> int:
     from api_client.status import render_status
 
@@ -268,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--job", help="every kept delivery of this job")
     q.add_argument("--since", help="every kept delivery since: ISO 8601 time, or 30m, 2h, 7d")
     q.set_defaults(func=_webhooks_replay)
+
+    p = sub.add_parser("errors", help="what an internal error's id stands for (operators)")
+    errs = p.add_subparsers(dest="action", required=True)
+    q = errs.add_parser("show", help="the detail kept for an error id")
+    q.add_argument("error_id")
+    q.set_defaults(func=_errors_show)
 
     p = sub.add_parser("status", help="queues, depths and live workers")
     p.set_defaults(func=_status)

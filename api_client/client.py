@@ -16,7 +16,9 @@ from celery import Celery
 
 from api_client.adapters import adapter_field, visible
 from api_client.celery_config import celery_config
+from api_client.error_details import ErrorDetails
 from api_client.errors import IdempotencyConflict, InvalidInput, JobTimeout, NotFound
+from api_client.job_ids import IdSecret, job_id_for
 from api_client.kinds import JOB_KINDS
 from api_client.names import (
     FINALIZE_TASK,
@@ -38,7 +40,7 @@ from api_client.records import (
     utcnow,
 )
 from api_client.redact import redact_document
-from api_client.schemas import ErrorRecord, JobRecord, JobStatus, job_id_for, parse_job
+from api_client.schemas import ErrorRecord, JobRecord, JobStatus, parse_job
 from api_client.settings import Settings
 from api_client.uploads import IMAGE_TYPES, put_object, sniff_format, storage_ref, upload_key
 from api_client.usage import UsageLedger, UsageRow
@@ -57,6 +59,7 @@ class Client:
         self.settings = settings or Settings.from_env()
         self._redis: redis.Redis | None = None
         self._apps: dict[bool, Celery] = {}
+        self._id_secret: IdSecret | None = None
 
     # -- plumbing ---------------------------------------------------------------------
     @property
@@ -68,6 +71,16 @@ class Client:
     @property
     def store(self) -> RecordStore:
         return RecordStore(self.redis, self.settings)
+
+    def job_id_for(self, idempotency_key: str | None, tenant: str | None = None) -> str:
+        """The id a submit with this key (and tenant) gets: the same from every producer
+        of the deployment, and not computable without its id secret (job_ids.py)."""
+        if idempotency_key and tenant is not None:
+            if self._id_secret is None:
+                secret = self.settings.id_secret.get_secret_value()
+                self._id_secret = IdSecret(secret, self.redis, self.store.keys.id_secret())
+            return job_id_for(idempotency_key, tenant, self._id_secret.get())
+        return job_id_for(idempotency_key, tenant)
 
     def _app(self, long_jobs: bool) -> Celery:
         if long_jobs not in self._apps:
@@ -142,7 +155,7 @@ class Client:
         if job_id is not None and idempotency_key is not None:
             raise InvalidInput("id: derives from idempotency_key; give one or the other")
         document: dict[str, Any] = {
-            "id": job_id or job_id_for(idempotency_key, tenant),
+            "id": job_id or self.job_id_for(idempotency_key, tenant),
             "kind": kind,
             "input": input,
             "priority": priority,
@@ -407,6 +420,10 @@ class Client:
         return UsageLedger(self.store).rows(tenant, since)
 
     # -- adapters ---------------------------------------------------------------------
+    def error_detail(self, error_id: str) -> dict[str, Any] | None:
+        """What an internal error's id stands for (operators only: paths, tracebacks)."""
+        return ErrorDetails(self.store).get(error_id)
+
     def adapters(self, tenant: str | None = None) -> builtins.list[dict[str, Any]]:
         """Published adapters, newest first (the registry written by finetune jobs):
         ``tenant``'s own and the shared ones (``tenant`` None: every one, the operator's

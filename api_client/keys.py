@@ -29,6 +29,9 @@ key                                type     holds
 ``wh:due``                         zset     scheduled webhook retries by due time
 ``wh:kept``                        hash     deliveries that failed for good, by webhook id
 ``wh:kept:index``                  zset     their ids by time kept (bounded, see settings)
+``error:{error id}``               string   an internal error's detail (operators only)
+``id-secret``                      string   the secret tenant job ids are keyed with, when
+                                            IMAGEQ_ID_SECRET is unset (no expiry)
 ``adapters``                       hash     the adapter registry: field -> entry (JSON)
 ``usage:{tenant}:{day}``           hash     ``{kind}.jobs``, ``{kind}.model_s`` (400 days)
 ``usage-tenants``                  set      tenants with usage
@@ -119,6 +122,13 @@ class Keys:
 
     def webhooks_kept_index(self) -> str:
         return self._key("wh", "kept", "index")
+
+    # -- errors and ids ------------------------------------------------------------------------
+    def error(self, error_id: str) -> str:
+        return self._key("error", error_id)
+
+    def id_secret(self) -> str:
+        return self._key("id-secret")
 
     # -- adapters and usage -------------------------------------------------------------------
     def adapters(self) -> str:

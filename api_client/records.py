@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -25,6 +27,8 @@ from api_client.settings import Settings
 Document = dict[str, Any]
 #: Changes a copy of the record; returns it, or None to change nothing.
 Mutation = Callable[[JobRecord], JobRecord | None]
+#: A job id as the job document allows it (schemas.JobDocument.id).
+_ID = re.compile(r"[A-Za-z0-9-]{1,64}\Z")
 
 
 def utcnow() -> str:
@@ -74,8 +78,6 @@ class RecordStore:
         self.cancel_listeners: list[Callable[[str], None]] = []
 
     # -- keys -------------------------------------------------------------------------
-    def key(self, *parts: str) -> str:
-        return self.ns + ":".join(parts)
 
     def channel(self, job_id: str) -> str:
         return self.keys.updates(job_id)
@@ -257,12 +259,17 @@ def encode_cursor(position: tuple[float, str]) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The position ``encode_cursor`` made; anything else is ``InvalidInput`` (a NaN or
+    an infinity would reach Redis as a score it refuses: a 500, not the caller's 400)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         score, job_id = json.loads(raw)
-        return float(score), str(job_id)
+        position = float(score)
     except (ValueError, TypeError):
-        raise InvalidInput("cursor: not a cursor this API returned") from None
+        position, job_id = math.nan, None
+    if not math.isfinite(position) or not isinstance(job_id, str) or not _ID.match(job_id):
+        raise InvalidInput("cursor: not a cursor this API returned")
+    return position, job_id
 
 
 def new_record(document: Document, *, now: str | None = None) -> JobRecord:

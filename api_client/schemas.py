@@ -8,7 +8,6 @@ because a raw Celery message may carry anything.
 from __future__ import annotations
 
 import json
-import uuid
 from contextlib import suppress
 from enum import StrEnum
 from typing import Any, Literal
@@ -30,7 +29,6 @@ from api_client.kinds import JOB_KINDS, KINDS
 # A gateway tenant's name: short, and safe inside Redis keys and storage paths.
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled")
-IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f5bd2-4b8e-4d64-8f0f-2a3c86d5a4e1")
 
 
 class JobStatus(StrEnum):
@@ -221,17 +219,3 @@ def parse_job(data: Any) -> JobDocument:
     if problems:
         raise InvalidInput("; ".join(problems))
     return doc
-
-
-def job_id_for(idempotency_key: str | None, tenant: str | None = None) -> str:
-    """Ids derive from the idempotency key, so two submits of one key share one id.
-
-    A tenant's keys live in a namespace of their own: two tenants that both use
-    "order-1" get two jobs, and neither learns of the other's.
-    """
-    if idempotency_key:
-        namespace = IDEMPOTENCY_NAMESPACE
-        if tenant is not None:
-            namespace = uuid.uuid5(IDEMPOTENCY_NAMESPACE, "tenant:" + tenant)
-        return str(uuid.uuid5(namespace, idempotency_key))
-    return str(uuid.uuid4())

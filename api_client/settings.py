@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
@@ -37,7 +37,9 @@ DEFAULT_MODELS = {
 DEFAULT_WEBHOOK_SCHEDULE_S = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 # Masked by public_view() and never echoed in an error message.
-SECRET_FIELDS = frozenset({"webhook_secret", "webhook_extra_secrets", "flower_basic_auth"})
+SECRET_FIELDS = frozenset(
+    {"webhook_secret", "webhook_extra_secrets", "flower_basic_auth", "id_secret"}
+)
 
 # What each pydantic error type means to someone editing an environment file.
 _EXPECTED = {
@@ -105,6 +107,11 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr = SecretStr("")
     # Rotation: signatures are made with every secret listed here too.
     webhook_extra_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Keys the ids of tenant jobs made from idempotency keys (HMAC-SHA256), so no one
+    # without it can compute another tenant's job ids. Empty: one is generated once and
+    # kept in Redis beside the records (api_client/job_ids.py); every producer of the
+    # deployment must see the same one.
+    id_secret: SecretStr = SecretStr("")
     allow_private_urls: bool = False
     allow_local_files: bool = False
     model_caption: str = DEFAULT_MODELS["caption"]
@@ -222,6 +229,16 @@ class Settings(BaseSettings):
     # second's worth) and jobs not yet final; 0 means no limit.
     gateway_default_rate: float = 10.0
     gateway_default_max_in_flight: int = 100
+    # Tenants made without --max-priority: the highest job priority they may ask for.
+    gateway_default_max_priority: int = Field(default=5, ge=0, le=9)
+    # Connections one gateway process serves at once; past it uvicorn answers 503.
+    gateway_max_connections: int = 1000
+    # An idle keep-alive connection, and one whose request head has not fully arrived
+    # (a slowloris), is closed after this long.
+    gateway_idle_timeout_s: int = 15
+    # Peers whose X-Forwarded-For / -Proto are believed (comma-separated addresses or
+    # networks, or *): the load balancer's. Anyone else's are ignored.
+    gateway_forwarded_allow_ips: str = "127.0.0.1"
     # queue_position: queued messages looked at before the answer is "unknown" (null).
     gateway_queue_scan_max: int = 1000
     # A valid token is remembered this long: a revoked one works at most this long more.

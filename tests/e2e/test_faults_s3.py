@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from api_client.error_details import is_reported
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes
@@ -214,7 +215,11 @@ def test_long_outage_fails_the_job_cleanly(
         record_property("outage_to_failed_s", round(time.monotonic() - began, 1))
         assert record.status == "failed"
         assert record.error is not None and record.error.code == "internal", record.error
-        assert "gave up" in record.error.message
+        # The job reads an error id; what happened is for operators, under that id.
+        error_id = record.error.message.removeprefix("internal error (error id ").rstrip(")")
+        assert is_reported(record.error.message), record.error.message
+        detail = stack.client.error_detail(error_id)
+        assert detail is not None and "gave up" in detail["message"], detail
         assert record.output is None
         # The final event goes out although result.json could not be written.
         event = receiver.wait_for(lambda d: d.path == "/long-outage")

@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
-from api_client.schemas import job_id_for
+from api_client.job_ids import job_id_for
 from api_client.webhooks import WebhookVerificationError, new_secret, verify
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import data_uri, png_bytes, png_uri

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from api_client.error_details import ErrorDetails
 from api_client.errors import TransientError
 from api_client.records import Document, RecordStore, connect, new_record
 from api_client.schemas import JobDocument, JobStatus, parse_job
@@ -370,7 +371,11 @@ def test_transient_errors_retry_without_counting_then_fail_with_result_json(
     assert score is not None
     record = worker.runner.execute(doc, "t")  # the retry; storage_retries=1 is spent
     assert record is not None and record.status == "failed" and record.attempt == 2
-    assert record.error is not None and "gave up after 2 tries" in record.error.message
+    # The tenant-facing message names an error id; the operator's detail says why.
+    assert record.error is not None and record.error.code == "internal"
+    error_id = record.error.message.rsplit(" ", 1)[-1].rstrip(")")
+    detail = ErrorDetails(store).get(error_id)
+    assert detail is not None and "gave up after 2 tries" in detail["message"]
     result = json.loads(worker.runner.ctx.storage.get(f"jobs/{doc['id']}/result.json"))
     assert result["status"] == "failed"
     assert RunningSet(store).score(doc["id"]) is None

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from api_client.client import Client
 from api_client.errors import IdempotencyConflict, InvalidInput
+from api_client.job_ids import job_id_for
 from api_client.records import RecordStore, connect
 from api_client.schemas import JobStatus
 from api_client.settings import Settings
@@ -85,7 +87,7 @@ def test_token_is_stored_only_as_its_hash(
     assert token.startswith("iq_") and len(token) > 40
     everything = [
         str(key) + json.dumps(r.hgetall(key) if r.type(key) == "hash" else str(r.dump(key)))
-        for key in r.scan_iter(match=store.key("gw", "*"))
+        for key in r.scan_iter(match=store.keys.namespace + "gw:*")
     ]
     assert everything and not any(token in entry or token[3:] in entry for entry in everything)
     listed = tokens.tenants()
@@ -239,6 +241,26 @@ def test_tenant_keys_and_idempotency_conflicts(client: Client) -> None:
         client.submit("caption", BODY, idempotency_key="k", tenant="acme", priority=9)
     with pytest.raises(InvalidInput, match="id"):
         client.submit_once("caption", BODY, idempotency_key="k", job_id="x")
+
+
+def test_tenant_ids_are_keyed_by_the_deployments_id_secret(
+    client: Client, settings: Settings, store: RecordStore
+) -> None:
+    # No IMAGEQ_ID_SECRET: the first producer generates one into Redis, and every other
+    # producer of the deployment (another Client, the gateway's) derives the same ids.
+    first = client.job_id_for("order-1", "acme")
+    assert store.redis.get(store.keys.id_secret())
+    with Client(settings) as other:
+        assert other.job_id_for("order-1", "acme") == first
+        assert other.submit("caption", BODY, idempotency_key="order-1", tenant="acme").id == first
+    # Two deployments with different secrets: different ids; the same secret: the same.
+    keyed = settings.model_copy(update={"id_secret": SecretStr("x" * 32)})
+    with Client(keyed) as a, Client(keyed) as b:
+        assert a.job_id_for("order-1", "acme") == b.job_id_for("order-1", "acme") != first
+    with Client(settings.model_copy(update={"id_secret": SecretStr("y" * 32)})) as c:
+        assert c.job_id_for("order-1", "acme") not in (first, a.job_id_for("order-1", "acme"))
+    # Jobs without a tenant keep the public derivation (their producers hold Redis).
+    assert client.job_id_for("order-1") == job_id_for("order-1")
 
 
 def test_list_page_is_per_tenant_newest_first_and_stable(client: Client) -> None:

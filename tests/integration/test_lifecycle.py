@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,12 +14,14 @@ from typing import Any
 
 import pytest
 
+from api_client.cli import main as cli_main
+from api_client.error_details import ErrorDetails
 from api_client.errors import ModelError
 from api_client.records import RecordStore, connect, new_record
 from api_client.schemas import JobDocument, JobStatus
 from api_client.settings import Settings
 from api_client.webhooks import event_id
-from workers.io.storage import LocalStorage
+from workers.io.storage import LocalStorage, StorageError
 from workers.runtime.control import JobControl
 from workers.runtime.jobstate import JobState
 from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
@@ -193,3 +197,71 @@ def test_timeout_and_model_error_and_invalid_document(env: tuple) -> None:
     other = runner.store.get("task-id-2")
     assert other is not None and other.error is not None
     assert other.error.code == "invalid_input"
+
+
+def test_unexpected_errors_reach_the_record_as_an_error_id_only(
+    env: tuple,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner, handler, sent = env
+    handler.fail_with = OSError("/srv/models/secret-path: endpoint https://internal.example")
+    doc = _doc()
+    with caplog.at_level(logging.ERROR, logger="imageq.errors"):
+        record = runner.execute(doc, "fallback")
+    assert record is not None and record.error is not None and record.error.code == "internal"
+    match = re.fullmatch(r"internal error \(error id ([0-9a-f]{12})\)", record.error.message)
+    assert match is not None, record.error.message
+    error_id = match.group(1)
+    # Nothing of the exception in the record, result.json or the webhook.
+    result = runner.ctx.storage.get(f"jobs/{doc['id']}/result.json").decode()
+    for text in (record.model_dump_json(), result, json.dumps([e.to_dict() for e in sent])):
+        assert "secret-path" not in text and "internal.example" not in text
+        assert "OSError" not in text
+    assert error_id in result
+    # The log has the id and the traceback; operators read the detail by the id.
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "secret-path" in logged[0].getMessage()
+    detail = ErrorDetails(runner.store).get(error_id)
+    assert detail is not None and detail["job_id"] == doc["id"] and detail["type"] == "OSError"
+    assert "secret-path" in detail["message"] and "Traceback" in detail["traceback"]
+    # `imageq errors show ID`, from the same deployment's settings.
+    monkeypatch.setenv("IMAGEQ_BROKER_URL", runner.settings.broker_url)
+    monkeypatch.setenv("IMAGEQ_QUEUE_PREFIX", runner.settings.queue_prefix)
+    capsys.readouterr()
+    assert cli_main(["errors", "show", error_id]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "OSError"
+    assert cli_main(["errors", "show", "0" * 12]) == 2
+    kept_s = runner.store.redis.ttl(runner.store.keys.error(error_id))
+    assert 0 < kept_s <= runner.settings.result_ttl_s  # as long as the record, no longer
+    # An internal failure raised as an imageq error (storage's "no such bucket") too.
+    handler.fail_with = StorageError("put s3://private-bucket/x: AccessDenied")
+    record = runner.execute(_doc(), "fallback")
+    assert record is not None and record.error is not None
+    assert "private-bucket" not in record.error.message and "error id" in record.error.message
+
+
+def test_a_tenants_job_over_its_max_priority_fails_as_invalid_input(env: tuple) -> None:
+    runner, handler, sent = env
+    store: RecordStore = runner.store
+    store.redis.hset(store.keys.gateway_tenant("acme"), "max_priority", "3")
+    assert runner.settings.gateway_default_max_priority == 5
+    over = _doc(tenant="acme", priority=4)
+    record = runner.execute(over, "fallback")
+    assert record is not None and record.status == "failed" and record.error is not None
+    assert record.error.code == "invalid_input" and record.error.message.startswith("priority:")
+    assert "maximum of 3" in record.error.message and handler.calls == 0
+    assert json.loads(runner.ctx.storage.get(f"jobs/{over['id']}/result.json"))["status"] == (
+        "failed"
+    )
+    assert sent[-1].type == "job.failed"
+    # At its cap it runs; a tenant with no cap of its own has the default (5); a job
+    # with no tenant (its producer holds Redis) has none.
+    ok = runner.execute(_doc(tenant="acme", priority=3), "f")
+    assert ok is not None and ok.status == "succeeded"
+    default = runner.execute(_doc(tenant="globex", priority=6), "f")
+    assert default is not None and default.error is not None
+    assert default.error.code == "invalid_input"
+    trusted = runner.execute(_doc(priority=9), "f")
+    assert trusted is not None and trusted.status == "succeeded"

@@ -13,7 +13,13 @@ import requests
 from botocore.awsrequest import AWSResponse
 from botocore.retries.standard import ExponentialBackoff
 
-from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput, TransientError
+from api_client.errors import (
+    ForbiddenUrl,
+    ImageqError,
+    InputFetchFailed,
+    InvalidInput,
+    TransientError,
+)
 from api_client.settings import Settings
 from tests.fixtures.s3 import S3Env, S3Server
 from workers.io import storage as storage_module
@@ -176,6 +182,21 @@ def test_read_uri_reaches_other_buckets(s3_env: S3Env, s3_server: S3Server) -> N
         store.read_uri(f"s3://{other}")
     with pytest.raises(ForbiddenUrl):
         store.read_uri("file:///etc/passwd")
+
+
+def test_a_jobs_input_cannot_tell_a_missing_bucket_from_a_missing_key(
+    s3_env: S3Env, s3_server: S3Server
+) -> None:
+    other = s3_env.bucket + "-in"
+    s3_server.client().create_bucket(Bucket=other)
+    store = S3Storage(s3_env.bucket, "out", FAST)
+    answers = []
+    for ref in (f"s3://{other}/in/dog.png", f"s3://{other}-missing/in/dog.png"):
+        with pytest.raises(ImageqError) as caught:
+            fetch_bytes(ref, FAST, store)
+        answers.append((caught.value.code, caught.value.message.replace(ref, "REF")))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == "input_fetch_failed"
 
 
 class Backoffs:

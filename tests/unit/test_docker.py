@@ -239,3 +239,13 @@ def test_healthcheck_reports_unreachable_redis() -> None:
     )
     assert done.returncode == 1
     assert done.stdout.startswith("unhealthy: cannot read worker heartbeats from Redis")
+
+
+def test_the_gateway_believes_forwarded_headers_from_its_proxy_only(
+    config: dict[str, Any],
+) -> None:
+    command = config["services"]["gateway"]["command"]
+    allowed = command[command.index("--forwarded-allow-ips") + 1]
+    # Not "*": a client reaching the gateway directly could then name any address.
+    assert allowed == "127.0.0.1"
+    assert "*" not in allowed

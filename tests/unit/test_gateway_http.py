@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
@@ -18,11 +20,13 @@ from api_client.errors import (
     InvalidInput,
     TransientError,
 )
-from api_client.schemas import job_id_for, parse_job
+from api_client.job_ids import IDEMPOTENCY_NAMESPACE, job_id_for
+from api_client.schemas import parse_job
 from api_client.settings import Settings
 from api_client.uploads import ref_key, sniff_format
 from tests.helpers import png_bytes
 from workers.gateway.app import create_app
+from workers.gateway.cli import _tokens_parser
 from workers.gateway.errors import (
     Malformed,
     PayloadTooLarge,
@@ -101,7 +105,11 @@ def test_prefer_wait(header: str | None, expected: float | None) -> None:
         (IdempotencyConflict("idempotency_key: used"), 409, "idempotency_conflict"),
         (PayloadTooLarge("body: big"), 413, "payload_too_large"),
         (RateLimited("slow down", {"Retry-After": "2"}), 429, "rate_limited"),
-        (TransientError("storage flaked"), 503, "unavailable"),
+        (
+            TransientError("upload to s3://private-bucket/k: EndpointConnectionError"),
+            503,
+            "unavailable",
+        ),
         (ImageqError("what"), 500, "internal"),
     ],
 )
@@ -112,7 +120,10 @@ def test_errors_map_to_statuses_in_one_format(error: ImageqError, status: int, c
     body = json.loads(bytes(response.body))
     assert set(body) == {"error"} and body["error"]["code"] == code
     if status == 500:
-        assert body["error"]["message"] == "internal error"  # nothing of the exception
+        # Nothing of the exception: an error id the operator finds in the log.
+        assert re.fullmatch(r"internal error \(error id [0-9a-f]{12}\)", body["error"]["message"])
+    if status == 503:
+        assert body["error"]["message"] == "a dependency is unavailable; retry shortly"
     if status in (429, 503):
         assert int(response.headers["retry-after"]) >= 1
 
@@ -125,13 +136,32 @@ def test_field_of_reads_the_first_path() -> None:
 
 
 def test_idempotency_ids_and_fingerprints() -> None:
-    assert job_id_for("k") == job_id_for("k") != job_id_for("k", "acme")
-    assert job_id_for("k", "acme") != job_id_for("k", "globex")
+    secret = b"s" * 32
+    assert job_id_for("k") == job_id_for("k") != job_id_for("k", "acme", secret)
+    assert job_id_for("k", "acme", secret) != job_id_for("k", "globex", secret)
     doc = parse_job({"id": "a", "kind": "caption", "input": {"image": "https://x/y.png"}}).wire()
     same = parse_job({"id": "b", "kind": "caption", "input": {"images": ["https://x/y.png"]}})
     assert document_fingerprint(doc) == document_fingerprint(same.wire())
     other = {**doc, "priority": 9}
     assert document_fingerprint(doc) != document_fingerprint(other)
+
+
+def test_tenant_job_ids_need_the_deployments_secret() -> None:
+    # Same secret, same id (every producer of a deployment agrees); another secret,
+    # another id: knowing a tenant's name and key is not enough to compute its job id.
+    one, other = b"a" * 32, b"b" * 32
+    assert job_id_for("order-1", "acme", one) == job_id_for("order-1", "acme", one)
+    assert job_id_for("order-1", "acme", one) != job_id_for("order-1", "acme", other)
+    # Not the old public derivation either (uuid5 of a published namespace).
+    public = uuid.uuid5(uuid.uuid5(IDEMPOTENCY_NAMESPACE, "tenant:acme"), "order-1")
+    assert job_id_for("order-1", "acme", one) != str(public)
+    # Shaped as a uuid still (ids keep their pattern and length).
+    parsed = uuid.UUID(job_id_for("order-1", "acme", one))
+    assert parsed.version == 8 and str(parsed) == job_id_for("order-1", "acme", one)
+    # Lengths are part of the message: ("ab", "c") is not ("a", "bc").
+    assert job_id_for("c", "ab", one) != job_id_for("bc", "a", one)
+    with pytest.raises(ValueError, match="secret"):
+        job_id_for("order-1", "acme")
 
 
 def test_upload_sniffing_and_refs() -> None:
@@ -193,3 +223,10 @@ def test_the_gateway_imports_no_model_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_tokens_create_takes_a_max_priority() -> None:
+    args = _tokens_parser().parse_args(["create", "acme", "--max-priority", "7"])
+    assert args.max_priority == 7
+    assert _tokens_parser().parse_args(["create", "acme"]).max_priority is None
+    assert Settings().gateway_default_max_priority == 5

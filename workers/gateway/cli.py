@@ -30,14 +30,16 @@ def gateway_main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--forwarded-allow-ips",
-        default="127.0.0.1",
-        help="load balancers whose X-Forwarded-For is trusted (comma-separated, or *)",
+        default=settings.gateway_forwarded_allow_ips,
+        help="the load balancer's addresses, whose X-Forwarded-For is trusted "
+        "(comma-separated; default IMAGEQ_GATEWAY_FORWARDED_ALLOW_IPS)",
     )
     args = parser.parse_args(argv)
 
     import uvicorn
 
     from workers.gateway.app import create_app
+    from workers.gateway.server import PROTOCOLS
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -54,13 +56,17 @@ def gateway_main(argv: list[str]) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
-        http=args.http,
+        # uvicorn's own protocol, plus a deadline on each request head (slowloris).
+        http=PROTOCOLS[args.http],
+        # Past this many connections uvicorn answers 503 at once.
+        limit_concurrency=settings.gateway_max_connections,
         # h11's own cap on a request head; the app caps headers again for httptools.
         h11_max_incomplete_event_size=settings.gateway_max_header_bytes,
         forwarded_allow_ips=args.forwarded_allow_ips,
         proxy_headers=True,
         server_header=False,
-        timeout_keep_alive=15,
+        # Idle keep-alive connections, and request heads still arriving, close after it.
+        timeout_keep_alive=settings.gateway_idle_timeout_s,
         # SIGTERM: stop taking connections, let requests in progress end (waits and
         # event streams included, up to this long), then exit.
         timeout_graceful_shutdown=10,
@@ -75,6 +81,7 @@ def _tokens_parser() -> argparse.ArgumentParser:
     p.add_argument("tenant")
     p.add_argument("--rate", type=float, help="jobs per second (0: no limit)")
     p.add_argument("--max-in-flight", type=int, help="jobs not yet final (0: no limit)")
+    p.add_argument("--max-priority", type=int, help="the highest job priority it may ask for (0-9)")
     p.add_argument(
         "--allow-prefix",
         action="append",
@@ -101,7 +108,9 @@ def tokens_main(argv: list[str]) -> int:
             grants = None
             if args.allow_prefix is not None:
                 grants = [p for p in args.allow_prefix if p]
-            token = tokens.create(args.tenant, args.rate, args.max_in_flight, grants)
+            token = tokens.create(
+                args.tenant, args.rate, args.max_in_flight, args.max_priority, grants
+            )
             print(token)
             print(
                 f"imageq: a token for tenant {args.tenant!r}; it is shown this once "
@@ -136,7 +145,7 @@ def tokens_main(argv: list[str]) -> int:
 def _format(tenants: list[dict[str, object]], settings: Settings) -> str:
     if not tenants:
         return "(no tenants)"
-    rows = [["tenant", "rate/s", "max in flight", "tokens", "allowed prefixes"]]
+    rows = [["tenant", "rate/s", "max in flight", "max priority", "tokens", "allowed prefixes"]]
     for t in tenants:
         rate = (
             t["rate"] if t["rate"] is not None else f"{settings.gateway_default_rate:g} (default)"
@@ -146,12 +155,17 @@ def _format(tenants: list[dict[str, object]], settings: Settings) -> str:
             if t["max_in_flight"] is not None
             else f"{settings.gateway_default_max_in_flight} (default)"
         )
+        top = (
+            t["max_priority"]
+            if t["max_priority"] is not None
+            else f"{settings.gateway_default_max_priority} (default)"
+        )
         shown = ", ".join(f"{tok['prefix']}…" for tok in t["tokens"]) or "(revoked)"  # type: ignore[attr-defined]
         granted = t.get("allow_prefixes")
         grants = (
             ", ".join(str(p) for p in granted) if isinstance(granted, list) and granted else "-"
         )
-        rows.append([str(t["tenant"]), str(rate), str(cap), shown, grants])
+        rows.append([str(t["tenant"]), str(rate), str(cap), str(top), shown, grants])
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows

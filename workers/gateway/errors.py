@@ -4,7 +4,7 @@ The one error hierarchy (``api_client.errors``) says what went wrong; this modul
 which status that is. The few failures that exist only over HTTP (a missing token, a
 body too large, a tenant over its limits) are ``ImageqError`` subclasses here, so one
 handler answers them all. Nothing a client sends may end in a 500 with a stack trace:
-unexpected exceptions are logged here and answered with a bare ``internal``.
+unexpected exceptions are logged here, with an error id, and answered with that id.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import secrets
 from typing import Any, ClassVar
 
 import redis
@@ -149,11 +150,30 @@ def error_response(
     return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
 
 
+def internal_response(exc: BaseException, where: str = "") -> Response:
+    """A 500: an error id for the caller, the exception under that id in the log."""
+    error_id = secrets.token_hex(6)
+    log.error(
+        "internal error %s%s: %s",
+        error_id,
+        f" on {where}" if where else "",
+        type(exc).__name__,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return error_response(500, "internal", f"internal error (error id {error_id})")
+
+
 def response_for(exc: ImageqError) -> Response:
     status = status_for(exc)
     if status == 500:
-        log.error("internal error: %s", type(exc).__name__)
-        return error_response(500, "internal", "internal error")
+        return internal_response(exc)
+    if status == 503 and not isinstance(exc, HttpError):
+        # A dependency's own words (a bucket, an endpoint, botocore's text) stay in the
+        # log; the caller learns only that it may retry.
+        log.warning("unavailable: %s: %s", type(exc).__name__, exc.message)
+        return error_response(
+            503, "unavailable", "a dependency is unavailable; retry shortly", None, retry_after(1)
+        )
     headers = dict(getattr(exc, "headers", {}) or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", 'Bearer realm="imageq"')
@@ -243,6 +263,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        # Logged with its traceback for the operator; the client learns nothing of it.
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal error")
+        # Logged with its traceback for the operator; the client learns only its id.
+        return internal_response(exc, f"{request.method} {request.url.path}")

@@ -18,8 +18,9 @@ from starlette.responses import JSONResponse, Response
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
 from api_client.kinds import JOB_KINDS, KINDS
 from api_client.object_urls import hide_storage_root
+from api_client.records import decode_cursor
 from api_client.references import check_references
-from api_client.schemas import JobRecord, JobStatus, job_id_for, parse_input
+from api_client.schemas import JobRecord, JobStatus, parse_input
 from workers.gateway.errors import (
     InFlightLimit,
     Malformed,
@@ -159,7 +160,14 @@ def submit_sync(
     """Limits, checks and the submit itself, in one worker thread."""
     # A replayed key creates nothing, so it takes no room in flight (and gets its job
     # back even when the tenant is at its cap).
-    job_id = job_id_for(key, tenant)
+    priority = body.get("priority", 5)
+    # Before the limits: a refused submit spends no rate. (A priority that is no
+    # integer at all is parse_job's to name.)
+    if isinstance(priority, int) and not isinstance(priority, bool):
+        cap = gw.caps.over(tenant, priority)
+        if cap is not None:
+            raise InvalidInput(f"priority: {priority} is over this tenant's maximum of {cap}")
+    job_id = gw.client.job_id_for(key, tenant)
     replay = key is not None and gw.store.get(job_id) is not None
     admission = gw.limits.admit(tenant, None if replay else job_id)
     if admission.retry_after_s is not None:
@@ -181,7 +189,7 @@ def submit_sync(
             body.get("input"),  # type: ignore[arg-type]
             webhook=body.get("webhook"),
             idempotency_key=key,
-            priority=body.get("priority", 5),
+            priority=priority,
             timeout_s=body.get("timeout_s"),
             metadata=body.get("metadata"),
             tenant=tenant,
@@ -276,6 +284,12 @@ async def list_jobs(
     tenant = await authenticate(request)
     if kind is not None and kind not in KINDS:
         raise InvalidInput(f"kind: expected one of {', '.join(KINDS)}")
+    if cursor is not None:
+        try:
+            decode_cursor(cursor)
+        except InvalidInput as exc:
+            # Unreadable, as a body that is not JSON is: 400, naming the cursor.
+            raise Malformed(exc.message) from None
     gw = gateway(request)
     records, next_cursor = await gw.run(
         gw.client.list_page, status, kind, limit, cursor, tenant.name

@@ -46,9 +46,9 @@ class Limits:
 
     def _keys(self, tenant: str, what: str = "jobs") -> list[str]:
         return [
-            self.store.key("gw", "rate", what, tenant),
-            self.store.key("gw", "tenant", tenant),
-            self.store.key("gw", "inflight", tenant),
+            self.store.keys.gateway_rate(what, tenant),
+            self.store.keys.gateway_tenant(tenant),
+            self.store.keys.gateway_in_flight(tenant),
         ]
 
     def _call(self, tenant: str, what: str, slot: str) -> tuple[int, float]:
@@ -105,7 +105,7 @@ class Limits:
         if not members:
             return 0
         now, stale = time.time(), []
-        raws = self.redis.mget([self.store.key("job", job_id) for job_id, _ in members])
+        raws = self.redis.mget([self.store.keys.job(job_id) for job_id, _ in members])
         for (job_id, admitted), raw in zip(members, raws, strict=True):
             if raw is None:
                 # No record: expired, or a submit that never finished (its gateway

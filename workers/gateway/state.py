@@ -24,6 +24,7 @@ from api_client.references import GrantReader
 from api_client.schemas import JobRecord, JobStatus
 from api_client.scripts import script
 from api_client.settings import Settings
+from api_client.tenant_caps import PriorityCaps
 from workers.gateway.errors import JobNotFound
 from workers.gateway.limits import Limits
 from workers.gateway.metrics import GatewayMetrics
@@ -59,7 +60,8 @@ class Gateway:
         #: What stored files' uris start with; tenants are shown storage:// instead.
         self.storage_root = storage_root(settings)
         self.limits = Limits(self.client.redis, self.store, settings)
-        self.hub = UpdateHub(self.aredis, self.store.key("gw", "hub"))
+        self.caps = PriorityCaps(self.client.redis, self.store)
+        self.hub = UpdateHub(self.aredis, self.store.keys.gateway_hub())
         self.metrics = metrics or GatewayMetrics()
         self._brokers: dict[str, aioredis.Redis] = {settings.records_redis_url: self.aredis}
         self._search = script(self.aredis, "queue_search")
@@ -111,7 +113,7 @@ class Gateway:
         return self.store.channel(job_id)
 
     async def read(self, job_id: str) -> JobRecord | None:
-        raw = await self.aredis.get(self.store.key("job", job_id))
+        raw = await self.aredis.get(self.store.keys.job(job_id))
         return None if raw is None else JobRecord.model_validate_json(raw)
 
     async def owned(self, tenant: str, job_id: str) -> JobRecord:
@@ -134,7 +136,7 @@ class Gateway:
         found = -2
         if url == self.settings.records_redis_url:
             # The records' index is in the same database: the binary search can read it.
-            found = int(await self._search(keys=[*lists, self.store.key("jobs")], args=[record.id]))
+            found = int(await self._search(keys=[*lists, self.store.keys.jobs()], args=[record.id]))
         if found == -2:
             found = int(
                 await self._scan(

@@ -7,8 +7,8 @@ compared with ``hmac.compare_digest``. A tenant may hold several tokens (rotatio
 make a new one, move the callers, revoke the old by its prefix).
 
 Keys (``imageq:{prefix}gw:...``): ``token:{sha256}`` (JSON: tenant, prefix, created_at),
-``tenant:{name}`` (hash: rate, max_in_flight, allow_prefixes, created_at), ``tenant-tokens:{name}``
-(set of hashes), ``tenants`` (set of names).
+``tenant:{name}`` (hash: rate, max_in_flight, max_priority, allow_prefixes, created_at),
+``tenant-tokens:{name}`` (set of hashes), ``tenants`` (set of names).
 """
 
 from __future__ import annotations
@@ -75,15 +75,14 @@ class TokenStore:
     def __init__(self, client: redis.Redis, store: RecordStore) -> None:
         self.redis = client
         self.store = store
-
-    def key(self, *parts: str) -> str:
-        return self.store.key("gw", *parts)
+        self.keys = store.keys
 
     def create(
         self,
         tenant: str,
         rate: float | None = None,
         max_in_flight: int | None = None,
+        max_priority: int | None = None,
         allow_prefixes: list[str] | None = None,
     ) -> str:
         """A new token for ``tenant`` (made if new); limits and granted prefixes given
@@ -94,6 +93,8 @@ class TokenStore:
             raise InvalidInput("rate: must be 0 (no limit) or more jobs per second")
         if max_in_flight is not None and max_in_flight < 0:
             raise InvalidInput("max_in_flight: must be 0 (no limit) or more jobs")
+        if max_priority is not None and not 0 <= max_priority <= 9:
+            raise InvalidInput("max_priority: must be a job priority, 0 to 9")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = hash_token(token)
         entry = {
@@ -107,25 +108,29 @@ class TokenStore:
             limits["rate"] = repr(float(rate))
         if max_in_flight is not None:
             limits["max_in_flight"] = str(int(max_in_flight))
+        if max_priority is not None:
+            limits["max_priority"] = str(int(max_priority))
         if grants is not None:
             limits[GRANTS_FIELD] = json.dumps(sorted(set(grants)))
         pipe = self.redis.pipeline(transaction=True)
         pipe.hsetnx(tenant_key(self.store, tenant), "created_at", entry["created_at"])
         for field, value in limits.items():
             pipe.hset(tenant_key(self.store, tenant), field, value)
-        pipe.set(self.key("token", digest), json.dumps(entry))
-        pipe.sadd(self.key("tenant-tokens", tenant), digest)
-        pipe.sadd(self.key("tenants"), tenant)
+        pipe.set(self.keys.gateway_token(digest), json.dumps(entry))
+        pipe.sadd(self.keys.gateway_tenant_tokens(tenant), digest)
+        pipe.sadd(self.keys.gateway_tenants(), tenant)
         pipe.execute()
         return token
 
     def tenants(self) -> list[dict[str, Any]]:
         """Every tenant with its limits (None: the deployment's default) and tokens."""
         out = []
-        for name in sorted(str(t) for t in self.redis.smembers(self.key("tenants"))):
+        for name in sorted(str(t) for t in self.redis.smembers(self.keys.gateway_tenants())):
             config = self.redis.hgetall(tenant_key(self.store, name))
-            digests = sorted(str(d) for d in self.redis.smembers(self.key("tenant-tokens", name)))
-            raws = self.redis.mget([self.key("token", d) for d in digests]) if digests else []
+            digests = sorted(
+                str(d) for d in self.redis.smembers(self.keys.gateway_tenant_tokens(name))
+            )
+            raws = self.redis.mget([self.keys.gateway_token(d) for d in digests]) if digests else []
             tokens = [json.loads(raw) for raw in raws if raw]
             out.append(
                 {
@@ -133,6 +138,9 @@ class TokenStore:
                     "rate": float(config["rate"]) if "rate" in config else None,
                     "max_in_flight": (
                         int(config["max_in_flight"]) if "max_in_flight" in config else None
+                    ),
+                    "max_priority": (
+                        int(config["max_priority"]) if "max_priority" in config else None
                     ),
                     "allow_prefixes": list(parse_grants(config.get(GRANTS_FIELD))),
                     "created_at": config.get("created_at"),
@@ -150,15 +158,15 @@ class TokenStore:
 
         A prefix that matches tokens of two tenants is refused: revoking is not a guess.
         """
-        if self.redis.sismember(self.key("tenants"), what):
-            digests = [str(d) for d in self.redis.smembers(self.key("tenant-tokens", what))]
+        if self.redis.sismember(self.keys.gateway_tenants(), what):
+            digests = [str(d) for d in self.redis.smembers(self.keys.gateway_tenant_tokens(what))]
             return self._revoke(what, digests)
         if len(what) < 6:
             raise InvalidInput("give a tenant name, or at least 6 characters of a token")
         matches: list[tuple[str, str]] = []
-        for tenant in self.redis.smembers(self.key("tenants")):
-            for digest in self.redis.smembers(self.key("tenant-tokens", str(tenant))):
-                raw = self.redis.get(self.key("token", str(digest)))
+        for tenant in self.redis.smembers(self.keys.gateway_tenants()):
+            for digest in self.redis.smembers(self.keys.gateway_tenant_tokens(str(tenant))):
+                raw = self.redis.get(self.keys.gateway_token(str(digest)))
                 if raw is None:
                     continue
                 shown = str(json.loads(raw)["prefix"])
@@ -177,11 +185,11 @@ class TokenStore:
     def _revoke(self, tenant: str, digests: list[str]) -> list[str]:
         if not digests:
             return []
-        raws = self.redis.mget([self.key("token", d) for d in digests])
+        raws = self.redis.mget([self.keys.gateway_token(d) for d in digests])
         pipe = self.redis.pipeline(transaction=True)
         for digest in digests:
-            pipe.delete(self.key("token", digest))
-            pipe.srem(self.key("tenant-tokens", tenant), digest)
+            pipe.delete(self.keys.gateway_token(digest))
+            pipe.srem(self.keys.gateway_tenant_tokens(tenant), digest)
         pipe.execute()
         return [str(json.loads(raw)["prefix"]) for raw in raws if raw]
 
@@ -209,7 +217,7 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        raw = await self.redis.get(self.store.key("gw", "token", digest))
+        raw = await self.redis.get(self.store.keys.gateway_token(digest))
         if raw is None:
             self._cache.pop(digest, None)
             return None

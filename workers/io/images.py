@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from io import BytesIO
 from urllib.parse import urljoin
 
@@ -22,8 +23,9 @@ from api_client.redact import redact_ref
 from api_client.settings import Settings
 from api_client.uploads import ref_key
 from workers.io.netguard import Deadline, check_url, safe_session
-from workers.io.storage import Storage, file_uri_path, open_storage, too_big
+from workers.io.storage import Storage, StorageError, file_uri_path, open_storage, too_big
 
+log = logging.getLogger(__name__)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES = 64 * 1024
@@ -130,17 +132,27 @@ def fetch_bytes(
     if scheme in ("s3", "storage"):
         store = storage if storage is not None else open_storage(settings)
         cap = settings.max_image_bytes
-        # Storage stops reading one chunk past the cap: a huge object is never read whole.
-        if scheme == "s3":
-            data = store.read_uri(ref, cap)
-        else:
-            # An upload (api_client.uploads): a key under uploads/ of this deployment's
-            # own storage, whatever its backend; nothing else there can be named.
-            try:
-                key = ref_key(ref)
-            except InvalidInput as exc:
-                raise ForbiddenUrl(exc.message) from None
-            data = store.get(key, cap)
+        try:
+            # Storage stops reading one chunk past the cap: a huge object is never read
+            # whole.
+            if scheme == "s3":
+                data = store.read_uri(ref, cap)
+            else:
+                # An upload (api_client.uploads): a key under uploads/ of this deployment's
+                # own storage, whatever its backend; nothing else there can be named.
+                try:
+                    key = ref_key(ref)
+                except InvalidInput as exc:
+                    raise ForbiddenUrl(exc.message) from None
+                data = store.get(key, cap)
+        except (InputFetchFailed, StorageError) as exc:
+            # No such key, no such bucket, access denied: one answer, so a job cannot
+            # probe which buckets exist; the operator's log keeps which it was.
+            log.warning("reading %s: %s", redact_ref(ref), exc.message)
+            raise InputFetchFailed(
+                f"{redact_ref(ref)}: cannot read it (it does not exist, or this deployment "
+                "may not read it)"
+            ) from None
         if len(data) > settings.max_image_bytes:
             raise too_big("the object", settings.max_image_bytes)
         return data

@@ -12,6 +12,7 @@ import json
 import logging
 from typing import Any
 
+from api_client.error_details import ErrorDetails, is_reported
 from api_client.errors import Canceled, ImageqError, InternalError, WorkerLost
 from api_client.object_urls import hide_storage_root
 from api_client.records import Document, RecordStore, final_record, utcnow
@@ -124,6 +125,10 @@ class RunEnding:
         current.result_url = self.ctx.storage.public_url(key) or None
         if metrics:
             current.metrics = {**current.metrics, **metrics}
+        if error is not None and error.code == "internal" and not is_reported(error.message):
+            # Storage and other internal failures name buckets, paths and endpoints:
+            # the record, result.json and webhooks carry an error id instead.
+            error = ErrorDetails(self.store).report(error, current.id)
         status = _status(current.id, error)
         return key, final_record(current, status, output=output, error=error)
 

@@ -17,10 +17,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from api_client.errors import Canceled, ImageqError, InternalError, InvalidInput, WorkerLost
+from api_client.error_details import ErrorDetails
+from api_client.errors import Canceled, ImageqError, InvalidInput, WorkerLost
 from api_client.records import Document, new_record, parse_time, utcnow
 from api_client.references import GrantReader
 from api_client.schemas import JobDocument, JobRecord, JobStatus, WebhookSpec, parse_job
+from api_client.tenant_caps import PriorityCaps
 from workers.runtime.context import Built, Deferred, Handler, Output, WorkerContext
 from workers.runtime.control import HandedBack, JobControl, LeaseKeeper, LeaseLost, RunInterrupted
 from workers.runtime.ending import RunEnding
@@ -52,6 +54,9 @@ class JobRunner(RunEnding):
         self.grants = GrantReader(ctx.store, self.settings.gateway_token_cache_s)
         #: Jobs whose count this runner claimed when it ended them (``take_counted``).
         self.counted: set[str] = set()
+        # A tenant's job sent around the gateway (a Client naming the tenant, a raw
+        # message) is held to the tenant's priority cap here: one cached read per tenant.
+        self.caps = PriorityCaps(ctx.store.redis, ctx.store)
 
     def take_counted(self, job_id: str) -> bool:
         """Whether this runner ended ``job_id`` and claimed its count (once per job in the
@@ -82,10 +87,14 @@ class JobRunner(RunEnding):
     def _claim(self, job: JobDocument) -> JobRecord | None:
         document = job.wire()
         token = f"{self.ctx.worker_name}/{uuid.uuid4().hex[:8]}"
+        over = self.caps.over(job.tenant, job.priority)
         # One script: the record created if a raw Celery message by task name brought
         # none; a final, canceled or unserved job refused; else the lease taken.
         claimed = self.transitions.claim(
-            lambda: new_record(document), document, token, served=job.kind in self.handlers
+            lambda: new_record(document),
+            document,
+            token,
+            served=job.kind in self.handlers and over is None,
         )
         if claimed.state is ClaimState.FINAL:
             # A redelivery of a finished job: only complete what a crash may have skipped.
@@ -93,6 +102,15 @@ class JobRunner(RunEnding):
             return None
         if claimed.state is ClaimState.CANCELED:
             return self._end(job, Canceled("canceled before it started"))
+        if claimed.state is ClaimState.UNSERVED and over is not None:
+            # Already queued, so not refused at the door: failed, with its final record,
+            # as any invalid job is (a clamped priority would run it as it did not ask).
+            return self._end(
+                job,
+                InvalidInput(
+                    f"priority: {job.priority} is over tenant {job.tenant!r}'s maximum of {over}"
+                ),
+            )
         if claimed.state is ClaimState.UNSERVED:
             return self._end(job, InvalidInput(f"kind: this worker does not serve {job.kind!r}"))
         if claimed.state is not ClaimState.LEASED:
@@ -210,8 +228,8 @@ class JobRunner(RunEnding):
                 raise
             return self._finish(job, exc, control.metrics, lease=lease, run=run)
         except Exception as exc:
-            log.exception("job %s: unexpected error", job.id)
-            error = InternalError(f"{type(exc).__name__}: {exc}")
+            # The tenant reads an error id; the log and the operators' view the detail.
+            error = ErrorDetails(self.store).report(exc, job.id)
             return self._finish(job, error, control.metrics, lease=lease, run=run)
         return self._finish(job, None, control.metrics, output, lease=lease, run=run)
 
