@@ -19,7 +19,7 @@ from workers.predictors.caption import CaptionItem, CaptionPredictor
 from workers.predictors.caption_vocab import VOCAB_FILE
 from workers.testing.tiny import PADDED_ROWS_MULTIPLE, build_tiny_caption_padded
 from workers.training.lora_caption import CaptionTrainer
-from workers.training.vocabulary import first_new_id
+from workers.training.vocabulary import first_new_id, initial_rows
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -65,14 +65,14 @@ def test_new_ids_never_reuse_an_id_the_model_uses(
     assert added_ids == new_ids and min(added_ids) >= rows
     roles = role_ids(decoder.config)
     assert trainer.bos in roles and not roles & new_ids
-    # The start id keeps the base model's row and decodes to nothing.
+    # The start id decodes to nothing and starts from the base model's own row.
     assert plan.tokenizer.decode([trainer.bos], skip_special_tokens=True) == ""
-    assert trainer.ids is not None and trainer.rows is not None
-    slot = trainer.ids.tolist().index(trainer.bos)
-    base_row = decoder.bert.embeddings.word_embeddings.base.weight[trainer.bos]
-    assert trainer.rows.shape[0] == len(trainer.ids)
-    assert not torch.equal(trainer.rows.detach()[slot], trainer.rows.detach()[-1])
-    assert base_row.shape == trainer.rows.shape[1:]
+    base = decoder.bert.embeddings.word_embeddings.base
+    bias = decoder.cls.predictions.decoder.base.bias
+    rows, _ = initial_rows(
+        plan, trainer.processor.tokenizer, base.weight.detach(), bias, [trainer.bos], 0
+    )
+    torch.testing.assert_close(rows[0], base.weight.detach()[trainer.bos].float())
 
 
 def test_captions_never_start_with_a_new_token(

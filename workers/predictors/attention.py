@@ -2,7 +2,7 @@
 
 The payload (JSON-able, stored beside a caption job's outputs)::
 
-    {"grid": [h, w], "text": "...",
+    {"grid": [h, w], "frame": {"resize": "stretch", "box": [0, 0, w, h]}, "text": "...",
      "tokens": [{"token": "dog", "mean": [[...] * w] * h, "layers": [[[...]]] * n_layers}]}
 
 ``grid`` is the vision patch grid, ``image_size // patch_size`` from the vision config
@@ -11,7 +11,9 @@ cross-attention of decoder layer ``l`` over the image patches, averaged over hea
 ``mean`` averages those over layers. The CLS patch is dropped and every grid is then
 **normalised to sum to 1** (a distribution over patches), so grids compare across tokens
 and layers. The overlay stretches each panel between its own minimum and maximum, for
-display only.
+display only. ``frame`` places the original image on the grid, in cells
+(``workers.predictors.framing``): a center-cropped image reaches past the grid, and a
+letterboxed one keeps only the rows and columns that show it (normalised again).
 """
 
 from __future__ import annotations
