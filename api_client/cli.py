@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
@@ -23,11 +25,12 @@ from api_client.client import Client
 from api_client.errors import ImageqError, InvalidInput, NotFound
 from api_client.image_header import image_size
 from api_client.kinds import KINDS
+from api_client.object_urls import storage_root
 from api_client.progress import ProgressBar
 from api_client.records import parse_time
 from api_client.schemas import JobRecord
 from api_client.settings import Settings, SettingsError
-from api_client.uploads import IMAGE_TYPES, sniff_format
+from api_client.uploads import IMAGE_TYPES, dataset_key, put_object, sniff_format
 from api_client.webhook_log import KeptOutcome, parse_since
 
 WORKER_COMMANDS = ("worker", "fleet", "demo", "flower", "gateway", "tokens")
@@ -68,6 +71,55 @@ def image_ref(arg: str, client: Client) -> str:
     return client.upload(data, IMAGE_TYPES[fmt][0])
 
 
+def dataset_ref(arg: str, settings: Settings) -> str:
+    """A dataset reference passes through; a local folder (images + ``metadata.jsonl``)
+    is zipped and a local zip or tar archive read, then either is put into the
+    deployment's storage and named by its storage URI, which the workers read."""
+    if "://" in arg:
+        return arg
+    path = Path(arg)
+    if path.is_dir():
+        if not any(path.rglob("metadata.jsonl")):
+            raise InvalidInput(f"dataset: {arg} holds no metadata.jsonl (docs/finetune.md)")
+        data = zip_folder(path, settings.max_dataset_bytes)
+    elif path.is_file():
+        if path.stat().st_size > settings.max_dataset_bytes:
+            raise InvalidInput(_over_dataset_cap(arg, settings.max_dataset_bytes))
+        data = path.read_bytes()
+    else:
+        raise ImageqError(f"dataset: {arg} is neither a URL, a folder nor an archive")
+    key = dataset_key()
+    put_object(settings, key, data, "application/zip")
+    return storage_root(settings) + key
+
+
+def zip_folder(folder: Path, max_bytes: int) -> bytes:
+    """``folder``'s files as a zip (names relative to it); refused past ``max_bytes``.
+
+    Images are stored as they are (JPEG and PNG are compressed already); the rest is
+    deflated.
+    """
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            if any(part.startswith(".") for part in name.split("/")):
+                continue  # .DS_Store, .git: never part of a dataset
+            with path.open("rb") as f:
+                stored = sniff_format(f.read(16)) is not None
+            method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+            archive.write(path, name, compress_type=method)
+            if out.tell() > max_bytes:
+                raise InvalidInput(_over_dataset_cap(str(folder), max_bytes))
+    return out.getvalue()
+
+
+def _over_dataset_cap(arg: str, max_bytes: int) -> str:
+    return (
+        f"dataset: {arg} is over the workers' limit of {max_bytes} bytes (IMAGEQ_MAX_DATASET_BYTES)"
+    )
+
+
 def _print(record: JobRecord | dict[str, Any] | list[Any]) -> int:
     if isinstance(record, JobRecord):
         record = record.to_json()
@@ -85,7 +137,11 @@ def _wait(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
 
 def _submit(args: argparse.Namespace, client: Client) -> int:
     inp: dict[str, Any] = json.loads(args.input) if args.input else {}
-    if args.images:
+    if args.kind == "finetune" and args.images:
+        if len(args.images) != 1:
+            raise InvalidInput("finetune: give one dataset (a folder, an archive or a URL)")
+        inp["dataset"] = dataset_ref(args.images[0], client.settings)
+    elif args.images:
         refs = [image_ref(i, client) for i in args.images]
         if args.kind in ("caption", "match"):
             inp["images"] = refs
@@ -223,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a job")
     p.add_argument("kind", choices=KINDS)
-    p.add_argument("images", nargs="*", help="image URLs or local files (sent inline)")
+    p.add_argument(
+        "images",
+        nargs="*",
+        help="image URLs or local files (sent inline); finetune: a dataset folder "
+        "(images + metadata.jsonl, zipped and uploaded), archive or URL",
+    )
     p.add_argument("--prompt")
     p.add_argument("--text", action="append", help="a text to match (repeatable)")
     p.add_argument("--attention", action="store_true", help="caption: return attention maps")

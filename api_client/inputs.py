@@ -6,6 +6,7 @@ validated against it once, and handlers receive the model, never a dict.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -72,6 +73,19 @@ class AdapterRef(Strict):
     scale: float = Field(default=1.0, ge=-2.0, le=4.0)
 
 
+class Resize(StrEnum):
+    """How caption and match fit an image to the model's square input (docs/design.md).
+
+    Unset: the model processor's own way (BLIP's stretches, so a 4:1 panorama is seen
+    squashed); ``center_crop``: the centred box of the input's shape; ``letterbox``:
+    the whole image, padded with the processor's mean colour.
+    """
+
+    STRETCH = "stretch"
+    CENTER_CROP = "center_crop"
+    LETTERBOX = "letterbox"
+
+
 class GenerationOptions(Strict):
     max_new_tokens: int = Field(default=30, ge=1, le=256)
     min_new_tokens: int = Field(default=0, ge=0, le=256)
@@ -82,6 +96,9 @@ class GenerationOptions(Strict):
     temperature: float = Field(default=1.0, gt=0.0, le=10.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     num_return_sequences: int = Field(default=1, ge=1, le=10)
+    #: With ``do_sample``: the same seed, image and options give the same caption, alone
+    #: or batched (same model, device type, dtype and library versions). None: random.
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationOptions:
@@ -117,12 +134,16 @@ class CaptionInput(_ImagesInput):
     adapter: str | None = Field(default=None, min_length=1, max_length=128)
     #: Without ``adapter``: the newest published caption adapter for this language.
     language: LanguageTag | None = None
+    #: None: the model processor's own resize (BLIP's stretches).
+    resize: Resize | None = None
 
 
 class MatchInput(_ImagesInput):
     texts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
         min_length=1, max_length=64
     )
+    #: As caption's ``resize``.
+    resize: Resize | None = None
 
     @field_validator("texts")
     @classmethod

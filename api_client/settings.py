@@ -103,7 +103,10 @@ class Settings(BaseSettings):
     records_url: str = ""
     # Long jobs (finetune) get their own Redis database with a long visibility timeout.
     finetune_broker_url: str = ""
-    storage_url: str = "file://./imageq-data"
+    #: A local folder (an absolute path, or one under the home folder: ``file://~/...``)
+    #: or ``s3://bucket/prefix``. Never relative to the working directory: a CLI and
+    #: workers started in different folders would each use their own.
+    storage_url: str = "file://~/imageq-data"
     webhook_secret: SecretStr = SecretStr("")
     # Rotation: signatures are made with every secret listed here too.
     webhook_extra_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
@@ -246,6 +249,21 @@ class Settings(BaseSettings):
     # Threads that submit, cancel and list per gateway process (Redis round trips: a few
     # keep a core busy; more only contend for the GIL). Uploads have threads of their own.
     gateway_threads: int = 4
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_not_relative(cls, value: str) -> str:
+        if value[:7].lower() == "file://":
+            path = value[7:].split("?", 1)[0].split("#", 1)[0]
+            path = path[len("localhost") :] if path.lower().startswith("localhost/") else path
+            if not path.startswith(("/", "~")):
+                raise ValueError(
+                    f"{value!r} is relative to each process's working directory, so the CLI "
+                    "and workers started in different folders would use different folders: "
+                    "give an absolute path (file:///srv/imageq-data) or one under the home "
+                    "folder (file://~/imageq-data)"
+                )
+        return value
 
     @field_validator("webhook_extra_secrets", "webhook_schedule_s", mode="before")
     @classmethod

@@ -62,6 +62,15 @@ def upload_key(fmt: str, tenant: str | None = None) -> str:
     return f"{folder}{uuid.uuid4().hex}.{IMAGE_TYPES[fmt][1]}"
 
 
+#: Datasets the CLI uploads (``imageq submit finetune DIR``) go under this prefix.
+DATASET_PREFIX = UPLOAD_PREFIX + "datasets/"
+
+
+def dataset_key() -> str:
+    """A fresh key for an uploaded dataset archive."""
+    return f"{DATASET_PREFIX}{uuid.uuid4().hex}.zip"
+
+
 def storage_ref(key: str) -> str:
     return STORAGE_SCHEME + key
 
@@ -96,12 +105,13 @@ def put_object(settings: Settings, key: str, data: bytes, content_type: str) -> 
 
 
 def local_root(url: str) -> Path:
-    # The same reading of file:// URLs as the workers' LocalStorage, so both sides
-    # name the same folder (file://./data is relative to the working directory).
+    """The folder a ``file://`` storage URL names, absolute: the client and the workers
+    (``workers.io.storage.open_storage``) both read it here, so they name the same
+    folder wherever they were started (``file://~/data``: under the home folder)."""
     rest = unquote(url[7:].split("?", 1)[0].split("#", 1)[0])
     if rest.lower().startswith("localhost/"):
         rest = rest[len("localhost") :]
-    return Path(rest).resolve()
+    return Path(rest).expanduser().resolve()
 
 
 def _put_local(root: Path, key: str, data: bytes) -> None:

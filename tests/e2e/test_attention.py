@@ -175,3 +175,43 @@ def test_panel_size_keeps_the_input_size_until_a_limit() -> None:
 def test_peak_cell_is_the_first_largest_cell() -> None:
     assert peak_cell([[0.1, 0.2], [0.4, 0.3]]) == [1, 0]
     assert peak_cell([[0.5, 0.5], [0.0, 0.0]]) == [0, 0]
+
+
+def test_resize_modes_map_attention_back_onto_a_panorama(stack: Stack) -> None:
+    panorama = _picture((400, 100), 5)
+    out = {
+        mode: _caption(
+            stack,
+            [panorama],
+            attention=True,
+            resize=mode,
+            generation={"max_new_tokens": 4, "num_beams": 2, "num_return_sequences": 2},
+        )
+        for mode in ("stretch", "center_crop", "letterbox")
+    }
+    rows, cols = out["stretch"]["captions"][0]["attention"]["grid"]
+    expected = {
+        "stretch": ([rows, cols], [0, 0, cols, rows]),
+        # The centre square: the photo reaches 1.5 crop widths past each side.
+        "center_crop": ([rows, cols], [-1.5 * cols, 0, 2.5 * cols, rows]),
+        # The photo's band: rows 3/8 .. 5/8 of the square, the padding left out.
+        "letterbox": (None, None),
+    }
+    for mode, result in out.items():
+        caption = result["captions"][0]
+        assert len(caption["attentions"]) == 2  # one per returned sequence
+        for s, attention in enumerate(caption["attentions"]):
+            assert attention["frame"]["resize"] == mode
+            assert attention["panel"] == [400, 100]
+            grids = json.loads(_stored(attention["json"]))
+            assert grids["text"] == caption["texts"][s]
+            overlay = Image.open(io.BytesIO(_stored(attention["overlay"])))
+            assert overlay.height == 100
+            grid, box = expected[mode]
+            if grid is not None:
+                assert attention["grid"] == grid and attention["frame"]["box"] == box
+        if mode == "letterbox":
+            kept = caption["attention"]["grid"]
+            assert kept[1] == cols and kept[0] < rows
+            for token in json.loads(_stored(caption["attention"]["json"]))["tokens"]:
+                assert math.isclose(float(np.sum(token["mean"])), 1.0, abs_tol=1e-4)

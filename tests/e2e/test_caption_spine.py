@@ -250,3 +250,17 @@ def test_multi_image_progress_in_record_and_webhooks(
     assert events, "no job.progress event for a 12-image job"
     done = [e["images_done"] for e in events]
     assert done == sorted(done) and done[-1] == 12
+
+
+def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(stack: Stack) -> None:
+    image = png_uri((120, 60, 200))
+    generation = {"do_sample": True, "top_k": 0, "temperature": 1.5, "max_new_tokens": 10}
+    seeded = {**generation, "seed": 42}
+    alone = stack.client.caption(image=image, generation=seeded)
+    together = stack.client.caption(images=[png_uri((10, 10, 10)), image, image], generation=seeded)
+    other = stack.client.caption(image=image, generation={**generation, "seed": 43})
+    records = [stack.client.wait(j.id, timeout_s=60) for j in (alone, together, other)]
+    assert all(r.status == "succeeded" for r in records), [r.error for r in records]
+    text = records[0].output["captions"][0]["text"]
+    assert [c["text"] for c in records[1].output["captions"][1:]] == [text, text]
+    assert records[2].output["captions"][0]["text"] != text

@@ -124,8 +124,8 @@ def test_local_list_hides_unfinished_temp_files(tmp_path: Path) -> None:
 
 
 def test_open_storage_reads_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    store = open_storage(Settings())  # file://./imageq-data
+    monkeypatch.setenv("HOME", str(tmp_path))
+    store = open_storage(Settings())  # file://~/imageq-data
     assert isinstance(store, LocalStorage) and store.root == tmp_path / "imageq-data"
     absolute = open_storage(Settings(storage_url=f"file://{tmp_path}/abs"))
     assert isinstance(absolute, LocalStorage) and absolute.root == tmp_path / "abs"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from api_client.errors import InvalidInput
-from api_client.inputs import CaptionInput, InpaintInput, MatchInput, StyleInput
+from api_client.inputs import CaptionInput, InpaintInput, MatchInput, Resize, StyleInput
 from api_client.settings import Settings
 from workers.io.images import decode_image
 from workers.io.job_images import decode_side, load_job_images
@@ -21,6 +21,7 @@ from workers.kinds.match import MatchBatcher, MatchHandler
 from workers.predictors.attention import OVERLAY_MAX_PIXELS, OVERLAY_MAX_SIDE, panel_size
 from workers.predictors.blip import DEFAULT_INPUT_SIDE
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
+from workers.predictors.framing import Frame
 from workers.predictors.match import MatchPredictor
 from workers.runtime.context import WorkerContext
 
@@ -227,12 +228,12 @@ def test_caption_handler_keeps_tensors_only_and_overlay_sized_copies(
     storage.put("uploads/big.jpg", jpeg(6000, 4000), "image/jpeg")
     seen: list[tuple[int, int]] = []
 
-    def preprocess(image: Image.Image) -> tuple[int, int]:
+    def prepare(image: Image.Image, resize: Resize | None) -> tuple[tuple[int, int], Frame]:
         seen.append(image.size)
-        return image.size
+        return image.size, Frame(resize or Resize.STRETCH)
 
     batcher = Recording()
-    handler = CaptionHandler(context(storage), batcher, preprocess=preprocess)
+    handler = CaptionHandler(context(storage), batcher, prepare=prepare)
     refs = ["storage://uploads/big.jpg"] * 3
     out = handler.handle(JOB, CaptionInput(images=refs), Control())
     assert [c["text"] for c in out["captions"]] == ["c0", "c1", "c2"]
@@ -270,7 +271,7 @@ def test_tiny_caption_and_match_run_on_reduced_images(
     try:
         assert captioner.input_side == matcher.input_side == 48  # tiny.TINY_IMAGE_SIZE
         handler = CaptionHandler(
-            ctx, caption_batcher, preprocess=captioner.preprocess, input_side=captioner.input_side
+            ctx, caption_batcher, prepare=captioner.prepare, input_side=captioner.input_side
         )
         out = handler.handle(JOB, CaptionInput(images=refs, attention=True), Control())
         assert len(out["captions"]) == 2

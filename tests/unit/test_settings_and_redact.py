@@ -20,7 +20,7 @@ def test_settings_from_env_parse_types_and_units() -> None:
     assert s.webhook_schedule_s == (0.0, 1.5, 3.0)
     view = s.public_view()
     assert view["webhook_secret"] == "***" and "pw" not in view["broker_url"]
-    assert Settings.from_env({}).storage_url == "file://./imageq-data"
+    assert Settings.from_env({}).storage_url == "file://~/imageq-data"
 
 
 def test_inline_images_and_url_queries_are_redacted() -> None:

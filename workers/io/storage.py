@@ -2,7 +2,7 @@
 
 Keys are relative, slash-separated paths such as ``jobs/{id}/result.json`` or
 ``adapters/{name}/adapter.safetensors``. ``open_storage`` picks the backend from
-``IMAGEQ_STORAGE_URL``: a local folder (``file://./imageq-data``) or S3 (``s3://bucket/prefix``).
+``IMAGEQ_STORAGE_URL``: a local folder (``file://~/imageq-data``) or S3 (``s3://bucket/prefix``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from api_client.errors import (
 )
 from api_client.object_urls import MAX_PRESIGN_TTL_S
 from api_client.settings import Settings
-from api_client.uploads import TMP_PREFIX, write_atomic
+from api_client.uploads import TMP_PREFIX, local_root, write_atomic
 from workers.io.s3_put import LightPut
 
 T = TypeVar("T")
@@ -125,8 +125,8 @@ def _check_prefix(prefix: str) -> str:
 def file_uri_path(uri: str) -> Path:
     """The path of a ``file://`` URI.
 
-    ``file:///abs`` and ``file://localhost/abs`` are absolute; ``file://./data`` (the
-    default storage URL) is relative to the working directory.
+    ``file:///abs`` and ``file://localhost/abs`` are absolute; ``file://./data`` is
+    relative to the working directory (never a storage root: see ``open_storage``).
     """
     if uri[:7].lower() != "file://":
         raise InvalidInput(f"not a file:// URI: {uri[:40]!r}")
@@ -404,7 +404,8 @@ def open_storage(settings: Settings) -> Storage:
     """The storage ``settings.storage_url`` names."""
     url = settings.storage_url
     if url[:7].lower() == "file://":
-        return LocalStorage(file_uri_path(url), settings)
+        # The client's reading of the URL (``~`` included): both name one folder.
+        return LocalStorage(local_root(url), settings)
     if url[:5].lower() == "s3://":
         bucket, _, prefix = url[5:].partition("/")
         return S3Storage(bucket, prefix, settings)

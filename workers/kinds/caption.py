@@ -14,7 +14,7 @@ from PIL import Image
 
 from api_client.adapters import adapter_field, entry_tenant
 from api_client.errors import InvalidInput
-from api_client.inputs import CaptionInput, GenerationOptions
+from api_client.inputs import CaptionInput, GenerationOptions, Resize
 from api_client.languages import BASE_LANGUAGE, best_matches, match_rank, primary
 from api_client.schemas import JobDocument
 from api_client.settings import Settings
@@ -25,6 +25,7 @@ from workers.predictors.adapters import peft_adapter_name
 from workers.predictors.attention import OVERLAY_MAX_SIDE
 from workers.predictors.blip import DEFAULT_INPUT_SIDE
 from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
+from workers.predictors.framing import Frame
 from workers.runtime.autobatch import RunBatch, for_worker
 from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
@@ -123,8 +124,9 @@ class CaptionAdapters:
 
 
 CaptionBatcher = Batcher[CaptionItem, CaptionResult]
-#: One image to the vision encoder's input tensor (``BlipPredictor.preprocess``).
-Preprocess = Callable[[Any], Any]
+#: One image and its ``resize`` to the vision encoder's input tensor and where the image
+#: lies on it (``BlipPredictor.prepare``).
+Prepare = Callable[[Image.Image, Resize | None], tuple[Any, Frame]]
 
 
 class CaptionHandler:
@@ -133,14 +135,14 @@ class CaptionHandler:
         ctx: WorkerContext,
         batcher: CaptionBatcher,
         adapters: CaptionAdapters | None = None,
-        preprocess: Preprocess | None = None,
+        prepare: Prepare | None = None,
         input_side: int = DEFAULT_INPUT_SIDE,
     ) -> None:
         self.ctx = ctx
         self.batcher = batcher
         self.adapters = adapters
         # On this job's thread, not the batcher's (BlipPredictor.preprocess says why).
-        self.preprocess = preprocess
+        self.prepare = prepare
         self.input_side = input_side
 
     def handle(self, job: JobDocument, inp: CaptionInput, control: JobControl) -> dict[str, Any]:
@@ -180,7 +182,7 @@ class CaptionHandler:
 
     def _item(self, image: Image.Image, inp: CaptionInput, adapter: str | None) -> CaptionItem:
         """The batch item of one decoded image, holding only what the job still needs."""
-        pixels = None if self.preprocess is None else self.preprocess(image)
+        pixels, frame = (None, None) if self.prepare is None else self.prepare(image, inp.resize)
         if inp.attention:
             # The overlay's panels are at most OVERLAY_MAX_SIDE: a copy that size draws
             # the same panels (to a pixel of rounding) as the decoded image.
@@ -194,6 +196,8 @@ class CaptionHandler:
             adapter=adapter,
             attention=inp.attention,
             pixels=pixels,
+            resize=inp.resize,
+            frame=frame,
         )
 
     def _adapter(
@@ -221,14 +225,23 @@ class CaptionHandler:
             entry["texts"] = result.texts
         else:
             entry["text"] = result.texts[0]
-        if inp.attention and result.attention is not None:
-            entry["attention"] = self._attention(job_id, index, image, result.attention)
+        if inp.attention and result.attentions:
+            # The best sequence's files keep their names; sequence s > 0 adds "-s".
+            stems = [str(index)] + [f"{index}-{s}" for s in range(1, len(result.attentions))]
+            maps = [
+                self._attention(job_id, stem, image, payload)
+                for stem, payload in zip(stems, result.attentions, strict=True)
+            ]
+            entry["attention"] = maps[0]
+            if inp.generation.num_return_sequences > 1:
+                entry["attentions"] = maps
         return entry
 
     def _attention(
-        self, job_id: str, index: int, image: Any, payload: dict[str, Any]
+        self, job_id: str, stem: str, image: Any, payload: dict[str, Any]
     ) -> dict[str, Any]:
-        """Store the grids (JSON) and the overlay (PNG); return refs and a small summary.
+        """Store the grids (JSON) and the overlay (PNG) as ``attention-{stem}``; return
+        refs and a small summary.
 
         See docs/match-and-attention.md for both files and the summary's fields.
         """
@@ -243,12 +256,12 @@ class CaptionHandler:
         put = self.ctx.put_output
         tokens = payload.get("tokens") or []
         data = json.dumps(payload, separators=(",", ":")).encode()
-        grid_ref = put(job_id, f"attention-{index}.json", data, "application/json")
+        grid_ref = put(job_id, f"attention-{stem}.json", data, "application/json")
         # Panels keep the input's size; only a huge photo or a long caption shrinks them.
         limits = {"max_side": OVERLAY_MAX_SIDE, "max_pixels": OVERLAY_MAX_PIXELS}
         width, height = panel_size(image.size, len(tokens), **limits)
         overlay_ref = put(
-            job_id, f"attention-{index}.png", overlay_png(image, payload, **limits), "image/png"
+            job_id, f"attention-{stem}.png", overlay_png(image, payload, **limits), "image/png"
         )
         # The grids stay in storage: inlined, 512 images x 30 tokens x 576 cells would put
         # tens of megabytes into the record and every webhook. The peak cell says where
@@ -256,6 +269,7 @@ class CaptionHandler:
         summary = [{"token": t["token"], "peak": peak_cell(t["mean"])} for t in tokens]
         return {
             "grid": payload.get("grid"),
+            "frame": payload.get("frame"),
             "layers": len(tokens[0]["layers"]) if tokens else 0,
             "tokens": summary,
             "json": grid_ref,
@@ -299,6 +313,6 @@ def build(ctx: WorkerContext, device: str) -> Built:
             shutil.rmtree(cache, ignore_errors=True)
 
     handler = CaptionHandler(
-        ctx, batcher, adapters, preprocess=predictor.preprocess, input_side=predictor.input_side
+        ctx, batcher, adapters, prepare=predictor.prepare, input_side=predictor.input_side
     )
     return {"caption": handler}, [batcher.stop, remove_cache]

@@ -57,7 +57,9 @@ class MatchHandler:
             # Pixels on this job's thread, not the batcher's (BlipPredictor.preprocess);
             # images decoded one at a time, each kept only as its tensor.
             items = [
-                MatchItem(PREPROCESSED, list(inp.texts), self.predictor.preprocess(image))
+                MatchItem(
+                    PREPROCESSED, list(inp.texts), self.predictor.preprocess(image, inp.resize)
+                )
                 for image in images
             ]
             ran = self.batcher.run(

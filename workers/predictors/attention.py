@@ -2,7 +2,7 @@
 
 The payload (JSON-able, stored beside a caption job's outputs)::
 
-    {"grid": [h, w], "text": "...",
+    {"grid": [h, w], "frame": {"resize": "stretch", "box": [0, 0, w, h]}, "text": "...",
      "tokens": [{"token": "dog", "mean": [[...] * w] * h, "layers": [[[...]]] * n_layers}]}
 
 ``grid`` is the vision patch grid, ``image_size // patch_size`` from the vision config
@@ -11,17 +11,22 @@ cross-attention of decoder layer ``l`` over the image patches, averaged over hea
 ``mean`` averages those over layers. The CLS patch is dropped and every grid is then
 **normalised to sum to 1** (a distribution over patches), so grids compare across tokens
 and layers. The overlay stretches each panel between its own minimum and maximum, for
-display only.
+display only. ``frame`` places the original image on the grid, in cells
+(``workers.predictors.framing``): a center-cropped image reaches past the grid, and a
+letterboxed one keeps only the rows and columns that show it (normalised again).
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+from workers.predictors.framing import Frame, Resize
 
 if TYPE_CHECKING:
     import torch
@@ -73,22 +78,54 @@ def summarise_cross_attention(
     return per_layer, _normalised(per_layer.mean(dim=1))
 
 
+def _cells(frame: Frame | None, grid: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The frame's box in grid cells: (left, top, right, bottom)."""
+    rows, cols = grid
+    x0, y0, x1, y1 = frame.box if frame is not None else (0.0, 0.0, 1.0, 1.0)
+    return x0 * cols, y0 * rows, x1 * cols, y1 * rows
+
+
+def _image_cells(
+    box: tuple[float, float, float, float], grid: tuple[int, int]
+) -> tuple[slice, slice]:
+    """The rows and columns of the grid that show some of the image (letterbox padding
+    fills the others). Rounding noise (1e-6 of a cell) never adds a row."""
+    rows, cols = grid
+    x0, y0, x1, y1 = box
+    top, bottom = max(0, math.floor(y0 + 1e-6)), min(rows, math.ceil(y1 - 1e-6))
+    left, right = max(0, math.floor(x0 + 1e-6)), min(cols, math.ceil(x1 - 1e-6))
+    return slice(top, max(bottom, top + 1)), slice(left, max(right, left + 1))
+
+
 def attention_payload(
     layers: torch.Tensor,
     mean: torch.Tensor,
     tokens: Sequence[str],
     grid: tuple[int, int],
     text: str,
+    frame: Frame | None = None,
 ) -> dict[str, Any]:
     """The JSON payload for one caption.
 
     ``layers`` is ``(n_layers, n_tokens, patches)`` and ``mean`` ``(n_tokens, patches)``,
-    already restricted to the rows that produced ``tokens``.
+    already restricted to the rows that produced ``tokens``. ``frame``: where the image
+    lies on the input (``workers.predictors.framing``); a letterboxed image's grids keep
+    only the rows and columns that show some of it, normalised again to sum to 1.
     """
     rows, cols = grid
     n = len(tokens)
-    layer_grids = layers.round(decimals=DECIMALS).reshape(layers.shape[0], n, rows, cols)
-    mean_grids = mean.round(decimals=DECIMALS).reshape(n, rows, cols)
+    layer_grids = layers.reshape(layers.shape[0], n, rows, cols)
+    mean_grids = mean.reshape(n, rows, cols)
+    box = _cells(frame, grid)
+    if frame is not None and frame.resize is Resize.LETTERBOX:
+        keep_rows, keep_cols = _image_cells(box, grid)
+        layer_grids = _renormalised(layer_grids[..., keep_rows, keep_cols])
+        mean_grids = _renormalised(mean_grids[..., keep_rows, keep_cols])
+        rows, cols = mean_grids.shape[-2:]
+        top, left = keep_rows.start, keep_cols.start
+        box = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+    layer_grids = layer_grids.round(decimals=DECIMALS)
+    mean_grids = mean_grids.round(decimals=DECIMALS)
     entries = [
         {
             "token": token,
@@ -97,7 +134,18 @@ def attention_payload(
         }
         for i, token in enumerate(tokens)
     ]
-    return {"grid": [rows, cols], "text": text, "tokens": entries}
+    resize = frame.resize.value if frame is not None else "stretch"
+    return {
+        "grid": [int(rows), int(cols)],
+        "frame": {"resize": resize, "box": [round(v, DECIMALS) for v in box]},
+        "text": text,
+        "tokens": entries,
+    }
+
+
+def _renormalised(grids: torch.Tensor) -> torch.Tensor:
+    flat = grids.flatten(start_dim=-2)
+    return _normalised(flat).reshape(grids.shape)
 
 
 def peak_cell(grid: list[list[float]]) -> list[int]:
@@ -144,14 +192,28 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _heat(grid: list[list[float]], size: tuple[int, int]) -> Image.Image:
-    """The grid stretched to 0..255 between its own min and max, upsampled to ``size``."""
+def _heat(
+    grid: list[list[float]],
+    size: tuple[int, int],
+    box: Sequence[float] | None = None,
+) -> Image.Image:
+    """The grid stretched to 0..255 between its own min and max, upsampled to ``size``.
+
+    ``box``: where the image lies in grid cells (the payload's ``frame``); a cropped
+    image reaches past the grid, and that part of it gets no heat.
+    """
     values = [v for row in grid for v in row]
     low, high = min(values), max(values)
     scale = 255.0 / (high - low) if high > low else 0.0
     cells = bytes(min(255, round((v - low) * scale)) for v in values)
     small = Image.frombytes("L", (len(grid[0]), len(grid)), cells)
-    return small.resize(size, Image.Resampling.BILINEAR)
+    full = (0.0, 0.0, float(small.width), float(small.height))
+    if box is None or all(abs(a - b) < 1e-6 for a, b in zip(box, full, strict=True)):
+        return small.resize(size, Image.Resampling.BILINEAR)
+    left, top, right, bottom = (float(v) for v in box)
+    return small.transform(
+        size, Image.Transform.EXTENT, (left, top, right, bottom), Image.Resampling.BILINEAR
+    )
 
 
 def _backdrop(base: Image.Image) -> Image.Image:
@@ -160,9 +222,14 @@ def _backdrop(base: Image.Image) -> Image.Image:
 
 
 def _panel(
-    backdrop: Image.Image, grid: list[list[float]], label: str, opacity: int, lut: list[int]
+    backdrop: Image.Image,
+    grid: list[list[float]],
+    label: str,
+    opacity: int,
+    lut: list[int],
+    box: Sequence[float] | None = None,
 ) -> Image.Image:
-    heat = _heat(grid, backdrop.size)
+    heat = _heat(grid, backdrop.size, box)
     colour = heat.convert("RGB").point(lut)
     # Opacity grows with attention: ignored patches show the photo, the peak is covered
     # to ``opacity`` (0-255).
@@ -232,7 +299,9 @@ def overlay_png(
     colour (opacity up to ``alpha`` at the panel's peak) and the token written in its
     top-left corner. Panels fill rows of ``columns``, left to right then top to bottom,
     so the PNG is ``min(n, columns)`` panels wide and ``ceil(n / columns)`` panels high.
-    A caption with no tokens gives one unmarked panel of the image itself.
+    A caption with no tokens gives one unmarked panel of the image itself. The payload's
+    ``frame`` places the grid on the image: over the centre crop only for
+    ``center_crop``, over the image alone (never the padding) for ``letterbox``.
     """
     base = image.convert("RGB")
     entries = payload.get("tokens") or []
@@ -249,7 +318,8 @@ def overlay_png(
     lut = _ramp_lut()
     backdrop = _backdrop(base)
     opacity = round(255 * min(1.0, max(0.0, alpha)))
-    panels = [_panel(backdrop, e["mean"], str(e["token"]), opacity, lut) for e in entries]
+    box = (payload.get("frame") or {}).get("box")
+    panels = [_panel(backdrop, e["mean"], str(e["token"]), opacity, lut, box) for e in entries]
     panels = panels or [base]
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)

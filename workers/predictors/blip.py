@@ -19,10 +19,40 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["DEFAULT_INPUT_SIDE", "BlipPredictor", "check_local_model", "load_checked"]
+    from workers.predictors.framing import Frame, Resize
+
+__all__ = [
+    "DEFAULT_INPUT_SIDE",
+    "ROLE_IDS",
+    "BlipPredictor",
+    "check_local_model",
+    "load_checked",
+    "role_ids",
+]
 
 # BLIP-base's processor resizes every image to 384 x 384; the side assumed before setup.
 DEFAULT_INPUT_SIDE = 384
+
+
+#: The config fields naming ids the model gives a role, whatever its tokenizer lists.
+ROLE_IDS = (
+    "bos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+)
+
+
+def role_ids(*configs: Any) -> set[int]:
+    """Every id the configs (BLIP's and its text config) name in ``ROLE_IDS``."""
+    found: set[int] = set()
+    for config in configs:
+        for name in ROLE_IDS:
+            value = getattr(config, name, None)
+            values = value if isinstance(value, list | tuple) else [value]
+            found.update(v for v in values if isinstance(v, int) and v >= 0)
+    return found
 
 
 def load_checked(model_class: Any, model_id: str, dtype: torch.dtype) -> Any:
@@ -115,7 +145,40 @@ class BlipPredictor:
         known = [int(side) for side in sides if isinstance(side, int) and side > 0]
         return max(known) if known else DEFAULT_INPUT_SIDE
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) of the vision encoder's input (384 x 384 for BLIP-base)."""
+        size = getattr(getattr(self.processor, "image_processor", None), "size", None)
+        read = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
+        width, height = read("width"), read("height")
+        if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+            return width, height
+        return self.input_side, self.input_side
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The processor's mean colour: letterbox padding normalises to exactly zero."""
+        mean = getattr(getattr(self.processor, "image_processor", None), "image_mean", None)
+        if not isinstance(mean, list | tuple) or len(mean) != 3:
+            return (0, 0, 0)
+        red, green, blue = (round(255 * float(m)) for m in mean)
+        return red, green, blue
+
+    def prepare(
+        self, image: Image.Image, resize: Resize | None = None
+    ) -> tuple[torch.Tensor, Frame]:
+        """``preprocess`` and where the image lies on the input (``framing.Frame``).
+
+        ``resize`` None: the processor's own behaviour (BLIP's stretches).
+        """
+        from workers.predictors.framing import Frame, Resize, framed
+
+        if resize is None or resize is Resize.STRETCH:
+            return self._pixels(image), Frame(Resize.STRETCH)
+        shaped, frame = framed(image.convert("RGB"), resize, self.input_size, self.fill)
+        return self._pixels(shaped), frame
+
+    def preprocess(self, image: Image.Image, resize: Resize | None = None) -> torch.Tensor:
         """One image as the vision encoder takes it: ``[3, H, W]`` float32, on the CPU.
 
         Job threads call this before their images join a batch. Resizing and normalising
@@ -123,7 +186,11 @@ class BlipPredictor:
         batcher thread they would run in series with the model; PIL's resize and the
         array arithmetic release the GIL, so job threads do it on other cores while the
         model runs. The processor gives one image the values it gives it in a batch.
+        Every ``resize`` gives a tensor of the same size, so modes share batches.
         """
+        return self.prepare(image, resize)[0]
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
         self._require_model()
         # As inside ``predict``: a failure is this image's model_error.
         with model_errors(self.kind):

@@ -26,19 +26,16 @@ from PIL import Image
 from api_client.errors import ImageqError, InvalidInput, ModelError
 from api_client.inputs import GenerationOptions
 from workers.ops.devices import SpeedOptions
-from workers.predictors.attention import (
-    attention_payload,
-    overlay_png,
-    patch_grid,
-    summarise_cross_attention,
-)
+from workers.predictors.attention import overlay_png
 from workers.predictors.base import BatchedPredictor, model_errors
 from workers.predictors.blip import BlipPredictor, check_local_model, load_checked
+from workers.predictors.caption_attention import Writing, sequence_attention
 
 if TYPE_CHECKING:
     import torch
 
     from workers.predictors.caption_vocab import AdapterVocabulary
+    from workers.predictors.framing import Frame, Resize
 
 # The loading helpers stay importable from here: the training code and the finetune
 # kind import them from this module (their home is workers.predictors.blip).
@@ -65,6 +62,10 @@ class CaptionItem:
     attention: bool = False
     #: ``image`` preprocessed on the job's thread (``preprocess``); None: on the batch's.
     pixels: torch.Tensor | None = None
+    #: How ``image`` becomes the input (None: the processor's own way, a stretch).
+    resize: Resize | None = None
+    #: Where ``image`` lies on the input, made with ``pixels`` (``BlipPredictor.prepare``).
+    frame: Frame | None = None
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,14 @@ class _Words:
 class CaptionResult:
     #: One caption per returned sequence, best first (``num_return_sequences`` of them).
     texts: list[str]
-    #: The attention payload (see ``workers.predictors.attention``) of the first
-    #: sequence, when the item asked for attention.
-    attention: dict[str, Any] | None = None
+    #: The attention payload (see ``workers.predictors.attention``) of each returned
+    #: sequence, in the order of ``texts``, when the item asked for attention.
+    attentions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def attention(self) -> dict[str, Any] | None:
+        """The best sequence's attention payload (None: not asked for)."""
+        return self.attentions[0] if self.attentions else None
 
     @property
     def text(self) -> str:
@@ -128,7 +134,11 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
 
     # -- batching -----------------------------------------------------------------------
     def batch_key(self, item: CaptionItem) -> Hashable:
-        options = tuple(item.generation.model_dump().items())
+        generation = item.generation
+        # A seed means nothing to greedy or beam search: it must not split their batches.
+        exclude = None if generation.do_sample else {"seed"}
+        options = tuple(generation.model_dump(exclude=exclude).items())
+        # ``resize`` is not in the key: every mode gives the same input size.
         return (item.prompt, options, item.adapter, item.attention)
 
     def predict(self, batch: Sequence[CaptionItem]) -> list[CaptionResult]:
@@ -149,13 +159,23 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
 
     # -- one compatible group -------------------------------------------------------------
     def _run(self, items: Sequence[CaptionItem]) -> list[CaptionResult]:
+        from workers.predictors.caption_sampling import seeded
         from workers.predictors.caption_vocab import swapped
 
         adapter = items[0].adapter
         vocabulary = self._vocabularies.get(adapter) if adapter is not None else None
         # The adapter's rows stand in for the base's only while its own batch runs.
         with swapped(self.model.text_decoder, vocabulary):
-            return self._generate(items, vocabulary)
+            options = items[0].generation
+            if not (options.do_sample and options.seed is not None):
+                return self._generate(items, vocabulary)
+            # A seeded sample is drawn alone, from the seed's own random state: a
+            # caption must not depend on what else shares its batch (caption_sampling).
+            out = []
+            for item in items:
+                with seeded(options.seed, self.device):
+                    out.extend(self._generate([item], vocabulary))
+            return out
 
     def _generate(
         self, items: Sequence[CaptionItem], vocabulary: AdapterVocabulary | None
@@ -176,7 +196,11 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
             )
         self._use_adapter(first.adapter)
 
-        pixels = self.pixel_batch([i.image for i in items], [i.pixels for i in items])
+        prepared = [
+            (i.pixels, i.frame) if i.pixels is not None else self.prepare(i.image, i.resize)
+            for i in items
+        ]
+        pixels = torch.stack([p for p, _ in prepared]).to(self.device, model.dtype)
         image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
         n = image_embeds.shape[0]
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
@@ -197,11 +221,20 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
         ]
         results = [CaptionResult(texts=texts[i * k : (i + 1) * k]) for i in range(n)]
         if first.attention:
-            # generate() keeps no cross-attentions, so score the best sequence again.
-            best = sequences[::k]
-            payloads = self._attention(best, image_embeds, len(prompt_ids), texts[::k], words)
-            for result, payload in zip(results, payloads, strict=True):
-                result.attention = payload
+            # generate() keeps no cross-attentions, so score every returned sequence
+            # again: sequence j of image i is row i * k + j.
+            frames = [frame for _, frame in prepared for _ in range(k)]
+            payloads = sequence_attention(
+                model,
+                sequences,
+                image_embeds.repeat_interleave(k, dim=0),
+                len(prompt_ids),
+                texts,
+                Writing(words.tokenizer, words.eos, words.pad),
+                frames,
+            )
+            for i, result in enumerate(results):
+                result.attentions = payloads[i * k : (i + 1) * k]
         return results
 
     def _prompt_ids(self, prompt: str | None, words: _Words | None = None) -> list[int]:
@@ -232,56 +265,6 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
         if options.do_sample:
             kwargs.update(top_k=options.top_k, top_p=options.top_p, temperature=options.temperature)
         return kwargs
-
-    def _attention(
-        self,
-        sequences: torch.Tensor,
-        image_embeds: torch.Tensor,
-        prompt_len: int,
-        texts: Sequence[str],
-        words: _Words,
-    ) -> list[dict[str, Any]]:
-        import torch
-
-        model = self.model
-        sep, pad = words.eos, words.pad
-        # Everything after a sequence's first [SEP] is padding from the batch.
-        is_end = (sequences == sep) & (
-            torch.arange(sequences.shape[1], device=sequences.device) >= prompt_len
-        )
-        after_end = (is_end.cumsum(dim=1) - is_end.long()) > 0
-        attention_mask = (~after_end).long()
-        outputs = model.text_decoder(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=torch.ones(
-                image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
-            ),
-            output_attentions=True,
-            return_dict=True,
-        )
-        grid = patch_grid(model.config.vision_config)
-        layers, mean = summarise_cross_attention(outputs.cross_attentions, grid)
-        tokenizer = words.tokenizer
-        special = set(tokenizer.all_special_ids) | {sep, pad}
-        payloads = []
-        for b, text in enumerate(texts):
-            ids = sequences[b].tolist()
-            # The token at position j was predicted from query j - 1: that row shows where
-            # the decoder looked when it chose the token.
-            positions = []
-            for j in range(prompt_len, len(ids)):
-                if ids[j] == sep:
-                    break
-                if ids[j] not in special:
-                    positions.append(j)
-            rows = [j - 1 for j in positions]
-            tokens = tokenizer.convert_ids_to_tokens([ids[j] for j in positions])
-            payloads.append(
-                attention_payload(layers[b][:, rows], mean[b][rows], tokens, grid, text)
-            )
-        return payloads
 
     # -- adapters -----------------------------------------------------------------------
     @property

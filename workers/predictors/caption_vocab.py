@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 from torch import nn
 
 from api_client.errors import ModelError
+from workers.predictors.blip import role_ids
 
 #: The adapter's rows: ``ids`` (the token ids they stand for), ``embeddings`` (one row
 #: per id, tied to the output layer) and ``bias`` (their output bias); in the metadata,
@@ -194,6 +195,15 @@ class AdapterVocabulary:
             problems.append(f"no row for some of the ids {base_rows}..{size - 1}")
         if rows.shape[1] != base.embedding_dim or base_rows > base.num_embeddings:
             problems.append(f"rows of {rows.shape[1]} for a decoder of {base.embedding_dim}")
+        roles = role_ids(decoder.config)
+        if base_rows and (base_rows < base.num_embeddings or max(roles, default=-1) >= base_rows):
+            # New tokens numbered from the tokenizer's length would take ids the model
+            # already uses (its [DEC] start token, padded rows): every caption would
+            # begin with the first new token. Trained before the fix; train it again.
+            problems.append(
+                f"its new tokens start at id {base_rows}, inside the model's "
+                f"{base.num_embeddings} embedding rows (ids {sorted(roles)} have roles)"
+            )
         if any(not 0 <= i < size for i in special.values()):
             problems.append(f"special token ids {special} outside the vocabulary")
         if problems:

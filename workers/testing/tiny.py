@@ -159,6 +159,40 @@ def build_tiny_caption(path: Path, seed: int = 0) -> Path:
     return _save(model, _tiny_processor(TINY_IMAGE_SIZE), path)
 
 
+#: ``build_tiny_caption_padded``'s embedding table: a multiple of this many rows, as
+#: vocabularies padded for tensor cores are.
+PADDED_ROWS_MULTIPLE = 64
+
+
+def build_tiny_caption_padded(path: Path, seed: int = 0) -> Path:
+    """A tiny BLIP as some conversions ship one: the tokenizer lists no ``[DEC]`` (nor
+    ``[ENC]``), the decoder's start id lies past the tokenizer's length, and the
+    embedding table is padded to a multiple of ``PADDED_ROWS_MULTIPLE`` rows.
+
+    An adapter vocabulary that numbered its new tokens from the tokenizer's length would
+    give the first of them the start id (docs/finetune.md, "Vocabulary").
+    """
+    from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProcessor
+
+    words = [t for t in tiny_vocabulary() if t not in ("[DEC]", "[ENC]")]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(words)}, do_lower_case=True)
+    tokenizer.model_max_length = 512
+    size = len(tokenizer)
+    config = tiny_blip_config()
+    text: Any = config.text_config
+    rows = -(-(size + 2) // PADDED_ROWS_MULTIPLE) * PADDED_ROWS_MULTIPLE
+    text.vocab_size = rows
+    # [DEC] one past the tokenizer, as BLIP's would be; [SEP] and [PAD] keep their ids.
+    text.bos_token_id = size
+    text.sep_token_id = text.eos_token_id = words.index("[SEP]")
+    text.pad_token_id = words.index("[PAD]")
+    with _seeded(seed):
+        model = BlipForConditionalGeneration(config).eval()
+    base = _tiny_processor(TINY_IMAGE_SIZE)
+    processor = BlipProcessor(image_processor=base.image_processor, tokenizer=tokenizer)
+    return _save(model, processor, path)
+
+
 def build_tiny_match(path: Path, seed: int = 0) -> Path:
     """Save a tiny random ``BlipForImageTextRetrieval`` and its processor to ``path``."""
     from transformers import BlipForImageTextRetrieval

@@ -21,9 +21,15 @@ from typing import TYPE_CHECKING, Any
 from api_client.errors import ModelError
 from api_client.inputs import VocabularyOptions
 from api_client.settings import Settings
+from workers.predictors.blip import role_ids
 from workers.training.datasets import Dataset
 from workers.training.loop import lora_config
-from workers.training.vocabulary import VocabularyPlan, initial_rows, plan_vocabulary
+from workers.training.vocabulary import (
+    VocabularyPlan,
+    first_new_id,
+    initial_rows,
+    plan_vocabulary,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +91,11 @@ class CaptionTrainer:
             base_ids=(text_config.bos_token_id, text_config.sep_token_id, text_config.pad_token_id),
             max_tokens=self.max_tokens,
             replacement=tokenizer_dir,
+            first_new=first_new_id(
+                len(self.processor.tokenizer),
+                model.text_decoder.bert.embeddings.word_embeddings.num_embeddings,
+                role_ids(model.config, text_config),
+            ),
         )
         plan = self.vocabulary
         self.bos, self.sep, self.pad = plan.bos_token_id, plan.eos_token_id, plan.pad_token_id

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from api_client.errors import ImageqError, InvalidInput
+from api_client.errors import ImageqError, InvalidInput, ModelError
 from api_client.inputs import VocabularyOptions
 from api_client.languages import BASE_LANGUAGE, primary
 from api_client.settings import Settings
@@ -150,6 +150,23 @@ def _quote(text: str) -> str:
     return json.dumps(text if len(text) <= _QUOTED else text[:_QUOTED] + "…", ensure_ascii=False)
 
 
+# -- where new ids start --------------------------------------------------------------------
+
+
+def first_new_id(tokenizer_size: int, embedding_rows: int, roles: set[int]) -> int:
+    """The first id an ``extend`` vocabulary may give a new token: past the tokenizer,
+    past the embedding table (conversions without ``[DEC]`` in the tokenizer, tables
+    padded to a multiple of 64) and past every id the config gives a role. Starting at
+    the tokenizer's length gave BLIP's start id to the first new token, and every
+    caption began with it."""
+    if tokenizer_size > embedding_rows:
+        raise ModelError(
+            f"the caption model's tokenizer has {tokenizer_size} tokens but its embedding "
+            f"table only {embedding_rows} rows"
+        )
+    return max(tokenizer_size, embedding_rows, max(roles, default=-1) + 1)
+
+
 # -- choosing the strategy ------------------------------------------------------------------
 
 
@@ -162,8 +179,10 @@ def plan_vocabulary(
     base_ids: tuple[int, int, int],
     max_tokens: int,
     replacement: Path | None = None,
+    first_new: int = 0,
 ) -> VocabularyPlan:
-    """The vocabulary for ``captions``, checked; ``base_ids`` is the model's (bos, eos, pad).
+    """The vocabulary for ``captions``, checked; ``base_ids`` is the model's (bos, eos, pad)
+    and ``first_new`` the first id ``extend`` may give a new token (``first_new_id``).
 
     Without ``options``: ``base`` for BLIP's own language (or none given) and for a
     dataset the base writes exactly, else ``extend``.
@@ -199,11 +218,13 @@ def plan_vocabulary(
         limit = (
             options.max_subwords if options else VocabularyOptions(strategy="extend").max_subwords
         )
-        tokenizer, added, folding = extend_tokenizer(base, texts, limit)
+        tokenizer, added, folding = extend_tokenizer(base, texts, limit, first_new)
         check_captions(tokenizer, captions, "extend", exact=True, max_tokens=max_tokens)
         bos, eos, pad = base_ids
+        # Every id below the first new one keeps the base model's row.
+        base_rows = len(tokenizer) - len(added)
         return VocabularyPlan(
-            "extend", language, tokenizer, len(base), bos, eos, pad, added, folding
+            "extend", language, tokenizer, base_rows, bos, eos, pad, added, folding
         )
     if replacement is None:
         raise InvalidInput("input.vocabulary.tokenizer: the replace strategy needs a tokenizer")
@@ -295,16 +316,20 @@ def initial_rows(
     )
     tokens = plan.tokenizer.convert_ids_to_tokens(list(ids))
     roles = _special_rows(plan, base) if plan.strategy == "replace" else {}
-    known = embedding[: len(base)].float()
+    table = embedding.float()
+    known = table[: len(base)]
     mean, spread = known.mean(0), known.std(0)
     generator = torch.Generator().manual_seed(seed)
     rows, biases = [], []
     for token_id, token in zip(ids, tokens, strict=True):
         sources = roles.get(token_id)
+        if sources is None and plan.strategy == "extend" and token_id < plan.base_rows:
+            # A base id (the start id and padding rows included) starts as itself.
+            sources = [token_id]
         if sources is None:
             sources = [vocab[token]] if token in vocab else base_spelling(token, vocab, prefix)
         if sources:
-            rows.append(known[sources].mean(0))
+            rows.append(table[sources].mean(0))
             biases.append(bias[sources].float().mean())
         else:
             noise = torch.randn(known.shape[1], generator=generator) * spread * NEW_ROW_NOISE

@@ -27,10 +27,21 @@ MAX_WORD_CHARS = 256
 MAX_MERGES = 100_000
 
 
+#: Names the ids between the base tokenizer's length and ``first_new`` (``extend_tokenizer``).
+RESERVED_TOKEN = "[imageq_reserved_{}]"
+
+
 def extend_tokenizer(
-    base: Any, texts: Sequence[str], max_subwords: int
+    base: Any, texts: Sequence[str], max_subwords: int, first_new: int = 0
 ) -> tuple[Any, list[str], dict[str, bool]]:
-    """BLIP's WordPiece plus what ``texts`` need: ``(tokenizer, added tokens, folding)``."""
+    """BLIP's WordPiece plus what ``texts`` need: ``(tokenizer, added tokens, folding)``.
+
+    The added tokens take ids from ``first_new`` (at least the base's length) on. Ids
+    between the base's length and ``first_new`` are ones the model uses without the
+    tokenizer naming them (a ``[DEC]`` start token, padding rows of the embedding
+    table): they become special placeholder tokens, so that no new token takes one and
+    decoding skips them, as it skips the base's special tokens.
+    """
     from tokenizers import Tokenizer
 
     spec = json.loads(base.backend_tokenizer.to_str())
@@ -63,9 +74,18 @@ def extend_tokenizer(
     first = len(base)
     if sorted(everything.values()) != list(range(first)):
         raise ModelError(f"the base tokenizer's ids are not 0..{first - 1}")
-    model["vocab"] = {**everything, **{token: first + i for i, token in enumerate(added)}}
+    reserved = {RESERVED_TOKEN.format(i): i for i in range(first, max(first, first_new))}
+    spec["added_tokens"] = list(spec.get("added_tokens") or []) + [
+        dict(id=i, content=token, single_word=False, lstrip=False, rstrip=False)
+        | dict(normalized=False, special=True)
+        for token, i in reserved.items()
+    ]
+    first += len(reserved)
+    new = {token: first + i for i, token in enumerate(added)}
+    model["vocab"] = {**everything, **reserved, **new}
     tokenizer = wrap_tokenizer(Tokenizer.from_str(json.dumps(spec)), base, cleanup=False)
-    moved = [t for t, i in everything.items() if tokenizer.convert_tokens_to_ids(t) != i]
+    kept = {**everything, **reserved}
+    moved = [t for t, i in kept.items() if tokenizer.convert_tokens_to_ids(t) != i]
     if moved or len(tokenizer) != first + len(added):
         raise ModelError(f"extending the vocabulary moved base tokens: {moved[:5]}")
     return tokenizer, added, folding
