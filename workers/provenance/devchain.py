@@ -96,6 +96,7 @@ def make_dev_chain(directory: Path, organization: str = "imageq") -> DevChain:
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     chain.key.touch(mode=0o600)  # the key is never readable by others, not even briefly
+    chain.key.chmod(0o600)  # a key file left by an earlier run keeps its own mode otherwise
     chain.key.write_bytes(key_pem)
     return chain
 
