@@ -1,9 +1,10 @@
 """The ``imageq`` command line.
 
 Client commands (submit, get, wait, cancel, list, status, adapters) run here with the
-light install. Worker-side commands (worker, fleet, demo, flower, and the HTTP gateway's
-gateway and tokens) run ``python -m workers``, which needs the ``imageq[worker]`` extra
-(``imageq[server]`` for the gateway's); this module never imports it.
+light install. Worker-side commands (worker, fleet, demo, flower, provenance, verify, and
+the HTTP gateway's gateway and tokens) run ``python -m workers``, which needs the
+``imageq[worker]`` extra (``imageq[server]`` for the gateway's); this module never
+imports it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ from api_client.settings import Settings, SettingsError
 from api_client.uploads import IMAGE_TYPES, dataset_key, put_object, sniff_format
 from api_client.webhook_log import KeptOutcome, parse_since
 
-WORKER_COMMANDS = ("worker", "fleet", "demo", "flower", "gateway", "tokens")
+WORKER_COMMANDS = (
+    "worker",
+    "fleet",
+    "demo",
+    "flower",
+    "gateway",
+    "tokens",
+    "provenance",
+    "verify",
+)
 
 
 def image_ref(arg: str, client: Client) -> str:

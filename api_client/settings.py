@@ -215,6 +215,15 @@ class Settings(BaseSettings):
     max_loaded_adapters: int = 4
     # Where workers keep downloaded adapters; empty: a temporary folder per worker.
     adapter_cache_dir: str = ""
+    # Diffusion outputs' C2PA manifests (docs/design.md "Provenance"): the signing
+    # certificate chain (PEM, end-entity first) and its private key (PEM) as file paths;
+    # empty: outputs are unsigned (XMP source type only) and the worker warns at start.
+    provenance_cert: str = ""
+    provenance_key: str = ""
+    # An RFC 3161 timestamp authority: signatures then outlive the certificate.
+    provenance_tsa_url: str = ""
+    # The job's parameters (prompt, seed, steps...) in the manifest; off keeps prompts private.
+    provenance_parameters: bool = True
     log_level: str = "INFO"
     # The HTTP gateway (`imageq gateway`, docs/design.md "HTTP gateway"). Caps on what a
     # request may carry and how long it may take; uploads are capped by max_image_bytes.

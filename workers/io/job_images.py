@@ -37,7 +37,8 @@ class Named:
     ref: str
 
 
-def _named(field: str, error: ImageqError) -> ImageqError:
+def field_error(field: str, error: ImageqError) -> ImageqError:
+    """``error`` with the input field it concerns named first."""
     return type(error)(f"input.{field}: {error.message}")
 
 
@@ -65,7 +66,7 @@ def fetch_all(refs: Sequence[Named], settings: Settings, storage: Storage) -> li
                 data = fetched[named.ref] = fetch_bytes(named.ref, settings, storage)
             width, height = header_size(data, settings)
         except ImageqError as exc:
-            raise _named(named.field, exc) from None
+            raise field_error(named.field, exc) from None
         total += width * height
         if total > settings.max_job_pixels:
             raise over_budget(total, count, settings)
@@ -90,7 +91,7 @@ def load_all(
             try:
                 image = decode_image(data, settings, min_side)
             except ImageqError as exc:
-                raise _named(named.field, exc) from None
+                raise field_error(named.field, exc) from None
             del data
             yield image
 

@@ -10,6 +10,8 @@ that wait share a call (each still gets exactly its own images: see the predicto
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Hashable, Sequence
@@ -20,11 +22,14 @@ from typing import Any
 from PIL import Image
 
 from api_client.adapters import adapter_field, entry_tenant
-from api_client.errors import InvalidInput
+from api_client.errors import ImageqError, InvalidInput
 from api_client.inputs import AdapterRef, GenerateInput, InpaintInput, StyleInput
 from api_client.schemas import JobDocument
+from api_client.settings import Settings
+from api_client.uploads import IMAGE_TYPES, sniff_format
 from workers.io.adapter_registry import AdapterRegistry
-from workers.io.job_images import Named, load_all
+from workers.io.images import decode_image
+from workers.io.job_images import Named, fetch_all, field_error
 from workers.predictors.base import Batched
 from workers.predictors.diffusion import (
     NO_IP_ADAPTER,
@@ -33,6 +38,7 @@ from workers.predictors.diffusion import (
     GenerateJob,
 )
 from workers.predictors.diffusion_png import check_pixels, check_strength, fit_mask, fit_size
+from workers.provenance.signing import UNSIGNED_WARNING, Claim, Ingredient, ProvenanceSigner
 from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
 from workers.runtime.lifecycle import Built, WorkerContext
@@ -45,6 +51,8 @@ class AloneCall:
     run: Callable[[], list[GeneratedImage]]
     #: The images it makes: its cost, and its call's ``batch_size``.
     images: int
+    #: The input image, for the outputs' C2PA manifests (``None`` when unsigned).
+    ingredient: Ingredient | None = None
 
 
 #: What a job hands the pipeline thread: generate jobs of equal key may share a call.
@@ -91,9 +99,12 @@ def pipeline_batcher(
     )
 
 
+log = logging.getLogger(__name__)
+
+
 class DiffusionHandler:
     """Serves generate, inpaint and style: validates and fetches on the job's thread,
-    then queues the pipeline call."""
+    then queues the pipeline call; encodes and signs the outputs on the job's thread."""
 
     def __init__(
         self,
@@ -101,11 +112,13 @@ class DiffusionHandler:
         predictor: DiffusionPredictor,
         batcher: DiffusionBatcher,
         registry: AdapterRegistry,
+        signer: ProvenanceSigner | None = None,
     ) -> None:
         self.ctx = ctx
         self.predictor = predictor
         self.batcher = batcher
         self.registry = registry
+        self.signer = signer
 
     def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]:
         asked = list(getattr(inp, "adapters", []))
@@ -120,7 +133,8 @@ class DiffusionHandler:
         )
         # A cancel that came after the last step still keeps the outputs out of storage.
         control.check()
-        return self._output(job.id, ran.result, asked)
+        ingredient = call.ingredient if isinstance(call, AloneCall) else None
+        return self._output(job.id, ran.result, asked, ingredient)
 
     def _owned_adapters(self, inp: Any, tenant: str | None) -> Any:
         """``inp`` with each adapter named by its registry field (owner and name, see
@@ -160,42 +174,55 @@ class DiffusionHandler:
         return GenerateJob(inp, control)
 
     def _inpaint(self, inp: InpaintInput, control: JobControl) -> PipelineCall:
-        image, mask = self._load(image=inp.image, mask=inp.mask)
+        (image, mask), ingredient = self._load(image=inp.image, mask=inp.mask)
         # The checks run_inpaint makes, made here so that bad input never waits for the GPU.
         fit_mask(mask, image.size, self._output_size(image))
         check_strength(inp.steps, inp.strength)
         self._fetch_adapters(inp.adapters)
         control.check()
         return AloneCall(
-            lambda: self.predictor.run_inpaint(inp, image, mask, control), inp.num_images
+            lambda: self.predictor.run_inpaint(inp, image, mask, control),
+            inp.num_images,
+            ingredient,
         )
 
     def _style(self, inp: StyleInput, control: JobControl) -> PipelineCall:
         if inp.style_image is not None and not self.predictor.has_ip_adapter:
             raise InvalidInput(NO_IP_ADAPTER)
         if inp.style_image is None:
-            (image,), style = self._load(image=inp.image), None
+            ((image,), ingredient), style = self._load(image=inp.image), None
         else:
-            image, style = self._load(image=inp.image, style_image=inp.style_image)
+            (image, style), ingredient = self._load(image=inp.image, style_image=inp.style_image)
         self._output_size(image)
         check_strength(inp.steps, inp.strength)
         self._fetch_adapters(inp.adapters)
         control.check()
         return AloneCall(
-            lambda: self.predictor.run_style(inp, image, style, control), inp.num_images
+            lambda: self.predictor.run_style(inp, image, style, control),
+            inp.num_images,
+            ingredient,
         )
 
     def _output_size(self, image: Image.Image) -> tuple[int, int]:
         width, height = image.size
         return fit_size(width, height, self.ctx.settings.max_output_pixels)
 
-    def _load(self, **refs: str) -> list[Image.Image]:
-        """The job's images by input field, within its pixel budget (IMAGEQ_MAX_JOB_PIXELS).
+    def _load(self, **refs: str) -> tuple[list[Image.Image], Ingredient | None]:
+        """The job's images by input field, within its pixel budget (IMAGEQ_MAX_JOB_PIXELS),
+        and the first one (``image``) as the outputs' C2PA ingredient when signing.
 
         Decoded at full size: the output size follows the input image's.
         """
         named = [Named(field, ref) for field, ref in refs.items()]
-        return list(load_all(named, self.ctx.settings, self.ctx.storage))
+        blobs = fetch_all(named, self.ctx.settings, self.ctx.storage)
+        images = []
+        for item, data in zip(named, blobs, strict=True):
+            try:
+                images.append(decode_image(data, self.ctx.settings))
+            except ImageqError as exc:
+                raise field_error(item.field, exc) from None
+        ingredient = None if self.signer is None else _ingredient(blobs[0], images[0])
+        return images, ingredient
 
     def _fetch_adapters(self, refs: list[AdapterRef]) -> None:
         """Download the adapters (registry fields, ``_owned_adapters``) now: the pipeline
@@ -203,12 +230,29 @@ class DiffusionHandler:
         for ref in refs:
             self.registry.local_dir(ref.name)
 
+    def _png(self, image: GeneratedImage, name: str, ingredient: Ingredient | None) -> bytes:
+        """The output's PNG, signed when the deployment has a certificate: on the job's
+        thread, like the encoding (docs/design.md "Provenance")."""
+        png = image.png()
+        if self.signer is None:
+            return png
+        model = str(image.parameters.get("model", ""))
+        adapters = [str(a["name"]) for a in image.parameters.get("adapters", [])]
+        claim = Claim(image.origin, model, adapters, image.parameters, ingredient, name)
+        return self.signer.sign(png, claim)
+
     def _output(
-        self, job_id: str, images: list[GeneratedImage], asked: list[AdapterRef]
+        self,
+        job_id: str,
+        images: list[GeneratedImage],
+        asked: list[AdapterRef],
+        ingredient: Ingredient | None = None,
     ) -> dict[str, Any]:
         entries = []
         for index, image in enumerate(images):
-            ref = self.ctx.put_output(job_id, f"image-{index}.png", image.png(), "image/png")
+            name = f"image-{index}.png"
+            png = self._png(image, name, ingredient)
+            ref = self.ctx.put_output(job_id, name, png, "image/png")
             entry: dict[str, Any] = {
                 **ref,
                 "seed": image.seed,
@@ -230,6 +274,24 @@ class DiffusionHandler:
         }
 
 
+def _ingredient(data: bytes, image: Image.Image) -> Ingredient:
+    """The input as c2pa reads it: its own bytes, or a PNG of its pixels for a format c2pa
+    cannot read (BMP)."""
+    fmt = sniff_format(data)
+    if fmt is not None and fmt != "BMP":
+        return Ingredient(data, IMAGE_TYPES[fmt][0])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Ingredient(buffer.getvalue(), "image/png")
+
+
+def _signer(settings: Settings) -> ProvenanceSigner | None:
+    signer = ProvenanceSigner.from_settings(settings)
+    if signer is None:
+        log.warning(UNSIGNED_WARNING)
+    return signer
+
+
 def _registry(ctx: WorkerContext) -> tuple[AdapterRegistry, Callable[[], None]]:
     configured = ctx.settings.adapter_cache_dir
     if configured:
@@ -241,6 +303,7 @@ def _registry(ctx: WorkerContext) -> tuple[AdapterRegistry, Callable[[], None]]:
 
 def _build(ctx: WorkerContext, device: str, inpaint_only: bool) -> Built:
     settings = ctx.settings
+    signer = _signer(settings)  # before the model loads: a bad certificate fails fast
     registry, remove_cache = _registry(ctx)
     predictor = DiffusionPredictor(
         settings.model_inpaint if inpaint_only else settings.model_diffusion,
@@ -259,7 +322,7 @@ def _build(ctx: WorkerContext, device: str, inpaint_only: bool) -> Built:
         predictor, settings.max_diffusion_batch_images, settings.max_batch_wait_ms
     )
     batcher.start()
-    handler = DiffusionHandler(ctx, predictor, batcher, registry)
+    handler = DiffusionHandler(ctx, predictor, batcher, registry, signer)
     kinds = ("inpaint",) if inpaint_only else ("generate", "inpaint", "style")
     return {kind: handler for kind in kinds}, [batcher.stop, remove_cache]
 

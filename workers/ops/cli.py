@@ -1,4 +1,5 @@
-"""Worker-side commands: ``imageq worker``, ``imageq demo``, ``imageq fleet``, ``imageq flower``."""
+"""Worker-side commands: ``imageq worker``, ``imageq demo``, ``imageq fleet``, ``imageq flower``,
+``imageq provenance`` and ``imageq verify``."""
 
 from __future__ import annotations
 
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_delegate(f"workers.gateway.cli:{name}_main"))
+    for name, help_text in _PROVENANCE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(f"workers.provenance.cli:{name}_main"))
     return parser
 
 
@@ -84,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 _GATEWAY_COMMANDS = {
     "gateway": "serve the HTTP API (needs imageq[server])",
     "tokens": "gateway tenants and their tokens: create, list, revoke",
+}
+
+# C2PA provenance (workers/provenance/cli.py): c2pa and cryptography come with imageq[worker].
+_PROVENANCE_COMMANDS = {
+    "provenance": "provenance init [DIR]: a development C2PA signing chain",
+    "verify": "verify FILE: print a file's C2PA manifest and whether it validates",
 }
 
 
@@ -97,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(run(argparse.Namespace(rest=argv[1:])))
         if argv and argv[0] in _GATEWAY_COMMANDS:
             run = _delegate(f"workers.gateway.cli:{argv[0]}_main")
+            return int(run(argparse.Namespace(rest=argv[1:])))
+        if argv and argv[0] in _PROVENANCE_COMMANDS:
+            run = _delegate(f"workers.provenance.cli:{argv[0]}_main")
             return int(run(argparse.Namespace(rest=argv[1:])))
         args = build_parser().parse_args(argv)
         return int(args.func(args))

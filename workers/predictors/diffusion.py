@@ -45,6 +45,7 @@ from workers.predictors.diffusion_png import (
     fit_size,
     resized,
 )
+from workers.provenance.claims import Origin
 
 SEED_RANGE = 2**32
 NO_IP_ADAPTER = "style_image: this worker has no IP-Adapter (set IMAGEQ_IP_ADAPTER)"
@@ -64,6 +65,8 @@ class GeneratedImage:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: The safety checker blacked this image out (only with IMAGEQ_SAFETY_CHECKER).
     nsfw: bool = False
+    #: Generated from a prompt, or an input image edited (its provenance claims).
+    origin: Origin = Origin.CREATED
 
     @property
     def width(self) -> int:
@@ -74,9 +77,9 @@ class GeneratedImage:
         return int(self.image.height)
 
     def png(self) -> bytes:
-        """The PNG, its parameters in an A1111 text chunk; equal pixels and parameters
-        give equal bytes."""
-        return encode_png(self.image, self.parameters)
+        """The PNG, its parameters in an A1111 text chunk and its digital source type in
+        XMP; equal pixels and parameters give equal bytes."""
+        return encode_png(self.image, self.parameters, self.origin)
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,7 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
             strength=inp.strength,
         )
         images = self._call(self._inpaint, inp, seeds, args, [on_step], batched=False)
-        return self._outputs(inp, seeds, images, {"strength": inp.strength})
+        return self._outputs(inp, seeds, images, {"strength": inp.strength}, Origin.EDITED)
 
     def run_style(
         self,
@@ -289,7 +292,7 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
             ip = self._ip.active(self._img2img, inp.style_scale)
         with ip:
             images = self._call(self._img2img, inp, seeds, args, [on_step], batched=False)
-        return self._outputs(inp, seeds, images, extra)
+        return self._outputs(inp, seeds, images, extra, Origin.EDITED)
 
     # -- shared machinery -------------------------------------------------------------
 
@@ -372,6 +375,7 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
         seeds: list[int],
         images: list[tuple[Image.Image, bool]],
         extra: dict[str, Any],
+        origin: Origin = Origin.CREATED,
     ) -> list[GeneratedImage]:
         results = []
         for seed, (image, nsfw) in zip(seeds, images, strict=True):
@@ -389,7 +393,7 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
                 "adapters": [{"name": a.name, "scale": a.scale} for a in inp.adapters],
                 **extra,
             }
-            results.append(GeneratedImage(image, seed, params, nsfw))
+            results.append(GeneratedImage(image, seed, params, nsfw, origin))
         return results
 
 

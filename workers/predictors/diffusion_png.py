@@ -5,7 +5,10 @@ caps the pixels of one output (``IMAGEQ_MAX_OUTPUT_PIXELS``) to bound GPU memory
 
 Each PNG carries a ``parameters`` text chunk in the format AUTOMATIC1111 writes, so the
 tools that read those (A1111's "PNG Info", ComfyUI, InvokeAI, civitai) show how an
-image was made, and the same job can be run again from the file alone.
+image was made, and the same job can be run again from the file alone; and an XMP
+packet with its IPTC digital source type (``workers.provenance.claims``), which says it
+was made by a model. The signed C2PA manifest is added afterwards
+(``workers.provenance.signing``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from PIL import Image, PngImagePlugin
 from PIL.PngImagePlugin import PngInfo
 
 from api_client.errors import InvalidInput
+from workers.provenance.claims import XMP_KEY, Origin, read_source_type, xmp_packet
 
 PARAMETERS_KEY = "parameters"
 MIN_SIDE, MAX_SIDE = 64, 2048
@@ -45,14 +49,18 @@ def a1111_parameters(p: dict[str, Any]) -> str:
     return f"{p.get('prompt', '')}{negative}\n{listed}"
 
 
-def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:
-    """``image`` as PNG bytes with ``a1111_parameters(parameters)`` in a text chunk.
+def encode_png(
+    image: Image.Image, parameters: dict[str, Any], origin: Origin = Origin.CREATED
+) -> bytes:
+    """``image`` as PNG bytes with ``a1111_parameters(parameters)`` in a text chunk and
+    ``origin``'s digital source type in XMP.
 
     The encoding is deterministic (no timestamps), so equal pixels and parameters give
     equal bytes: what the reproducibility guarantee is stated in.
     """
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, a1111_parameters(parameters))
+    info.add_itxt(XMP_KEY, xmp_packet(origin))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -65,6 +73,15 @@ def read_parameters(png: bytes) -> str | None:
             return None
         text = image.text.get(PARAMETERS_KEY)
     return None if text is None else str(text)
+
+
+def read_png_source_type(png: bytes) -> str | None:
+    """The IPTC digital source type in a PNG's XMP, or None when it states none."""
+    with Image.open(io.BytesIO(png)) as image:
+        if not isinstance(image, PngImagePlugin.PngImageFile):
+            return None
+        xmp = image.text.get(XMP_KEY)
+    return None if xmp is None else read_source_type(str(xmp))
 
 
 def display_name(model_id: str) -> str:
