@@ -31,7 +31,7 @@ from api_client.progress import ProgressBar
 from api_client.records import parse_time
 from api_client.schemas import JobRecord
 from api_client.settings import Settings, SettingsError
-from api_client.uploads import IMAGE_TYPES, dataset_key, put_object, sniff_format
+from api_client.uploads import IMAGE_TYPES, dataset_key, put_object, sniff_format, write_atomic
 from api_client.webhook_log import KeptOutcome, parse_since
 
 WORKER_COMMANDS = (
@@ -137,12 +137,42 @@ def _print(record: JobRecord | dict[str, Any] | list[Any]) -> int:
     return 0
 
 
-def _wait(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
+def _wait(
+    client: Client, job_id: str, timeout_s: float | None, preview: Path | None = None
+) -> JobRecord:
     bar = ProgressBar(sys.stderr)
+    keep = PreviewFile(client, job_id, preview) if preview is not None else None
+
+    def update(record: JobRecord) -> None:
+        bar.update(record)
+        if keep is not None:
+            keep.update(record)
+
     try:
-        return client.wait(job_id, timeout_s, on_update=bar.update)
+        return client.wait(job_id, timeout_s, on_update=update)
     finally:
         bar.close()
+
+
+class PreviewFile:
+    """``get --follow --preview FILE``: the job's latest step preview kept at ``path``,
+    replaced whole (a viewer never reads half a JPEG) each time ``progress.preview``
+    names a new one."""
+
+    def __init__(self, client: Client, job_id: str, path: Path) -> None:
+        self.client, self.job_id, self.path = client, job_id, path
+        self._last: Any = None
+        self.saved = 0
+
+    def update(self, record: JobRecord) -> None:
+        shown = (record.progress or {}).get("preview")
+        if not shown or shown == self._last:
+            return
+        data = self.client.preview(self.job_id)
+        if data is not None:
+            self._last = shown
+            write_atomic(self.path, data)
+            self.saved += 1
 
 
 def _submit(args: argparse.Namespace, client: Client) -> int:
@@ -188,8 +218,9 @@ def _submit(args: argparse.Namespace, client: Client) -> int:
 
 def _get(args: argparse.Namespace, client: Client) -> int:
     record = client.get(args.id, presign=args.urls)
-    if args.follow and not record.is_final:
-        record = _wait(client, args.id, None)
+    preview = Path(args.preview) if args.preview else None
+    if (args.follow or preview is not None) and not record.is_final:
+        record = _wait(client, args.id, None, preview)
         if args.urls:
             record = client.get(args.id, presign=True)
     _print(record)
@@ -311,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("get", help="print a job's record")
     p.add_argument("id")
     p.add_argument("--follow", action="store_true", help="show progress until it ends")
+    p.add_argument(
+        "--preview",
+        metavar="FILE",
+        help="while following, keep the latest step preview (JPEG) of a diffusion job in FILE",
+    )
     p.add_argument(
         "--urls", action="store_true", help="sign fresh URLs for the stored outputs (S3)"
     )

@@ -29,7 +29,7 @@ from api_client.names import (
     queue_name,
     task_name,
 )
-from api_client.object_urls import with_fresh_urls
+from api_client.object_urls import MAX_PREVIEW_BYTES, preview_key, with_fresh_urls
 from api_client.queue_scan import record_from_queue
 from api_client.records import (
     RecordStore,
@@ -42,7 +42,14 @@ from api_client.records import (
 from api_client.redact import redact_document
 from api_client.schemas import ErrorRecord, JobRecord, JobStatus, parse_job
 from api_client.settings import Settings
-from api_client.uploads import IMAGE_TYPES, put_object, sniff_format, storage_ref, upload_key
+from api_client.uploads import (
+    IMAGE_TYPES,
+    get_object,
+    put_object,
+    sniff_format,
+    storage_ref,
+    upload_key,
+)
 from api_client.usage import UsageLedger, UsageRow
 from api_client.webhook_log import KeptDelivery, KeptOutcome, WebhookLog
 
@@ -237,6 +244,10 @@ class Client:
     def _from_queue(self, job_id: str) -> JobRecord | None:
         """A job another Celery client enqueued, not picked up yet: recorded now."""
         return record_from_queue(self.store, self.redis, job_id)
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The job's latest step preview (a JPEG, ``progress.preview``); None if none."""
+        return get_object(self.settings, preview_key(job_id), MAX_PREVIEW_BYTES)
 
     def wait(
         self, job_id: str, timeout_s: float | None = None, on_update: OnUpdate | None = None

@@ -165,6 +165,9 @@ class _DiffusionCommon(JobInput):
         "default"
     )
     adapters: list[AdapterRef] = Field(default_factory=list, max_length=8)
+    #: Step previews of this job (progress.preview, the ``preview`` SSE event,
+    #: ``job.preview`` webhooks); the worker's IMAGEQ_PREVIEWS=false turns them all off.
+    previews: bool = True
 
     @field_validator("scheduler", mode="before")
     @classmethod

@@ -80,3 +80,14 @@ def hide_storage_root(value: Any, root: str) -> Any:
     if isinstance(value, list):
         return [hide_storage_root(v, root) for v in value]
     return value
+
+
+#: A diffusion job's latest step preview, overwritten per preview, beside its outputs.
+PREVIEW_FILE = "preview.jpg"
+#: A step preview is ~10 KB (a 256 px JPEG); anything far larger is not one.
+MAX_PREVIEW_BYTES = 1024 * 1024
+
+
+def preview_key(job_id: str) -> str:
+    """The storage key of a job's step preview: under the job's own ``jobs/{id}/``."""
+    return f"jobs/{job_id}/{PREVIEW_FILE}"

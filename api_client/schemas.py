@@ -28,7 +28,14 @@ from api_client.kinds import JOB_KINDS, KINDS
 
 # A gateway tenant's name: short, and safe inside Redis keys and storage paths.
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled")
+EVENTS = (
+    "job.started",
+    "job.progress",
+    "job.preview",
+    "job.succeeded",
+    "job.failed",
+    "job.canceled",
+)
 
 
 class JobStatus(StrEnum):
@@ -49,7 +56,9 @@ STATUSES = tuple(JobStatus)
 FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
 
-EventType = Literal["job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled"]
+EventType = Literal[
+    "job.started", "job.progress", "job.preview", "job.succeeded", "job.failed", "job.canceled"
+]
 
 
 def _final_events() -> list[EventType]:

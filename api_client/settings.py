@@ -211,6 +211,13 @@ class Settings(BaseSettings):
     max_diffusion_batch_images: int = 8
     # Diffusion and inpaint workers: jobs in flight (waiting ones can join a batch).
     diffusion_concurrency: int = 4
+    # Diffusion step previews (docs/diffusion.md "Previews"): a JPEG of a job's current
+    # latents at most this often, like Replicate's 500 ms output events; off for every job
+    # with previews=false. preview_decoder: a local AutoencoderTiny (TAESD) directory;
+    # empty: the fixed linear latent-to-RGB map (no weights, about 1 ms a preview).
+    previews: bool = True
+    preview_interval_ms: int = 500
+    preview_decoder: str = ""
     # LoRA adapters kept loaded in a diffusion worker's pipeline (an LRU).
     max_loaded_adapters: int = 4
     # Where workers keep downloaded adapters; empty: a temporary folder per worker.

@@ -104,6 +104,26 @@ def put_object(settings: Settings, key: str, data: bytes, content_type: str) -> 
         raise ImageqError(f"IMAGEQ_STORAGE_URL must be file://... or s3://..., not {url!r}")
 
 
+def get_object(settings: Settings, key: str, max_bytes: int) -> bytes | None:
+    """The object at ``key`` in the deployment's storage (at most ``max_bytes``); None
+    when it is missing or larger."""
+    url = settings.storage_url
+    try:
+        if url[:7].lower() == "file://":
+            data = (local_root(url) / key).read_bytes()
+        elif url[:5].lower() == "s3://":
+            bucket, _, prefix = url[5:].partition("/")
+            stripped = prefix.strip("/")
+            full = (stripped + "/" if stripped else "") + key
+            body = s3_client().get_object(Bucket=bucket, Key=full)["Body"]
+            data = body.read(max_bytes + 1)
+        else:
+            return None
+    except Exception:  # missing, or storage away: the caller tries again later
+        return None
+    return data if len(data) <= max_bytes else None
+
+
 def local_root(url: str) -> Path:
     """The folder a ``file://`` storage URL names, absolute: the client and the workers
     (``workers.io.storage.open_storage``) both read it here, so they name the same

@@ -114,3 +114,10 @@ def progress_key(attempt: int, progress: Mapping[str, Any]) -> str:
     count from 0, and a run that resumes from a checkpoint repeats steps."""
     stage = re.sub(r"[^A-Za-z0-9]+", "-", str(progress.get("stage") or "run")).strip("-")
     return f"a{attempt}_{stage or 'run'}_{int(progress.get('step') or 0)}"
+
+
+def preview_key(attempt: int, progress: Mapping[str, Any]) -> str:
+    """``a{attempt}_{step}``: one ``job.preview`` a step at most, per attempt (a job run
+    again from the start previews the same steps anew)."""
+    preview = progress.get("preview") or {}
+    return f"a{attempt}_{int(preview.get('step') or 0)}"

@@ -9,6 +9,7 @@ with ``from_pretrained``.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ def test_generate_stores_pngs_and_the_same_seed_gives_the_same_bytes(sd: Stack) 
         (8, 64, 64),
     ]
     assert out["parameters"]["prompt"] == "a cat" and "seed" not in out["parameters"]
-    assert job_files(sd, first.id) == ["image-0.png", "image-1.png", "result.json"]
+    # preview.jpg: its latest step preview (IMAGEQ_PREVIEWS is on by default).
+    assert job_files(sd, first.id) == ["image-0.png", "image-1.png", "preview.jpg", "result.json"]
     pngs = stored(sd, first)
     assert pngs[0] != pngs[1]
     text = read_parameters(pngs[0])
@@ -142,7 +144,10 @@ def test_progress_is_recorded_and_sent_as_webhooks(sd: Stack, receiver: WebhookR
     hook = {"url": receiver.url("/diff-progress"), "events": ["job.progress", "job.succeeded"]}
     job = generate(sd, seed=1, steps=4, scheduler="ddim", webhook=hook)
     final = succeeded(sd, job)
+    assert final.progress is not None
+    preview = final.progress.pop("preview")
     assert final.progress == {"step": 4, "total": 4, "stage": "denoising"}
+    assert preview["uri"].endswith(f"jobs/{job.id}/preview.jpg") and preview["step"] >= 1
     events = receiver.wait_for(
         lambda d: d.path == "/diff-progress" and d.json()["data"]["id"] == job.id, count=2
     )
@@ -151,6 +156,42 @@ def test_progress_is_recorded_and_sent_as_webhooks(sd: Stack, receiver: WebhookR
     assert [p["step"] for p in progress] == sorted(p["step"] for p in progress)
     ids = [e.headers["webhook-id"] for e in events]
     assert len(set(ids)) == len(ids)
+
+
+def test_preview_webhooks_for_a_subscriber_only(sd: Stack, receiver: WebhookReceiver) -> None:
+    hook = {"url": receiver.url("/diff-preview"), "events": ["job.preview", "job.succeeded"]}
+    job = generate(sd, seed=2, width=256, height=256, steps=60, webhook=hook)
+    final = succeeded(sd, job)
+    assert final.progress is not None and "preview" in final.progress
+    got = receiver.wait_for(
+        lambda d: d.path == "/diff-preview" and d.json()["type"] == "job.succeeded", count=1
+    )
+    assert got
+    time.sleep(0.5)
+    events = [d for d in receiver.for_job(job.id) if d.path == "/diff-preview"]
+    previews = [d for d in events if d.json()["type"] == "job.preview"]
+    assert len(previews) >= 2, [d.json()["type"] for d in events]
+    shown = [d.json()["data"]["progress"]["preview"] for d in previews]
+    assert all(p["uri"].endswith(f"jobs/{job.id}/preview.jpg") for p in shown)
+    steps = [p["step"] for p in shown]
+    ids = [d.headers["webhook-id"] for d in previews]
+    assert len(set(ids)) == len(ids) and all(
+        i.endswith(f"_preview_a1_{s}") for i, s in zip(ids, steps, strict=True)
+    )
+    # Without job.preview in its events (the default), a job sends none.
+    plain = succeeded(
+        sd,
+        generate(
+            sd,
+            seed=3,
+            width=256,
+            height=256,
+            steps=60,
+            webhook={"url": receiver.url("/diff-plain")},
+        ),
+    )
+    receiver.wait_for(lambda d: d.path == "/diff-plain", count=1)
+    assert [d.json()["type"] for d in receiver.for_job(plain.id)] == ["job.succeeded"]
 
 
 def running_at_step(stack: Stack, job_id: str, step: int) -> None:
@@ -170,7 +211,7 @@ def test_cancel_stops_a_running_job_and_the_worker_serves_the_next(sd: Stack) ->
     assert final.status == "canceled" and final.error is not None
     assert final.error.code == "canceled"
     assert final.progress is not None and 2 <= final.progress["step"] < final.progress["total"]
-    assert final.output is None and job_files(sd, job.id) == ["result.json"]
+    assert final.output is None and job_files(sd, job.id) == ["preview.jpg", "result.json"]
     after = succeeded(sd, generate(sd, seed=5))
     assert after.worker == "sd@diff" and len(stored(sd, after)) == 1
 
@@ -180,7 +221,7 @@ def test_timeout_stops_a_running_job(sd: Stack) -> None:
     assert final.status == "failed" and final.error is not None
     assert final.error.code == "timeout"
     assert final.progress is not None and final.progress["step"] < final.progress["total"]
-    assert job_files(sd, final.id) == ["result.json"]
+    assert job_files(sd, final.id) == ["preview.jpg", "result.json"]
 
 
 def rgb(png: bytes) -> np.ndarray:

@@ -62,7 +62,7 @@ def test_sigkill_mid_denoising_redelivers_and_succeeds_once(
     assert record.progress["step"] == record.progress["total"] >= SLOW["steps"]
     assert record.output is not None and len(record.output["images"]) == 1
     files = sorted(p.name for p in stack.storage_path("jobs", job.id).iterdir())
-    assert files == ["image-0.png", "result.json"]
+    assert files == ["image-0.png", "preview.jpg", "result.json"]
     receiver.wait_for(lambda d: d.path == "/sd-kill")
     time.sleep(1.5)
     deliveries = receiver.for_job(job.id)

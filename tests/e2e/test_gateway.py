@@ -8,6 +8,7 @@ other test. The gateway runs as production would: private webhook URLs refused.
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
+from api_client.object_urls import hide_storage_root, storage_root
 from tests.fixtures.gateway import GatewayProcess, make_token
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import bomb_png, png_bytes, png_uri
@@ -175,11 +178,13 @@ def test_generate_queued_then_followed_as_events(acme: httpx.Client, stack: Stac
     stream = events(acme, created["id"])
     names = [name for name, _ in stream]
     assert names[-1] == "done" and names.count("done") == 1
-    assert set(names[:-1]) <= {"progress"}
+    assert set(names[:-1]) <= {"progress", "preview"}
     done = stream[-1][1]
     assert done["status"] == "succeeded", done
     assert len(done["output"]["images"]) == 1
-    assert done == stack.client.get(created["id"]).to_json()
+    # As its tenant sees it: storage:// refs (in output and progress.preview), no root.
+    direct = stack.client.get(created["id"]).to_json()
+    assert done == hide_storage_root(direct, storage_root(stack.settings))
     # A job already final: its one "done" event at once, then the stream closes.
     again = events(acme, created["id"])
     assert [name for name, _ in again] == ["done"]
@@ -502,3 +507,85 @@ def test_redis_down_answers_503_then_recovers(
     response = submit(acme, body, Prefer="wait=60")
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "succeeded", response.json()
+
+
+def timed_events(client: httpx.Client, job_id: str) -> list[tuple[float, str, dict[str, Any]]]:
+    """``events`` with the time each one arrived (monotonic)."""
+    out: list[tuple[float, str, dict[str, Any]]] = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as response:
+        assert response.status_code == 200
+        name = ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                out.append((time.monotonic(), name, json.loads(line.split(":", 1)[1])))
+    return out
+
+
+def small(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), float)
+
+
+def final_latents_preview(model: Path, seed: int, fields: dict[str, Any]) -> Image.Image:
+    """What the job's last step looks like through the linear decoder: the same pipeline,
+    seed and steps run here, its final latents decoded as the worker decodes previews
+    (the tiny random VAE's PNG has no likeness to them: a trained VAE's would)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from workers.predictors.previews import LinearDecoder
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.inference_mode():
+        latents = pipe(
+            prompt=[fields["prompt"]],
+            negative_prompt=[""],
+            height=fields["height"],
+            width=fields["width"],
+            num_inference_steps=fields["steps"],
+            generator=[generator],
+            output_type="latent",
+        ).images
+    return LinearDecoder().decode(latents[0])
+
+
+def test_generate_previews_over_the_event_stream(
+    acme: httpx.Client, stack: Stack, tiny_sd_model: Path
+) -> None:
+    fields = {"prompt": "a red cube", **SLOW, "seed": 11}
+    created = submit(acme, {"kind": "generate", "input": fields}).json()
+    stream = timed_events(acme, created["id"])
+    assert stream[-1][1] == "done" and stream[-1][2]["status"] == "succeeded"
+    previews = [(at, data) for at, name, data in stream if name == "preview"]
+    assert len(previews) >= 3, [name for _, name, _ in stream]
+    images = [Image.open(io.BytesIO(base64.b64decode(d["image"]))) for _, d in previews]
+    for (_, data), image in zip(previews, images, strict=True):
+        assert image.format == "JPEG" and max(image.size) <= 256
+        # The tenant sees its own job's key, never the storage root.
+        assert data["uri"] == f"storage://jobs/{created['id']}/preview.jpg"
+        assert data["total"] >= SLOW["steps"] and data["media_type"] == "image/jpeg"
+    steps = [d["step"] for _, d in previews]
+    assert steps == sorted(set(steps))
+    # The throttle (IMAGEQ_PREVIEW_INTERVAL_MS, 500 by default) holds at the client too;
+    # 150 ms for the gateway's own delivery jitter on this shared machine.
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(previews)]
+    assert min(gaps) >= 0.5 - 0.15, gaps
+    # Images of the job's latents: the last close to its final latents, the first far.
+    reference = small(final_latents_preview(tiny_sd_model, 11, fields))
+    last = float(np.abs(small(images[-1]) - reference).mean())
+    first = float(np.abs(small(images[0]) - reference).mean())
+    # Measured: 12 previews, steps 1..150, gaps 0.51-0.535 s, first 41.1 and last 5.2 levels.
+    assert last < 12 and first > 3 * last, (first, last)
+
+
+def test_previews_false_sends_none(acme: httpx.Client) -> None:
+    fields = {"prompt": "a red cube", "width": 256, "height": 256, "steps": 40, "previews": False}
+    created = submit(acme, {"kind": "generate", "input": fields}).json()
+    stream = timed_events(acme, created["id"])
+    names = [name for _, name, _ in stream]
+    assert names[-1] == "done" and "preview" not in names
+    done = stream[-1][2]
+    assert done["status"] == "succeeded" and "preview" not in done["progress"]

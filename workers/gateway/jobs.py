@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
 from api_client.kinds import JOB_KINDS, KINDS
-from api_client.object_urls import hide_storage_root
+from api_client.object_urls import MAX_PREVIEW_BYTES, hide_storage_root, preview_key
 from api_client.records import decode_cursor
 from api_client.references import check_references
 from api_client.schemas import JobRecord, JobStatus, parse_input
@@ -201,6 +201,15 @@ def submit_sync(
         raise
 
 
+async def read_preview(gw: Gateway, job_id: str) -> bytes | None:
+    """The job's latest step preview, from its own ``jobs/{id}/`` prefix (a tenant's
+    stream only follows its own jobs); None when it cannot be read now."""
+    try:
+        return await gw.run_io(gw.storage().get, preview_key(job_id), MAX_PREVIEW_BYTES)
+    except Exception:  # a missing or unreadable preview skips the event, not the stream
+        return None
+
+
 def render(record: JobRecord, root: str) -> dict[str, Any]:
     """A record as its tenant sees it: ``storage://`` refs, not the storage root."""
     shown: dict[str, Any] = hide_storage_root(record.to_json(), root)
@@ -336,7 +345,8 @@ async def cancel_job(request: Request, job_id: str) -> Response:
     response_class=EventSourceResponse,
     responses={
         200: {
-            "description": "`progress` events (the record) on each change, then one `done` "
+            "description": "`progress` events (the record) on each change, `preview` events "
+            "(a diffusion step preview), then one `done` "
             "event (the final record); the stream then closes",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
@@ -356,6 +366,7 @@ async def job_event_stream(request: Request, job_id: str) -> Response:
         job_id,
         gw.settings.gateway_stream_max_s,
         lambda record: render(record, gw.storage_root),
+        lambda job: read_preview(gw, job),
     )
     return EventSourceResponse(
         events,

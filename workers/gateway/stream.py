@@ -8,6 +8,7 @@ moment) leaves the last one known standing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,10 +20,14 @@ from workers.gateway.updates import POLL_S, UpdateHub, next_update
 
 #: Reads a job's current record (None: gone).
 Reader = Callable[[str], Awaitable[JobRecord | None]]
+#: Reads a job's latest step preview (None: none, or not readable now).
+PreviewReader = Callable[[str], Awaitable[bytes | None]]
 
 #: The event a stream ends with, once, carrying the final record.
 FINAL_EVENT = "done"
 PROGRESS_EVENT = "progress"
+#: A diffusion job's step preview: ``progress.preview`` plus the JPEG as base64 ``image``.
+PREVIEW_EVENT = "preview"
 
 
 def _parse(update: str) -> JobRecord | None:
@@ -70,14 +75,16 @@ async def job_events(
     job_id: str,
     max_s: float,
     render: Callable[[JobRecord], dict[str, Any]],
+    preview: PreviewReader | None = None,
 ) -> AsyncIterator[dict[str, str]]:
-    """Server-sent events of one job: ``progress`` on each change, then ``done``.
+    """Server-sent events of one job: ``progress`` on each change, ``preview`` on each
+    new step preview (read with ``preview``), then ``done``.
 
     A job already final gets its ``done`` at once. The stream also ends after
     ``max_s`` (a client reconnects, as EventSource does on its own).
     """
     try:
-        async for event in _events(hub, channel, read, job_id, max_s, render):
+        async for event in _events(hub, channel, read, job_id, max_s, render, preview):
             yield event
     except (RedisError, OSError):
         # Redis went away mid-stream: end it; the client reconnects and reads again.
@@ -91,15 +98,18 @@ async def _events(
     job_id: str,
     max_s: float,
     render: Callable[[JobRecord], dict[str, Any]],
+    preview: PreviewReader | None,
 ) -> AsyncIterator[dict[str, str]]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_s
     sequence = 0
     last_sent = ""
+    last_preview: Any = None
     async with hub.watch(channel) as updates:
         current = await read(job_id)
         while current is not None:
-            body = json.dumps(render(current))
+            shown = render(current)
+            body = json.dumps(shown)
             if current.is_final:
                 sequence += 1
                 yield {"event": FINAL_EVENT, "id": str(sequence), "data": body}
@@ -108,6 +118,14 @@ async def _events(
                 sequence += 1
                 last_sent = body
                 yield {"event": PROGRESS_EVENT, "id": str(sequence), "data": body}
+            step_preview = (shown.get("progress") or {}).get("preview")
+            if preview is not None and step_preview and step_preview != last_preview:
+                last_preview = step_preview
+                image = await preview(job_id)
+                if image is not None:
+                    sequence += 1
+                    data = {**step_preview, "image": base64.b64encode(image).decode()}
+                    yield {"event": PREVIEW_EVENT, "id": str(sequence), "data": json.dumps(data)}
             left = deadline - loop.time()
             if left <= 0:
                 return

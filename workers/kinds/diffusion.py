@@ -15,6 +15,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,14 @@ from PIL import Image
 from api_client.adapters import adapter_field, entry_tenant
 from api_client.errors import ImageqError, InvalidInput
 from api_client.inputs import AdapterRef, GenerateInput, InpaintInput, StyleInput
+from api_client.object_urls import PREVIEW_FILE
 from api_client.schemas import JobDocument
 from api_client.settings import Settings
 from api_client.uploads import IMAGE_TYPES, sniff_format
 from workers.io.adapter_registry import AdapterRegistry
 from workers.io.images import decode_image
 from workers.io.job_images import Named, fetch_all, field_error
+from workers.kinds.diffusion_previews import PreviewPublisher
 from workers.predictors.base import Batched
 from workers.predictors.diffusion import (
     NO_IP_ADAPTER,
@@ -38,6 +41,7 @@ from workers.predictors.diffusion import (
     GenerateJob,
 )
 from workers.predictors.diffusion_png import check_pixels, check_strength, fit_mask, fit_size
+from workers.predictors.previews import PREVIEW_MEDIA_TYPE, PreviewDecoder, open_decoder
 from workers.provenance.signing import UNSIGNED_WARNING, Claim, Ingredient, ProvenanceSigner
 from workers.runtime.batching import Batcher
 from workers.runtime.control import JobControl
@@ -113,18 +117,46 @@ class DiffusionHandler:
         batcher: DiffusionBatcher,
         registry: AdapterRegistry,
         signer: ProvenanceSigner | None = None,
+        previews: PreviewDecoder | None = None,
+        preview_executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.ctx = ctx
         self.predictor = predictor
         self.batcher = batcher
         self.registry = registry
         self.signer = signer
+        #: None: IMAGEQ_PREVIEWS is off on this worker.
+        self.previews = previews
+        self.preview_executor = preview_executor
+
+    def _publisher(
+        self, job: JobDocument, inp: Any, control: JobControl
+    ) -> PreviewPublisher | None:
+        if self.previews is None or self.preview_executor is None:
+            return None
+        if not getattr(inp, "previews", False):
+            return None
+
+        def store(data: bytes) -> dict[str, Any]:
+            return dict(self.ctx.put_output(job.id, PREVIEW_FILE, data, PREVIEW_MEDIA_TYPE))
+
+        interval_s = self.ctx.settings.preview_interval_ms / 1000
+        return PreviewPublisher(
+            self.previews, self.preview_executor, store, control.preview, interval_s
+        )
 
     def handle(self, job: JobDocument, inp: Any, control: JobControl) -> dict[str, Any]:
         asked = list(getattr(inp, "adapters", []))
-        with self.batcher.incoming() as ticket:
-            call = self._prepare(job, self._owned_adapters(inp, job.tenant), control)
-            ran = self.batcher.run([call], control.check, ticket, charge=control.charge_model)[0]
+        previews = self._publisher(job, inp, control)
+        try:
+            with self.batcher.incoming() as ticket:
+                owned = self._owned_adapters(inp, job.tenant)
+                call = self._prepare(job, owned, control, previews)
+                charge = control.charge_model
+                ran = self.batcher.run([call], control.check, ticket, charge=charge)[0]
+        finally:
+            if previews is not None:
+                previews.close()
         control.metrics.update(
             batch_size=ran.batch_size,
             batch_jobs=ran.batch_items,
@@ -159,21 +191,27 @@ class DiffusionHandler:
             owned.append(AdapterRef.model_construct(name=field, scale=ref.scale))
         return inp.model_copy(update={"adapters": owned})
 
-    def _prepare(self, job: JobDocument, inp: Any, control: JobControl) -> PipelineCall:
+    def _prepare(
+        self, job: JobDocument, inp: Any, control: JobControl, previews: PreviewPublisher | None
+    ) -> PipelineCall:
         if isinstance(inp, GenerateInput):
-            return self._generate(inp, control)
+            return self._generate(inp, control, previews)
         if isinstance(inp, InpaintInput):
-            return self._inpaint(inp, control)
+            return self._inpaint(inp, control, previews)
         if isinstance(inp, StyleInput):
-            return self._style(inp, control)
+            return self._style(inp, control, previews)
         raise InvalidInput(f"kind: a diffusion worker does not serve {job.kind!r}")
 
-    def _generate(self, inp: GenerateInput, control: JobControl) -> PipelineCall:
+    def _generate(
+        self, inp: GenerateInput, control: JobControl, previews: PreviewPublisher | None
+    ) -> PipelineCall:
         check_pixels(inp.width, inp.height, self.ctx.settings.max_output_pixels)
         self._fetch_adapters(inp.adapters)
-        return GenerateJob(inp, control)
+        return GenerateJob(inp, control, previews)
 
-    def _inpaint(self, inp: InpaintInput, control: JobControl) -> PipelineCall:
+    def _inpaint(
+        self, inp: InpaintInput, control: JobControl, previews: PreviewPublisher | None
+    ) -> PipelineCall:
         (image, mask), ingredient = self._load(image=inp.image, mask=inp.mask)
         # The checks run_inpaint makes, made here so that bad input never waits for the GPU.
         fit_mask(mask, image.size, self._output_size(image))
@@ -181,12 +219,14 @@ class DiffusionHandler:
         self._fetch_adapters(inp.adapters)
         control.check()
         return AloneCall(
-            lambda: self.predictor.run_inpaint(inp, image, mask, control),
+            lambda: self.predictor.run_inpaint(inp, image, mask, control, previews),
             inp.num_images,
             ingredient,
         )
 
-    def _style(self, inp: StyleInput, control: JobControl) -> PipelineCall:
+    def _style(
+        self, inp: StyleInput, control: JobControl, previews: PreviewPublisher | None
+    ) -> PipelineCall:
         if inp.style_image is not None and not self.predictor.has_ip_adapter:
             raise InvalidInput(NO_IP_ADAPTER)
         if inp.style_image is None:
@@ -198,7 +238,7 @@ class DiffusionHandler:
         self._fetch_adapters(inp.adapters)
         control.check()
         return AloneCall(
-            lambda: self.predictor.run_style(inp, image, style, control),
+            lambda: self.predictor.run_style(inp, image, style, control, previews),
             inp.num_images,
             ingredient,
         )
@@ -315,16 +355,24 @@ def _build(ctx: WorkerContext, device: str, inpaint_only: bool) -> Built:
     )
     try:
         predictor.setup(device)
+        # A bad IMAGEQ_PREVIEW_DECODER stops the worker at start, not its jobs later.
+        decoder = open_decoder(settings.preview_decoder) if settings.previews else None
     except BaseException:
         remove_cache()
         raise
     batcher = pipeline_batcher(
         predictor, settings.max_diffusion_batch_images, settings.max_batch_wait_ms
     )
+    # Previews decode and store on two threads of their own (one preview a job in flight):
+    # never on the pipeline's thread, and not on a job's, which waits in batcher.run.
+    executor = ThreadPoolExecutor(2, thread_name_prefix="imageq-preview") if decoder else None
     batcher.start()
-    handler = DiffusionHandler(ctx, predictor, batcher, registry, signer)
+    handler = DiffusionHandler(ctx, predictor, batcher, registry, signer, decoder, executor)
     kinds = ("inpaint",) if inpaint_only else ("generate", "inpaint", "style")
-    return {kind: handler for kind in kinds}, [batcher.stop, remove_cache]
+    stops: list[Callable[[], None]] = [batcher.stop, remove_cache]
+    if executor is not None:
+        stops.append(lambda: executor.shutdown(wait=False, cancel_futures=True))
+    return {kind: handler for kind in kinds}, stops
 
 
 def build(ctx: WorkerContext, device: str) -> Built:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -37,14 +37,15 @@ from workers.predictors.adapters import (
 )
 from workers.predictors.base import BatchedPredictor, BatchInterrupted, StepCallback
 from workers.predictors.diffusion_png import (
+    GeneratedImage,
     check_pixels,
     check_strength,
     display_name,
-    encode_png,
     fit_mask,
     fit_size,
     resized,
 )
+from workers.predictors.previews import CallPreviews, PreviewSink, offer_previews
 from workers.provenance.claims import Origin
 
 SEED_RANGE = 2**32
@@ -52,42 +53,13 @@ NO_IP_ADAPTER = "style_image: this worker has no IP-Adapter (set IMAGEQ_IP_ADAPT
 
 
 @dataclass(frozen=True)
-class GeneratedImage:
-    """One output image, still as pixels: ``png()`` encodes it.
-
-    Encoding is left to the caller because it is slow (a 512x512 PNG: about 110 ms of
-    CPU on the 2-core test machine) and the pipeline's thread should spend that time on
-    the next call: a job encodes its own images on its own thread.
-    """
-
-    image: Image.Image
-    seed: int
-    parameters: dict[str, Any] = field(default_factory=dict)
-    #: The safety checker blacked this image out (only with IMAGEQ_SAFETY_CHECKER).
-    nsfw: bool = False
-    #: Generated from a prompt, or an input image edited (its provenance claims).
-    origin: Origin = Origin.CREATED
-
-    @property
-    def width(self) -> int:
-        return int(self.image.width)
-
-    @property
-    def height(self) -> int:
-        return int(self.image.height)
-
-    def png(self) -> bytes:
-        """The PNG, its parameters in an A1111 text chunk and its digital source type in
-        XMP; equal pixels and parameters give equal bytes."""
-        return encode_png(self.image, self.parameters, self.origin)
-
-
-@dataclass(frozen=True)
 class GenerateJob:
-    """One generate job as ``predict`` takes it: its input and its step callback."""
+    """One generate job as ``predict`` takes it: its input, its step callback and
+    where its step previews go (None: none)."""
 
     inp: GenerateInput
     on_step: StepCallback
+    previews: PreviewSink | None = None
 
 
 class _CallbackRaised(Exception):
@@ -220,14 +192,19 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
             raise ValueError("jobs in one batch must have equal batch_key()")
         inps = [job.inp for job in batch]
         on_steps = [job.on_step for job in batch]
-        return self._generate(inps, on_steps, batched=len(batch) > 1)
+        sinks = [job.previews for job in batch]
+        return self._generate(inps, on_steps, sinks, batched=len(batch) > 1)
 
     def run_generate(self, inp: GenerateInput, on_step: StepCallback) -> list[GeneratedImage]:
         """One generate job; whatever ``on_step`` raises propagates unchanged."""
         return self.predict([GenerateJob(inp, on_step)])[0]
 
     def _generate(
-        self, inps: Sequence[GenerateInput], on_steps: Sequence[StepCallback], batched: bool
+        self,
+        inps: Sequence[GenerateInput],
+        on_steps: Sequence[StepCallback],
+        sinks: Sequence[PreviewSink | None],
+        batched: bool,
     ) -> list[list[GeneratedImage]]:
         self._require_full_pipeline()
         first = inps[0]
@@ -236,7 +213,8 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
         args = _text_args(inps, [inp.prompt for inp in inps])
         args.update(height=first.height, width=first.width)
         flat = [seed for job in seeds for seed in job]
-        images = self._call(self._pipe, first, flat, args, on_steps, batched)
+        previews = CallPreviews([inp.num_images for inp in inps], sinks)
+        images = self._call(self._pipe, first, flat, args, on_steps, batched, previews)
         results = []
         for inp, job_seeds in zip(inps, seeds, strict=True):
             results.append(self._outputs(inp, job_seeds, images[: inp.num_images], {}))
@@ -246,7 +224,12 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
     # -- inpaint and style ------------------------------------------------------------
 
     def run_inpaint(
-        self, inp: InpaintInput, image: Image.Image, mask: Image.Image, on_step: StepCallback
+        self,
+        inp: InpaintInput,
+        image: Image.Image,
+        mask: Image.Image,
+        on_step: StepCallback,
+        previews: PreviewSink | None = None,
     ) -> list[GeneratedImage]:
         """Repaint the white part of ``mask``; the output size is ``fit_size(image.size)``."""
         size = fit_size(*image.size, self.settings.max_output_pixels)
@@ -263,7 +246,8 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
             height=size[1],
             strength=inp.strength,
         )
-        images = self._call(self._inpaint, inp, seeds, args, [on_step], batched=False)
+        sinks = CallPreviews([inp.num_images], [previews])
+        images = self._call(self._inpaint, inp, seeds, args, [on_step], False, sinks)
         return self._outputs(inp, seeds, images, {"strength": inp.strength}, Origin.EDITED)
 
     def run_style(
@@ -272,6 +256,7 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
         image: Image.Image,
         style_image: Image.Image | None,
         on_step: StepCallback,
+        previews: PreviewSink | None = None,
     ) -> list[GeneratedImage]:
         """Img2img of ``image`` towards ``style_prompt`` (else ``prompt``), the adapters,
         and ``style_image`` through the IP-Adapter at ``style_scale``."""
@@ -291,7 +276,8 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
             extra["style_scale"] = inp.style_scale
             ip = self._ip.active(self._img2img, inp.style_scale)
         with ip:
-            images = self._call(self._img2img, inp, seeds, args, [on_step], batched=False)
+            sinks = CallPreviews([inp.num_images], [previews])
+            images = self._call(self._img2img, inp, seeds, args, [on_step], False, sinks)
         return self._outputs(inp, seeds, images, extra, Origin.EDITED)
 
     # -- shared machinery -------------------------------------------------------------
@@ -342,6 +328,7 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
         args: dict[str, Any],
         on_steps: Sequence[StepCallback],
         batched: bool,
+        previews: CallPreviews,
     ) -> list[tuple[Image.Image, bool]]:
         import torch
 
@@ -355,6 +342,8 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
                 except Exception as exc:
                     error = BatchInterrupted(index, exc) if batched else exc
                     raise _CallbackRaised(error) from exc
+            if previews.wanted and "latents" in tensors:
+                offer_previews(tensors["latents"], previews.counts, previews.sinks, step + 1, total)
             return tensors
 
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]

@@ -68,6 +68,7 @@ class JobControl:
         timeout_s: float | None,
         write_progress: ProgressWriter,
         on_progress: ProgressSink | None = None,
+        on_preview: ProgressSink | None = None,
         progress_every_s: float = 2.0,
         lease: LeaseKeeper | None = None,
         draining: threading.Event | None = None,
@@ -82,6 +83,13 @@ class JobControl:
         self.deadline = None if timeout_s is None else self.started + timeout_s
         self.timeout_s = timeout_s
         self.on_progress = on_progress
+        #: Told of each step preview published (``job.preview`` webhooks).
+        self.on_preview = on_preview
+        # The latest preview rides along in every progress write; the lock keeps a step's
+        # write and a preview's (from another thread) from undoing each other.
+        self._preview: dict[str, Any] | None = None
+        self._progress: dict[str, Any] = {}
+        self._progress_lock = threading.Lock()
         self.progress_every_s = progress_every_s
         self.lease = lease
         self.draining = draining
@@ -158,7 +166,11 @@ class JobControl:
         ):
             self._last_record = now
             progress = {"step": step, "total": total, **extra}
-            self.write_progress(progress)
+            with self._progress_lock:
+                self._progress = progress
+                if self._preview is not None:
+                    progress = {**progress, "preview": self._preview}
+                self.write_progress(progress)
             if self.on_progress is not None and (
                 last or now - self._last_event >= self.progress_every_s
             ):
@@ -166,6 +178,15 @@ class JobControl:
                 self.on_progress(progress)
         if reason is not None:
             raise reason
+
+    def preview(self, preview: dict[str, Any]) -> None:
+        """A step preview was stored: ``progress.preview`` from now on, then the event."""
+        with self._progress_lock:
+            self._preview = preview
+            progress = {**self._progress, "preview": preview}
+            written = self.write_progress(progress)
+        if written and self.on_preview is not None:
+            self.on_preview(progress)
 
     def images_progress(self, stage: str, images: int) -> Callable[[int, int], None] | None:
         """Progress of a job of several images (``images_done`` of ``images``), as its

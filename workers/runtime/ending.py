@@ -18,7 +18,7 @@ from api_client.object_urls import hide_storage_root
 from api_client.records import Document, RecordStore, final_record, utcnow
 from api_client.schemas import JobDocument, JobRecord, JobStatus
 from api_client.settings import Settings
-from api_client.webhooks import event_id, progress_key
+from api_client.webhooks import event_id, preview_key, progress_key
 from workers.io.storage import Storage
 from workers.runtime.context import Deferred, Output, WorkerContext
 from workers.runtime.control import LeaseKeeper, LeaseLost
@@ -283,7 +283,7 @@ class RunEnding:
         webhook = stored_webhook(document)
         if not webhook or event_type not in webhook.get("events", ()):
             return
-        final = record.is_final and event_type != "job.progress"
+        final = record.is_final and event_type not in ("job.progress", "job.preview")
         done = "webhook:" + event_type
         if final and self.state.done_once(job_id, done):
             return
@@ -316,6 +316,12 @@ class RunEnding:
             record = run.record
         key = progress_key(record.attempt, progress)
         self.emit(job_id, "job.progress", record, key=key, document=run.document)
+
+    def _preview_event(self, job_id: str, progress: dict[str, Any], run: RunRecord) -> None:
+        with run.lock:
+            record = run.record
+        key = preview_key(record.attempt, progress)
+        self.emit(job_id, "job.preview", record, key=key, document=run.document)
 
 
 def _status(job_id: str, error: ImageqError | None) -> JobStatus:

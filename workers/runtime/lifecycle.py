@@ -210,6 +210,7 @@ class JobRunner(RunEnding):
             self.store,
             timeout_s=job.timeout_s,
             on_progress=lambda progress: self._progress_event(job.id, progress, run),
+            on_preview=lambda progress: self._preview_event(job.id, progress, run),
             progress_every_s=self.settings.progress_webhook_interval_s,
             lease=lease,
             draining=self.ctx.draining,

@@ -364,3 +364,22 @@ def build_tiny_lora(path: Path, pipeline_dir: Path, seed: int = 1, rank: int = 4
         safe_serialization=True,
     )
     return path
+
+
+def build_tiny_taesd(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised ``AutoencoderTiny`` (TAESD's architecture, tiny widths) with
+    SD's 8x upsampling, saved with ``save_pretrained``: a preview decoder for tests."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    # Any: diffusers' stubs hide ModelMixin.save_pretrained from mypy on this class.
+    model: Any = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
