@@ -30,6 +30,7 @@ from api_client.errors import (
     InvalidInput,
     TransientError,
 )
+from workers.gateway.openai_compat import is_openai_path, openai_error
 
 log = logging.getLogger("imageq.gateway")
 
@@ -145,15 +146,20 @@ def error_response(
     message: str,
     field: str | None = None,
     headers: dict[str, str] | None = None,
+    path: str = "",
 ) -> Response:
+    """The error answer; on the OpenAI-compatible routes (``path``), in OpenAI's shape."""
+    if is_openai_path(path):
+        status, body = openai_error(status, code, message, field)
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
 
 
-def response_for(exc: ImageqError) -> Response:
+def response_for(exc: ImageqError, path: str = "") -> Response:
     status = status_for(exc)
     if status == 500:
         log.error("internal error: %s", type(exc).__name__)
-        return error_response(500, "internal", "internal error")
+        return error_response(500, "internal", "internal error", path=path)
     headers = dict(getattr(exc, "headers", {}) or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", 'Bearer realm="imageq"')
@@ -167,7 +173,7 @@ def response_for(exc: ImageqError) -> Response:
         code = "invalid_input"
     elif status == 503:
         code = "unavailable"
-    return error_response(status, code, exc.message, field_of(exc.message), headers)
+    return error_response(status, code, exc.message, field_of(exc.message), headers, path)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -193,7 +199,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ImageqError)
     async def _imageq(request: Request, exc: ImageqError) -> Response:
-        return response_for(exc)
+        return response_for(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -206,16 +212,16 @@ def install(app: FastAPI) -> None:
             try:
                 await authenticate(request)
             except Unauthorized as denied:
-                return response_for(denied)
+                return response_for(denied, request.url.path)
         message, field = _validation_message(exc)
-        return error_response(422, "invalid_input", message, field)
+        return error_response(422, "invalid_input", message, field, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = _HTTP_CODES.get(exc.status_code, "invalid_input")
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         headers = dict(exc.headers or {})
-        return error_response(exc.status_code, code, detail, headers=headers)
+        return error_response(exc.status_code, code, detail, headers=headers, path=request.url.path)
 
     async def _redis(request: Request, exc: Exception) -> Response:
         # Redis away, loading its data, or a replica that cannot write: the client may
@@ -226,6 +232,7 @@ def install(app: FastAPI) -> None:
             "unavailable",
             "the job store is unavailable; retry shortly",
             headers=retry_after(1),
+            path=request.url.path,
         )
 
     for unavailable in REDIS_UNAVAILABLE:
@@ -239,10 +246,11 @@ def install(app: FastAPI) -> None:
             "unavailable",
             "the job queue is unavailable; retry shortly",
             headers=retry_after(1),
+            path=request.url.path,
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         # Logged with its traceback for the operator; the client learns nothing of it.
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal error")
+        return error_response(500, "internal", "internal error", path=request.url.path)

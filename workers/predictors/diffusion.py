@@ -43,6 +43,7 @@ from workers.predictors.diffusion_png import (
     encode_png,
     fit_mask,
     fit_size,
+    paste_unmasked,
     resized,
 )
 
@@ -261,6 +262,8 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
             strength=inp.strength,
         )
         images = self._call(self._inpaint, inp, seeds, args, [on_step], batched=False)
+        if inp.keep_unmasked:
+            images = paste_unmasked(images, args["image"][0], mask)
         return self._outputs(inp, seeds, images, {"strength": inp.strength})
 
     def run_style(

@@ -119,3 +119,17 @@ def check_strength(steps: int, strength: float) -> None:
 def resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     image = image.convert("RGB")
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def paste_unmasked(
+    images: list[tuple[Image.Image, bool]], base: Image.Image, mask: Image.Image
+) -> list[tuple[Image.Image, bool]]:
+    """Each output with ``base``'s own pixels wherever ``mask`` is black (below 50%, as
+    the pipeline binarises it): the VAE's round trip changes every pixel, even those the
+    mask keeps (a mean absolute difference of 65 of 255 with the tiny test VAE).
+    Images the safety checker blanked stay blank."""
+    keep = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    return [
+        (image if nsfw else Image.composite(image.convert("RGB"), base, keep), nsfw)
+        for image, nsfw in images
+    ]
