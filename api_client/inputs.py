@@ -196,6 +196,9 @@ class InpaintInput(_DiffusionCommon):
     mask: ImageRef
     prompt: str = Field(min_length=1, max_length=2000)
     strength: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: The input's own pixels outside the mask in the output (OpenAI's edits keep them;
+    #: the pipeline alone re-encodes the whole image and changes every pixel a little).
+    keep_unmasked: bool = False
 
 
 class StyleInput(_DiffusionCommon):

@@ -265,6 +265,14 @@ class Settings(BaseSettings):
     # Threads that submit, cancel and list per gateway process (Redis round trips: a few
     # keep a core busy; more only contend for the GIL). Uploads have threads of their own.
     gateway_threads: int = 4
+    # The OpenAI-compatible images API (/v1/images/*): the model names a client may send,
+    # "alias" or "alias=adapter" (a LoRA adapter every job of that alias uses), comma
+    # separated; the first is the default.
+    gateway_openai_models: str = "imageq-sd"
+    # An images call waits this long for its job, then answers 504 naming the job's id
+    # (the job goes on: GET /v1/jobs/{id}). Tiny-model e2e jobs end in about a second;
+    # 512x512 SD at 25 steps takes several seconds on a GPU, minutes on a CPU.
+    gateway_openai_wait_s: float = 120.0
 
     @field_validator("storage_url")
     @classmethod

@@ -38,6 +38,7 @@ from workers.gateway.errors import (
 )
 from workers.gateway.files import probe
 from workers.gateway.jobs import json_depth, parse_body, prefer_wait
+from workers.gateway.openai_compat import OPENAI_PATHS
 
 JSON = "application/json"
 
@@ -190,9 +191,14 @@ def test_openapi_document_describes_every_route_in_one_error_format() -> None:
         "/v1/jobs/{job_id}",
         "/v1/jobs/{job_id}/cancel",
         "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/files/{name}",
         "/v1/uploads",
         "/v1/usage",
         "/healthz",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/models",
     }
     schemas = document["components"]["schemas"]
     assert "HTTPValidationError" not in schemas
@@ -208,7 +214,9 @@ def test_openapi_document_describes_every_route_in_one_error_format() -> None:
             for status, answer in operation["responses"].items():
                 if status.startswith(("4", "5")):
                     schema = answer["content"]["application/json"]["schema"]
-                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (path, status)
+                    # The OpenAI-compatible routes answer in OpenAI's error shape.
+                    shape = "OpenAIErrorOut" if path.startswith(OPENAI_PATHS) else "ErrorOut"
+                    assert schema == {"$ref": f"#/components/schemas/{shape}"}, (path, status)
 
 
 def test_the_gateway_imports_no_model_stack() -> None:

@@ -17,17 +17,20 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from api_client.settings import Settings
-from workers.gateway import errors, files, jobs, usage
+from workers.gateway import errors, files, jobs, openai_images, usage
 from workers.gateway.guard import Guard
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.models import SUBMIT_MODELS
+from workers.gateway.openai_compat import parse_models
 from workers.gateway.state import Gateway
 
 DESCRIPTION = """\
 Jobs over HTTP for backends that do not hold the Redis password. Every request carries
 `Authorization: Bearer TOKEN` (a tenant's token, `imageq tokens create`); a tenant sees
 and cancels only its own jobs. The job record is the one `Client.get` returns
-(docs/design.md §4). Errors are always `{"error": {"code", "message", "field"?}}`.
+(docs/design.md §4). Errors are always `{"error": {"code", "message", "field"?}}`, except
+on the OpenAI-compatible routes (`/v1/images/*`, `/v1/models`), which answer in OpenAI's
+shape `{"error": {"message", "type", "param", "code"}}` for the `openai` client.
 """
 
 
@@ -62,10 +65,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.metrics = metrics
+    app.state.openai_models = parse_models(settings.gateway_openai_models)
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(usage.router)
+    app.include_router(openai_images.router)
     app.add_middleware(Guard, settings=settings, metrics=metrics)
 
     def openapi() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from api_client.errors import (
     InvalidInput,
     TransientError,
 )
+from workers.gateway.openai_compat import is_openai_path, openai_error
 
 log = logging.getLogger("imageq.gateway")
 
@@ -146,12 +147,18 @@ def error_response(
     message: str,
     field: str | None = None,
     headers: dict[str, str] | None = None,
+    path: str = "",
 ) -> Response:
+    """The error answer; on the OpenAI-compatible routes (``path``), in OpenAI's shape."""
+    if is_openai_path(path):
+        status, body = openai_error(status, code, message, field)
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
 
 
-def internal_response(exc: BaseException, where: str = "") -> Response:
-    """A 500: an error id for the caller, the exception under that id in the log."""
+def internal_response(exc: BaseException, where: str = "", path: str = "") -> Response:
+    """A 500: an error id for the caller, the exception under that id in the log
+    (``path``: the request's, for the error's shape)."""
     error_id = secrets.token_hex(6)
     log.error(
         "internal error %s%s: %s",
@@ -160,19 +167,24 @@ def internal_response(exc: BaseException, where: str = "") -> Response:
         type(exc).__name__,
         exc_info=(type(exc), exc, exc.__traceback__),
     )
-    return error_response(500, "internal", f"internal error (error id {error_id})")
+    return error_response(500, "internal", f"internal error (error id {error_id})", path=path)
 
 
-def response_for(exc: ImageqError) -> Response:
+def response_for(exc: ImageqError, path: str = "") -> Response:
     status = status_for(exc)
     if status == 500:
-        return internal_response(exc)
+        return internal_response(exc, path=path)
     if status == 503 and not isinstance(exc, HttpError):
         # A dependency's own words (a bucket, an endpoint, botocore's text) stay in the
         # log; the caller learns only that it may retry.
         log.warning("unavailable: %s: %s", type(exc).__name__, exc.message)
         return error_response(
-            503, "unavailable", "a dependency is unavailable; retry shortly", None, retry_after(1)
+            503,
+            "unavailable",
+            "a dependency is unavailable; retry shortly",
+            None,
+            retry_after(1),
+            path,
         )
     headers = dict(getattr(exc, "headers", {}) or {})
     if status == 401:
@@ -187,7 +199,7 @@ def response_for(exc: ImageqError) -> Response:
         code = "invalid_input"
     elif status == 503:
         code = "unavailable"
-    return error_response(status, code, exc.message, field_of(exc.message), headers)
+    return error_response(status, code, exc.message, field_of(exc.message), headers, path)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -213,7 +225,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ImageqError)
     async def _imageq(request: Request, exc: ImageqError) -> Response:
-        return response_for(exc)
+        return response_for(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -226,16 +238,16 @@ def install(app: FastAPI) -> None:
             try:
                 await authenticate(request)
             except Unauthorized as denied:
-                return response_for(denied)
+                return response_for(denied, request.url.path)
         message, field = _validation_message(exc)
-        return error_response(422, "invalid_input", message, field)
+        return error_response(422, "invalid_input", message, field, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = _HTTP_CODES.get(exc.status_code, "invalid_input")
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         headers = dict(exc.headers or {})
-        return error_response(exc.status_code, code, detail, headers=headers)
+        return error_response(exc.status_code, code, detail, headers=headers, path=request.url.path)
 
     async def _redis(request: Request, exc: Exception) -> Response:
         # Redis away, loading its data, or a replica that cannot write: the client may
@@ -246,6 +258,7 @@ def install(app: FastAPI) -> None:
             "unavailable",
             "the job store is unavailable; retry shortly",
             headers=retry_after(1),
+            path=request.url.path,
         )
 
     for unavailable in REDIS_UNAVAILABLE:
@@ -259,9 +272,10 @@ def install(app: FastAPI) -> None:
             "unavailable",
             "the job queue is unavailable; retry shortly",
             headers=retry_after(1),
+            path=request.url.path,
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         # Logged with its traceback for the operator; the client learns only its id.
-        return internal_response(exc, f"{request.method} {request.url.path}")
+        return internal_response(exc, f"{request.method} {request.url.path}", request.url.path)

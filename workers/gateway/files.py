@@ -1,4 +1,5 @@
-"""``/v1/uploads`` (an image into the deployment's storage) and ``/healthz``.
+"""``/v1/uploads`` (an image into the deployment's storage), a job's stored files
+(``/v1/jobs/{id}/files/{name}``) and ``/healthz``.
 
 An upload is checked here as far as its header: one of the allowed formats, within
 the byte cap (413 over it) and the pixel cap (decompression bombs never reach a
@@ -7,6 +8,7 @@ worker). Workers decode it fully, with the same caps, when a job names it.
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from typing import Any
 
@@ -19,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from api_client.errors import ImageqError, InvalidInput
 from api_client.uploads import IMAGE_TYPES
 from workers.gateway.errors import (
+    JobNotFound,
     PayloadTooLarge,
     RateLimited,
     Unavailable,
@@ -29,6 +32,7 @@ from workers.gateway.jobs import SECURED, authenticate, gateway
 from workers.gateway.models import HealthOut, UploadOut, errors
 from workers.gateway.state import Gateway
 from workers.io.images import FORMATS
+from workers.io.storage import ObjectNotFound
 
 router = APIRouter()
 
@@ -123,6 +127,46 @@ async def upload(request: Request) -> Response:
         raise UnsupportedMediaType(f"file: {media!r} is not an image media type")
     info = await gw.run_io(upload_sync, gw, tenant.name, data, media)
     return JSONResponse(info, status_code=201)
+
+
+# What a job writes under jobs/{id}/: image-0.png, result.json, overlays. One plain name,
+# never a path.
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,100}\.(png|jpg|webp|json)$")
+_FILE_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
+    "json": "application/json",
+}
+# A 2048x2048 PNG of noise is about 12 MB: far under this, which only bounds a read.
+_MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@router.get(
+    "/v1/jobs/{job_id}/files/{name}",
+    tags=["jobs"],
+    name="job_file",
+    response_class=Response,
+    responses={
+        200: {"description": "the file", "content": {m: {} for m in _FILE_TYPES.values()}},
+        **errors(401, 404, 431, 503, 504),
+    },
+    summary="One of the tenant's job's stored files (image-0.png, result.json)",
+    openapi_extra=SECURED,
+)
+async def job_file(request: Request, job_id: str, name: str) -> Response:
+    """For local storage, where there are no presigned URLs (the images API's ``url``)."""
+    tenant = await authenticate(request)
+    gw = gateway(request)
+    await gw.owned(tenant.name, job_id)
+    match = _FILE_NAME.match(name)
+    if match is None:
+        raise JobNotFound(f"name: job {job_id!r} has no file {name!r}")
+    try:
+        data = await gw.run_io(gw.storage().get, f"jobs/{job_id}/{name}", _MAX_FILE_BYTES)
+    except ObjectNotFound:
+        raise JobNotFound(f"name: job {job_id!r} has no file {name!r}") from None
+    return Response(data, media_type=_FILE_TYPES[match.group(1)])
 
 
 @router.get(

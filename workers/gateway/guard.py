@@ -32,6 +32,9 @@ class Guard:
     def _body_cap(self, path: str) -> int:
         if path == "/v1/uploads":
             return self.settings.max_image_bytes + _MULTIPART_SLACK_BYTES
+        if path in ("/v1/images/edits", "/v1/images/variations"):
+            # An image and its mask, each within the upload cap.
+            return 2 * self.settings.max_image_bytes + _MULTIPART_SLACK_BYTES
         return self.settings.gateway_max_body_bytes
 
     def _deadline_s(self, method: str, path: str) -> float | None:
@@ -40,6 +43,9 @@ class Guard:
         if method == "POST" and path == "/v1/jobs":
             # Prefer: wait=N may hold a submit that long, on top of the submit itself.
             return self.settings.gateway_request_timeout_s + self.settings.gateway_max_wait_s
+        if method == "POST" and path.startswith("/v1/images/"):
+            # An images call waits for its job (then answers 504 itself, naming the job).
+            return self.settings.gateway_request_timeout_s + self.settings.gateway_openai_wait_s
         return self.settings.gateway_request_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -70,6 +76,7 @@ class Guard:
         self, scope: Scope, receive: Receive, send: Send, answered: dict[str, Any]
     ) -> None:
         headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        path = str(scope.get("path", ""))
         size = sum(len(name) + len(value) + 4 for name, value in headers)
         if len(headers) > MAX_HEADERS or size > self.settings.gateway_max_header_bytes:
             await error_response(
@@ -77,14 +84,14 @@ class Guard:
                 "headers_too_large",
                 f"request headers over the cap ({MAX_HEADERS} headers, "
                 f"{self.settings.gateway_max_header_bytes} bytes)",
+                path=path,
             )(scope, receive, send)
             return
-        path = str(scope.get("path", ""))
         cap = self._body_cap(path)
         declared = next((v for n, v in headers if n == b"content-length"), None)
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             await error_response(
-                413, "payload_too_large", f"body: larger than the limit of {cap} bytes"
+                413, "payload_too_large", f"body: larger than the limit of {cap} bytes", path=path
             )(scope, receive, send)
             return
         seen = 0
@@ -109,6 +116,6 @@ class Guard:
         except TimeoutError:
             if answered["status"]:
                 raise  # the answer has begun: all that is left is to drop the connection
-            await error_response(504, "timeout", f"the request took longer than {deadline:g} s")(
-                scope, receive, send
-            )
+            await error_response(
+                504, "timeout", f"the request took longer than {deadline:g} s", path=path
+            )(scope, receive, send)

@@ -43,6 +43,7 @@ from workers.predictors.diffusion_png import (
     display_name,
     fit_mask,
     fit_size,
+    paste_unmasked,
     resized,
 )
 from workers.predictors.previews import CallPreviews, PreviewSink, offer_previews
@@ -248,6 +249,8 @@ class DiffusionPredictor(BatchedPredictor[GenerateJob, list[GeneratedImage]]):
         )
         sinks = CallPreviews([inp.num_images], [previews])
         images = self._call(self._inpaint, inp, seeds, args, [on_step], False, sinks)
+        if inp.keep_unmasked:
+            images = paste_unmasked(images, args["image"][0], mask)
         return self._outputs(inp, seeds, images, {"strength": inp.strength}, Origin.EDITED)
 
     def run_style(

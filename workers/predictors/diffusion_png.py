@@ -168,3 +168,17 @@ class GeneratedImage:
         """The PNG, its parameters in an A1111 text chunk and its digital source type in
         XMP; equal pixels and parameters give equal bytes."""
         return encode_png(self.image, self.parameters, self.origin)
+
+
+def paste_unmasked(
+    images: list[tuple[Image.Image, bool]], base: Image.Image, mask: Image.Image
+) -> list[tuple[Image.Image, bool]]:
+    """Each output with ``base``'s own pixels wherever ``mask`` is black (below 50%, as
+    the pipeline binarises it): the VAE's round trip changes every pixel, even those the
+    mask keeps (a mean absolute difference of 65 of 255 with the tiny test VAE).
+    Images the safety checker blanked stay blank."""
+    keep = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    return [
+        (image if nsfw else Image.composite(image.convert("RGB"), base, keep), nsfw)
+        for image, nsfw in images
+    ]
