@@ -14,13 +14,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from api_client.errors import InvalidInput
+
 #: Tenant adapters' storage folder; "_" cannot start an adapter name, so no shared
 #: adapter's folder can collide with it.
 TENANTS_FOLDER = "_tenants"
 
 
 def adapter_field(name: str, tenant: str | None) -> str:
-    """The registry field of ``name`` in ``tenant``'s namespace (None: the shared one)."""
+    """The registry field of ``name`` in ``tenant``'s namespace (None: the shared one).
+
+    A name holding "/" is refused here too, not only by the input models: as
+    ``{other}/{secret}`` it would be another tenant's field."""
+    if "/" in name:
+        raise InvalidInput(f"adapter: {name!r} is not an adapter name")
     return name if tenant is None else f"{tenant}/{name}"
 
 

@@ -26,6 +26,11 @@ SCHEDULER_ALIASES = {
 }
 
 
+#: An adapter's name: no "/" (a tenant's registry field is ``{tenant}/{name}``, so a name
+#: holding one could name another tenant's adapter) and no leading "." or "_".
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class Reference:
     """Marks a string field whose value a worker fetches (``Annotated[str, REFERENCE]``):
     what a tenant's job may name there is checked (api_client.references)."""
@@ -69,7 +74,7 @@ class JobInput(Strict):
 
 
 class AdapterRef(Strict):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(min_length=1, max_length=128, pattern=ADAPTER_NAME)
     scale: float = Field(default=1.0, ge=-2.0, le=4.0)
 
 
@@ -131,7 +136,7 @@ class CaptionInput(_ImagesInput):
     prompt: str | None = Field(default=None, max_length=512)
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
     attention: bool = False
-    adapter: str | None = Field(default=None, min_length=1, max_length=128)
+    adapter: str | None = Field(default=None, min_length=1, max_length=128, pattern=ADAPTER_NAME)
     #: Without ``adapter``: the newest published caption adapter for this language.
     language: LanguageTag | None = None
     #: None: the model processor's own resize (BLIP's stretches).
@@ -246,7 +251,7 @@ class VocabularyOptions(Strict):
 class FinetuneInput(JobInput):
     target: Literal["diffusion", "caption"]
     dataset: DataRef
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(min_length=1, max_length=128, pattern=ADAPTER_NAME)
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=8.0, gt=0.0, le=1024.0)
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)

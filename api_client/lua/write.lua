@@ -11,18 +11,28 @@
 
 -- include charge
 
+-- A final write that is not this run's to make wrote its result.json all the same:
+-- marked stale in this same call, so whichever run ends the job writes it again.
+local function stale_and(answer)
+  if ARGV[6] == '1' then
+    redis.call('HSET', KEYS[4], STALE, ARGV[8])
+    redis.call('EXPIRE', KEYS[4], ARGV[2])
+  end
+  return answer
+end
+
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'gone', ''} end
 local rec = cjson.decode(raw)
 -- include final
 if final then return {'final', raw} end
 if rec['status'] ~= 'running' or tostring(rec['attempt']) ~= ARGV[3] then
-  return {'moved', raw}
+  return stale_and({'moved', raw})
 end
 if ARGV[6] == '1' then
   local holder = redis.call('GET', KEYS[3])
   if holder ~= ARGV[4] then
-    if holder then return {'lost', raw} end
+    if holder then return stale_and({'lost', raw}) end
     redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
   end
 end

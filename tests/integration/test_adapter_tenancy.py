@@ -359,3 +359,23 @@ def test_a_tenants_finetune_checks_and_publishes_in_its_own_namespace(
     assert found(registry, "style", "globex")["job_id"] == "job-g"
     assert found(registry, "style", "acme")["job_id"] == "job-acme-old"
     assert found(registry, "style")["job_id"] == "job-shared"
+
+
+def test_an_adapter_name_cannot_reach_into_another_tenants_namespace() -> None:
+    """A tenant's registry field is ``{tenant}/{name}``: a caption job naming
+    ``victim/secret`` would otherwise resolve, as a shared name, to the victim's adapter."""
+    from api_client.adapters import lookup_fields
+    from api_client.errors import InvalidInput
+    from api_client.schemas import parse_job
+
+    with pytest.raises(InvalidInput, match="adapter"):
+        parse_job(
+            {
+                "id": "j",
+                "kind": "caption",
+                "input": {"image": "https://example.com/x.png", "adapter": "victim/secret"},
+                "tenant": "attacker",
+            }
+        )
+    with pytest.raises(InvalidInput):
+        lookup_fields("victim/secret", "attacker")

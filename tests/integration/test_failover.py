@@ -510,9 +510,14 @@ def test_checkpoint_writes_ask_redis_whether_the_run_still_holds_its_job(fleet: 
     assert not worker.runner.ctx.storage.exists(f"jobs/{doc['id']}/result.json")
 
 
+#: The re-send grace of ``_grace_fleet``'s workers: lease_ttl_s + failover_scan_s. Their
+#: lease outlives 14 missed beats of 0.1 s, so a loaded machine's pause is no lapse.
+GRACE_S = 1.8
+
+
 def _grace_fleet(fleet: Any, names: list[str]) -> list[Worker]:
-    """Workers whose re-send grace is short: lease_ttl_s + failover_scan_s = 0.6 s."""
-    return [fleet(n, lease_ttl_s=0.4, heartbeat_interval_s=0.1, failover_scan_s=0.2) for n in names]
+    """Workers whose re-send grace is short (``GRACE_S``)."""
+    return [fleet(n, lease_ttl_s=1.5, heartbeat_interval_s=0.1, failover_scan_s=0.3) for n in names]
 
 
 def _sweep_until(worker: Worker, seconds: float) -> list[tuple[str, str]]:
@@ -551,7 +556,7 @@ def test_a_sweeper_that_dies_before_resending_leaves_the_job_to_another(fleet: A
     score = RunningSet(store).score(doc["id"])
     assert score is not None and score > time.time()  # still watched, not due yet
     assert other.sweeper.sweep() == []  # within the grace nobody re-sends it
-    time.sleep(0.7)
+    time.sleep(GRACE_S + 0.2)
     assert other.sweeper.sweep() == [(doc["id"], "redispatch")]
     assert [job["id"] for job in other.jobs] == [doc["id"]]
     record = other.runner.execute(other.jobs[0], "t")
@@ -565,9 +570,9 @@ def test_a_resent_job_that_no_worker_claims_is_resent_again_and_twice_is_harmles
     (worker,) = _grace_fleet(fleet, ["w"])
     doc = _doc()
     _died_mid_run(worker, doc)
-    # The first re-send's worker dies before claiming it: re-sent after 0.6 s, and the
-    # next one only after 1.2 s more (the grace doubles).
-    acted = _sweep_until(worker, 1.4)
+    # Re-sent at once; that message's worker dies before claiming it: re-sent again
+    # after the grace, and a third time only after twice the grace more (it doubles).
+    acted = _sweep_until(worker, 2 * GRACE_S)
     assert acted == [(doc["id"], "redispatch")] * 2
     assert [job["id"] for job in worker.jobs] == [doc["id"]] * 2
     first, second = worker.jobs
@@ -588,7 +593,7 @@ def test_a_claimed_resend_is_not_resent_while_its_run_lives(fleet: Any) -> None:
 
     def slow(step: int, control: JobControl) -> None:
         if step == 1:  # the run outlives the grace; the heartbeat keeps its lease
-            acted.extend(_sweep_until(worker, 1.0))
+            acted.extend(_sweep_until(worker, GRACE_S + 0.4))
 
     worker.handler.on_step = slow
     record = worker.runner.execute(worker.jobs[0], "t")
@@ -648,7 +653,7 @@ def test_a_sweeper_that_dies_while_finalizing_leaves_it_to_another(fleet: Any) -
     dying.sweeper.finalize = die
     with pytest.raises(SystemExit):
         dying.sweeper.sweep()
-    time.sleep(0.7)
+    time.sleep(GRACE_S + 0.2)
     assert other.sweeper.sweep() == [(doc["id"], "finalize")]
     record = store.get(doc["id"])
     assert record is not None

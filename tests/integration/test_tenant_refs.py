@@ -369,6 +369,10 @@ def test_webhooks_of_tenant_jobs_name_files_by_storage_refs(world: World) -> Non
     assert event.data["result_uri"] == f"storage://jobs/{doc['id']}/result.json"
     assert event.data["output"]["images"][0]["uri"] == f"storage://jobs/{doc['id']}/image-0.png"
     assert world.root not in json.dumps(event.data)
+    # result.json, which the tenant downloads by its presigned URL, alike.
+    stored = world.storage.inner.get(f"jobs/{doc['id']}/result.json").decode()
+    assert world.root not in stored
+    assert json.loads(stored)["result_uri"] == f"storage://jobs/{doc['id']}/result.json"
 
 
 # -- the gateway --------------------------------------------------------------------

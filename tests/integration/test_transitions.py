@@ -185,3 +185,32 @@ def test_the_cancel_set_hears_every_process(store: RecordStore, redis_server: Re
     finally:
         other.redis.close()
         heart.stop()
+
+
+def test_a_final_write_that_is_not_this_runs_marks_its_result_json_stale_at_once(
+    store: RecordStore,
+) -> None:
+    """In the same script: no newer run can end the job between this run's refused
+    write and its mark, and so keep the stale run's result.json."""
+    transitions = Transitions(store)
+    run = _started(store, transitions, "w/1")
+    job_id = run.record.id
+    once = store.keys.once(job_id)
+    done = final_record(run.record, JobStatus.SUCCEEDED, output={})
+    store.update(job_id, lambda r: r.model_copy(update={"attempt": 2}))
+    state, _ = transitions.write(run, done, final=True, result_written=True)
+    assert state == "moved" and store.redis.hexists(once, "result.json:stale")
+    store.redis.hdel(once, "result.json:stale")
+    store.update(job_id, lambda r: r.model_copy(update={"attempt": 1}))
+    store.redis.set(store.keys.lease(job_id), "w/2")
+    state, _ = transitions.write(run, done, final=True, result_written=True)
+    assert state == "lost" and store.redis.hexists(once, "result.json:stale")
+    # A refused progress write wrote no result.json: nothing to mark.
+    store.redis.hdel(once, "result.json:stale")
+    store.update(job_id, lambda r: r.model_copy(update={"attempt": 2}))
+    state, _ = transitions.write(run, run.record.model_copy(update={"progress": {}}))
+    assert state == "moved" and not store.redis.hexists(once, "result.json:stale")
+    # The job ends meanwhile: the late run is told, not marked.
+    store.finish(job_id, JobStatus.SUCCEEDED, output={})
+    assert transitions.mark_result_stale(job_id) is False
+    assert not store.redis.hexists(once, "result.json:stale")

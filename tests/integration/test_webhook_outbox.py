@@ -56,14 +56,14 @@ def test_a_pump_that_dies_mid_send_leaves_the_retry_due_after_the_window(
     def die(event: WebhookEvent) -> None:
         raise SystemExit  # the worker's process dies inside the send
 
-    dying = WebhookDispatcher(store, die, in_flight_s=0.3)
+    dying = WebhookDispatcher(store, die, in_flight_s=1.5)
     dying.schedule(_event(), -1)
     with pytest.raises(SystemExit):
         dying.pump()
     sent: list[WebhookEvent] = []
-    other = WebhookDispatcher(store, sent.append, in_flight_s=0.3)
+    other = WebhookDispatcher(store, sent.append, in_flight_s=1.5)
     assert other.pump() == 0 and len(_due(store)) == 1  # in flight: not sent twice
-    time.sleep(0.4)
+    time.sleep(1.6)
     assert other.pump() == 1 and [e.webhook_id for e in sent] == ["msg_job0_succeeded"]
     assert _due(store) == []
 

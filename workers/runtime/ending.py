@@ -70,7 +70,7 @@ class RunEnding:
             # Shallow: only top-level fields change here, and final_record copies deep.
             current = run.record.model_copy()
         key, final = self._final(current, error, metrics, output)
-        self.ctx.storage.put(key, _result_json(final), "application/json")
+        self.ctx.storage.put(key, _result_json(final, self.ctx.storage), "application/json")
         webhook = stored_webhook(run.document)
         event_type = "job." + final.status
         send = webhook is not None and event_type in webhook.get("events", ())
@@ -84,8 +84,8 @@ class RunEnding:
             )
         if state in (Written.MOVED, Written.LOST):
             # This run stalled after its lease check: its result.json may have landed over
-            # the newer run's, which rewrites it once it ends the job (STALE_RESULT).
-            self.transitions.mark_result_stale(job.id)
+            # the newer run's, which rewrites it once it ends the job (the script marked
+            # it stale).
             attempt = found.attempt if found is not None else "?"
             raise LeaseLost(f"job {job.id}: attempt {attempt} runs elsewhere")
         if state not in (Written.OK, Written.REWRITE):  # it ended elsewhere, or expired
@@ -96,7 +96,7 @@ class RunEnding:
             run.released = True
             return final
         if state is Written.REWRITE:
-            self.ctx.storage.put(key, _result_json(final), "application/json")
+            self.ctx.storage.put(key, _result_json(final, self.ctx.storage), "application/json")
         self.state.claim_once(job.id, "result.json")
         if webhook is not None and send:
             # Sent first, marked done after, as ``emit`` does.
@@ -161,7 +161,7 @@ class RunEnding:
                 raise LeaseLost(f"job {job_id}: attempt {current.attempt} runs elsewhere")
         key, final = self._final(current, error, metrics, output)
         try:
-            self.ctx.storage.put(key, _result_json(final), "application/json")
+            self.ctx.storage.put(key, _result_json(final, self.ctx.storage), "application/json")
             wrote = True
         except ImageqError as exc:
             if not best_effort:
@@ -176,8 +176,9 @@ class RunEnding:
 
         record, changed = self.store.update(job_id, mutate)
         if not changed and record is not None and not record.is_final:
-            if wrote:
-                self.transitions.mark_result_stale(job_id)
+            if wrote and not self.transitions.mark_result_stale(job_id):
+                self._result_written_too_late(job_id)  # it ended since
+                return None
             raise LeaseLost(f"job {job_id}: attempt {record.attempt} runs elsewhere")
         if not changed and wrote:
             self._result_written_too_late(job_id)
@@ -259,7 +260,7 @@ class RunEnding:
             # A run that lost the job may have written its result.json over this one's.
             stale = self.transitions.take_stale_mark(job_id)
             if stale or not self.state.done_once(job_id, "result.json"):
-                self.ctx.storage.put(key, _result_json(record), "application/json")
+                self.ctx.storage.put(key, _result_json(record, self.ctx.storage), "application/json")
                 self.state.claim_once(job_id, "result.json")
         finally:
             # Storage that stays down (the job failed for it) must not also swallow the
@@ -333,8 +334,8 @@ def _status(job_id: str, error: ImageqError | None) -> JobStatus:
 
 
 def _shown(record: JobRecord, storage: Storage) -> dict[str, Any]:
-    """A record as a webhook carries it: a tenant's job names its files ``storage://...``,
-    not by the storage root (as the gateway shows it)."""
+    """A record as a webhook and result.json carry it: a tenant's job names its files
+    ``storage://...``, not by the storage root (as the gateway shows it)."""
     data = record.to_json()
     if record.tenant is None:
         return data
@@ -342,5 +343,5 @@ def _shown(record: JobRecord, storage: Storage) -> dict[str, Any]:
     return shown
 
 
-def _result_json(record: JobRecord) -> bytes:
-    return json.dumps(record.to_json(), indent=2).encode()
+def _result_json(record: JobRecord, storage: Storage) -> bytes:
+    return json.dumps(_shown(record, storage), indent=2).encode()

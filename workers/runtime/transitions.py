@@ -220,11 +220,13 @@ class Transitions:
             return written, new
         return written, JobRecord.model_validate_json(raw) if raw else None
 
-    def mark_result_stale(self, job_id: str) -> None:
+    def mark_result_stale(self, job_id: str) -> bool:
         """This run wrote result.json but its job is not its own any more (lua/stale.lua):
-        whichever run ends the job writes result.json again."""
+        marked, so whichever run ends the job writes result.json again; False when the
+        job has ended already (the caller writes it again itself)."""
         mark = script(self.store.redis, "mark_stale")
-        mark(keys=[self.store.keys.once(job_id)], args=[utcnow(), self.settings.result_ttl_s])
+        keys = [self.store.keys.job(job_id), self.store.keys.once(job_id)]
+        return bool(mark(keys=keys, args=[utcnow(), self.settings.result_ttl_s]))
 
     def take_stale_mark(self, job_id: str) -> bool:
         """Whether a run that lost the job wrote result.json late (the mark is removed)."""
