@@ -138,7 +138,14 @@ def check_input_refs(gw: Gateway, tenant: str, kind: Any, inp: Any) -> None:
         model = parse_input(kind, inp)
     except InvalidInput:
         return
-    check_references(model, tenant, gw.grants.grants(tenant))
+    try:
+        check_references(model, tenant, gw.grants.grants(tenant))
+    except ForbiddenUrl as exc:
+        # Named as the caller named it: `image` is shorthand for a one-image `images`.
+        shorthand = "input.images[0]:"
+        if isinstance(inp, dict) and "image" in inp and exc.message.startswith(shorthand):
+            raise ForbiddenUrl("input.image:" + exc.message[len(shorthand) :]) from None
+        raise
 
 
 def _check_webhook(webhook: Any, gw: Gateway) -> None:

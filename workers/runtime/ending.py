@@ -260,7 +260,8 @@ class RunEnding:
             # A run that lost the job may have written its result.json over this one's.
             stale = self.transitions.take_stale_mark(job_id)
             if stale or not self.state.done_once(job_id, "result.json"):
-                self.ctx.storage.put(key, _result_json(record, self.ctx.storage), "application/json")
+                data = _result_json(record, self.ctx.storage)
+                self.ctx.storage.put(key, data, "application/json")
                 self.state.claim_once(job_id, "result.json")
         finally:
             # Storage that stays down (the job failed for it) must not also swallow the
