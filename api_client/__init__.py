@@ -3,10 +3,10 @@
 Light on purpose: a backend service installs only this (no torch).
 """
 
-from api_client.client import Client
-from api_client.errors import ImageqError, InvalidInput
-from api_client.schemas import JobDocument, JobRecord, JobStatus, parse_job
-from api_client.settings import Settings
+from imageq.api_client.client import Client
+from imageq.api_client.errors import ImageqError, InvalidInput
+from imageq.api_client.schemas import JobDocument, JobRecord, JobStatus, parse_job
+from imageq.api_client.settings import Settings
 
 __all__ = [
     "Client",

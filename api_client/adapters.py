@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from api_client.errors import InvalidInput
+from imageq.api_client.errors import InvalidInput
 
 #: Tenant adapters' storage folder; "_" cannot start an adapter name, so no shared
 #: adapter's folder can collide with it.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from api_client.kinds import KINDS
-from api_client.names import (
+from imageq.api_client.kinds import KINDS
+from imageq.api_client.names import (
     FINALIZE_TASK,
     WEBHOOK_QUEUE,
     WEBHOOK_TASK,
@@ -17,7 +17,7 @@ from api_client.names import (
     queue_name,
     task_name,
 )
-from api_client.settings import Settings
+from imageq.api_client.settings import Settings
 
 
 def transport_options(visibility_timeout_s: int) -> dict[str, Any]:

@@ -22,17 +22,23 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from api_client.client import Client
-from api_client.errors import ImageqError, InvalidInput, NotFound
-from api_client.image_header import image_size
-from api_client.kinds import KINDS
-from api_client.object_urls import storage_root
-from api_client.progress import ProgressBar
-from api_client.records import parse_time
-from api_client.schemas import JobRecord
-from api_client.settings import Settings, SettingsError
-from api_client.uploads import IMAGE_TYPES, dataset_key, put_object, sniff_format, write_atomic
-from api_client.webhook_log import KeptOutcome, parse_since
+from imageq.api_client.client import Client
+from imageq.api_client.errors import ImageqError, InvalidInput, NotFound
+from imageq.api_client.image_header import image_size
+from imageq.api_client.kinds import KINDS
+from imageq.api_client.object_urls import storage_root
+from imageq.api_client.progress import ProgressBar
+from imageq.api_client.records import parse_time
+from imageq.api_client.schemas import JobRecord
+from imageq.api_client.settings import Settings, SettingsError
+from imageq.api_client.uploads import (
+    IMAGE_TYPES,
+    dataset_key,
+    put_object,
+    sniff_format,
+    write_atomic,
+)
+from imageq.api_client.webhook_log import KeptOutcome, parse_since
 
 WORKER_COMMANDS = (
     "worker",
@@ -308,7 +314,7 @@ def _errors_show(args: argparse.Namespace, client: Client) -> int:
 
 
 def _status(args: argparse.Namespace, client: Client) -> int:
-    from api_client.status import render_status
+    from imageq.api_client.status import render_status
 
     print(render_status(client))
     return 0
@@ -411,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in WORKER_COMMANDS:
         # Replace this process: signals (Ctrl-C, SIGTERM) then reach the worker directly.
-        os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
+        os.execv(sys.executable, [sys.executable, "-m", "imageq.workers", *argv])
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -14,13 +14,13 @@ from typing import Any
 import redis
 from celery import Celery
 
-from api_client.adapters import adapter_field, visible
-from api_client.celery_config import celery_config
-from api_client.error_details import ErrorDetails
-from api_client.errors import IdempotencyConflict, InvalidInput, JobTimeout, NotFound
-from api_client.job_ids import IdSecret, job_id_for
-from api_client.kinds import JOB_KINDS
-from api_client.names import (
+from imageq.api_client.adapters import adapter_field, visible
+from imageq.api_client.celery_config import celery_config
+from imageq.api_client.error_details import ErrorDetails
+from imageq.api_client.errors import IdempotencyConflict, InvalidInput, JobTimeout, NotFound
+from imageq.api_client.job_ids import IdSecret, job_id_for
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.api_client.names import (
     FINALIZE_TASK,
     WEBHOOK_QUEUE,
     WEBHOOK_TASK,
@@ -29,9 +29,9 @@ from api_client.names import (
     queue_name,
     task_name,
 )
-from api_client.object_urls import MAX_PREVIEW_BYTES, preview_key, with_fresh_urls
-from api_client.queue_scan import record_from_queue
-from api_client.records import (
+from imageq.api_client.object_urls import MAX_PREVIEW_BYTES, preview_key, with_fresh_urls
+from imageq.api_client.queue_scan import record_from_queue
+from imageq.api_client.records import (
     RecordStore,
     connect,
     decode_cursor,
@@ -39,10 +39,10 @@ from api_client.records import (
     new_record,
     utcnow,
 )
-from api_client.redact import redact_document
-from api_client.schemas import ErrorRecord, JobRecord, JobStatus, parse_job
-from api_client.settings import Settings
-from api_client.uploads import (
+from imageq.api_client.redact import redact_document
+from imageq.api_client.schemas import ErrorRecord, JobRecord, JobStatus, parse_job
+from imageq.api_client.settings import Settings
+from imageq.api_client.uploads import (
     IMAGE_TYPES,
     get_object,
     put_object,
@@ -50,8 +50,8 @@ from api_client.uploads import (
     storage_ref,
     upload_key,
 )
-from api_client.usage import UsageLedger, UsageRow
-from api_client.webhook_log import KeptDelivery, KeptOutcome, WebhookLog
+from imageq.api_client.usage import UsageLedger, UsageRow
+from imageq.api_client.webhook_log import KeptDelivery, KeptOutcome, WebhookLog
 
 OnUpdate = Callable[[JobRecord], None]
 _DOCUMENT_OPTIONS = ("webhook", "idempotency_key", "priority", "timeout_s", "metadata")

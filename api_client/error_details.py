@@ -19,8 +19,8 @@ from typing import Any
 
 import redis
 
-from api_client.errors import ImageqError, InternalError
-from api_client.records import RecordStore, utcnow
+from imageq.api_client.errors import ImageqError, InternalError
+from imageq.api_client.records import RecordStore, utcnow
 
 log = logging.getLogger("imageq.errors")
 

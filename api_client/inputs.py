@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api_client.languages import language_tag
+from imageq.api_client.languages import language_tag
 
 # storage://uploads/... names an upload in the deployment's own storage (api_client.uploads).
 IMAGE_SCHEMES = ("s3://", "https://", "http://", "data:image/", "file://", "storage://uploads/")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from api_client.inputs import (
+from imageq.api_client.inputs import (
     CaptionInput,
     FinetuneInput,
     GenerateInput,
@@ -76,21 +76,26 @@ JOB_KINDS: dict[str, KindSpec] = {
 WORKER_KIND_SPECS: dict[str, WorkerKind] = {
     spec.name: spec
     for spec in (
-        WorkerKind("caption", "model_caption", "workers.kinds.caption:build", in_flight="batch"),
-        WorkerKind("match", "model_match", "workers.kinds.match:build", in_flight="batch"),
         WorkerKind(
-            "diffusion", "model_diffusion", "workers.kinds.diffusion:build", in_flight="pipeline"
+            "caption", "model_caption", "imageq.workers.kinds.caption:build", in_flight="batch"
+        ),
+        WorkerKind("match", "model_match", "imageq.workers.kinds.match:build", in_flight="batch"),
+        WorkerKind(
+            "diffusion",
+            "model_diffusion",
+            "imageq.workers.kinds.diffusion:build",
+            in_flight="pipeline",
         ),
         # A dedicated inpainting checkpoint for the inpaint queue only.
         WorkerKind(
             "inpaint",
             "model_inpaint",
-            "workers.kinds.diffusion:build_inpaint",
+            "imageq.workers.kinds.diffusion:build_inpaint",
             serves=("inpaint",),
             in_flight="pipeline",
         ),
         # Trains on top of the diffusion model (or BLIP, chosen per job).
-        WorkerKind("finetune", "model_diffusion", "workers.kinds.finetune:build"),
+        WorkerKind("finetune", "model_diffusion", "imageq.workers.kinds.finetune:build"),
         WorkerKind("webhooks", in_flight="io"),
     )
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api_client.kinds import JOB_KINDS, WEBHOOK_QUEUE, WORKER_KINDS, worker_queues
+from imageq.api_client.kinds import JOB_KINDS, WEBHOOK_QUEUE, WORKER_KINDS, worker_queues
 
 TASK_PREFIX = "imageq."
 WEBHOOK_TASK = "imageq.webhook"

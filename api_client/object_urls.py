@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from api_client.schemas import JobRecord
-from api_client.settings import Settings
-from api_client.uploads import STORAGE_SCHEME, local_root, s3_client
+from imageq.api_client.schemas import JobRecord
+from imageq.api_client.settings import Settings
+from imageq.api_client.uploads import STORAGE_SCHEME, local_root, s3_client
 
 # SigV4 presigned URLs cannot live longer than seven days.
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600

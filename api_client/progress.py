@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from api_client.schemas import JobRecord
+from imageq.api_client.schemas import JobRecord
 
 
 def _number(value: Any) -> float | None:

@@ -15,13 +15,13 @@ from typing import Any
 
 import redis
 
-from api_client.errors import InvalidInput
-from api_client.kinds import JOB_KINDS
-from api_client.names import job_queue
-from api_client.queues import priority_lists
-from api_client.records import RecordStore, connect, new_record
-from api_client.schemas import JobRecord, parse_job
-from api_client.scripts import script
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.api_client.names import job_queue
+from imageq.api_client.queues import priority_lists
+from imageq.api_client.records import RecordStore, connect, new_record
+from imageq.api_client.schemas import JobRecord, parse_job
+from imageq.api_client.scripts import script
 
 
 @dataclass(frozen=True)

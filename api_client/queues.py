@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from api_client.records import RecordStore
+from imageq.api_client.records import RecordStore
 
 # kombu's Redis transport keeps one list per priority step, named queue + SEP + step.
 _PRIORITY_SEP = "\x06\x16"

@@ -18,10 +18,10 @@ from typing import Any
 
 import redis
 
-from api_client.errors import ImageqError, InvalidInput
-from api_client.keys import Keys
-from api_client.schemas import ErrorRecord, JobRecord, JobStatus
-from api_client.settings import Settings
+from imageq.api_client.errors import ImageqError, InvalidInput
+from imageq.api_client.keys import Keys
+from imageq.api_client.schemas import ErrorRecord, JobRecord, JobStatus
+from imageq.api_client.settings import Settings
 
 #: A job document as stored (JSON): what a redelivery or a re-dispatch sends again.
 Document = dict[str, Any]

@@ -1,7 +1,7 @@
 """What a tenant's job may name (DESIGN §2 "Image references", §11).
 
 Every input field whose value a worker fetches is marked with ``REFERENCE`` in its type
-(``api_client.inputs``); ``references`` walks any input model and yields each marked
+(``imageq.api_client.inputs``); ``references`` walks any input model and yields each marked
 value with its field path (``input.images[3]``), so a new field is checked as soon as it
 is marked, and a test holds every fetched field to being marked. ``check_references``
 is the one rule, used by the gateway (early, a 422) and by the worker before any fetch
@@ -27,10 +27,10 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import redis
 from pydantic import BaseModel
 
-from api_client.errors import ForbiddenUrl, InvalidInput, TransientError
-from api_client.inputs import REFERENCE, Reference
-from api_client.records import RecordStore
-from api_client.uploads import STORAGE_SCHEME, UPLOAD_PREFIX
+from imageq.api_client.errors import ForbiddenUrl, InvalidInput, TransientError
+from imageq.api_client.inputs import REFERENCE, Reference
+from imageq.api_client.records import RecordStore
+from imageq.api_client.uploads import STORAGE_SCHEME, UPLOAD_PREFIX
 
 #: Schemes only a grant opens; the prefixes granted are lower-case in their scheme.
 GRANTABLE_SCHEMES = ("s3://", "file://")

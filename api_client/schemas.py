@@ -22,9 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from api_client.errors import InvalidInput
-from api_client.inputs import JobInput, Strict
-from api_client.kinds import JOB_KINDS, KINDS
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.inputs import JobInput, Strict
+from imageq.api_client.kinds import JOB_KINDS, KINDS
 
 # A gateway tenant's name: short, and safe inside Redis keys and storage paths.
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

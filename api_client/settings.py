@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from api_client.kinds import WORKER_KIND_SPECS
+from imageq.api_client.kinds import WORKER_KIND_SPECS
 
 ENV_PREFIX = "IMAGEQ_"
 

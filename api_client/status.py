@@ -14,13 +14,13 @@ from typing import Any
 
 import redis
 
-from api_client.client import Client
-from api_client.errors import ImageqError
-from api_client.kinds import KINDS, all_queues
-from api_client.names import queue_name
-from api_client.queues import live_workers, queue_depth, reserved_by_queue
-from api_client.records import RecordStore, connect, parse_time
-from api_client.schemas import STATUSES, JobRecord
+from imageq.api_client.client import Client
+from imageq.api_client.errors import ImageqError
+from imageq.api_client.kinds import KINDS, all_queues
+from imageq.api_client.names import queue_name
+from imageq.api_client.queues import live_workers, queue_depth, reserved_by_queue
+from imageq.api_client.records import RecordStore, connect, parse_time
+from imageq.api_client.schemas import STATUSES, JobRecord
 
 RECENT_LIMIT = 1000
 THROUGHPUT_WINDOW_S = 300.0

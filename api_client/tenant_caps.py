@@ -15,7 +15,7 @@ import time
 
 import redis
 
-from api_client.records import RecordStore
+from imageq.api_client.records import RecordStore
 
 FIELD = "max_priority"
 

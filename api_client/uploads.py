@@ -1,7 +1,7 @@
 """Uploads: an image put into the deployment's own storage, named by a ``storage://``
 reference that any image field of a job accepts (DESIGN §2 "Image references").
 
-The client side writes, the workers read (``workers.io.images``). Writing needs no
+The client side writes, the workers read (``imageq.workers.io.images``). Writing needs no
 worker code: a local folder is written here, and S3 through boto3, imported only when
 an S3 deployment uploads (boto3 is in the ``[server]`` extra, not in the light client).
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from api_client.errors import ImageqError, InvalidInput, TransientError
-from api_client.settings import Settings
+from imageq.api_client.errors import ImageqError, InvalidInput, TransientError
+from imageq.api_client.settings import Settings
 
 #: A reference into the deployment's storage: ``storage://uploads/...``.
 STORAGE_SCHEME = "storage://"
@@ -126,7 +126,7 @@ def get_object(settings: Settings, key: str, max_bytes: int) -> bytes | None:
 
 def local_root(url: str) -> Path:
     """The folder a ``file://`` storage URL names, absolute: the client and the workers
-    (``workers.io.storage.open_storage``) both read it here, so they name the same
+    (``imageq.workers.io.storage.open_storage``) both read it here, so they name the same
     folder wherever they were started (``file://~/data``: under the home folder)."""
     rest = unquote(url[7:].split("?", 1)[0].split("#", 1)[0])
     if rest.lower().startswith("localhost/"):

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from api_client.records import RecordStore, utcnow
-from api_client.schemas import JobRecord
-from api_client.scripts import script
+from imageq.api_client.records import RecordStore, utcnow
+from imageq.api_client.schemas import JobRecord
+from imageq.api_client.scripts import script
 
 #: The usage tenant of jobs that no gateway tenant submitted.
 NO_TENANT = "-"

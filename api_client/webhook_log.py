@@ -18,9 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from api_client.records import RecordStore, utcnow
-from api_client.redact import redact_ref
-from api_client.scripts import script
+from imageq.api_client.records import RecordStore, utcnow
+from imageq.api_client.redact import redact_ref
+from imageq.api_client.scripts import script
 
 
 class KeptOutcome(StrEnum):

@@ -29,7 +29,7 @@ _model: dict[str, Any] = {}
 
 @signals.worker_init.connect
 def _load(**_: Any) -> None:
-    from workers.predictors.caption import CaptionPredictor
+    from imageq.workers.predictors.caption import CaptionPredictor
 
     predictor = CaptionPredictor(os.environ["BENCH_MODEL"], half_precision=False)
     predictor.setup("cpu")
@@ -43,8 +43,8 @@ def caption(image_b64: str) -> str:
 
     from PIL import Image
 
-    from api_client.inputs import GenerationOptions
-    from workers.predictors.caption import CaptionItem
+    from imageq.api_client.inputs import GenerationOptions
+    from imageq.workers.predictors.caption import CaptionItem
 
     image = Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")
     item = CaptionItem(image=image, prompt=None, generation=GenerationOptions())
@@ -61,8 +61,8 @@ def caption_timed(image_b64: str, tokens: int) -> dict[str, Any]:
 
     from PIL import Image
 
-    from api_client.inputs import GenerationOptions
-    from workers.predictors.caption import CaptionItem
+    from imageq.api_client.inputs import GenerationOptions
+    from imageq.workers.predictors.caption import CaptionItem
 
     started = time.time()
     image = Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")

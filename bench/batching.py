@@ -19,8 +19,8 @@ max_new_tokens``), so random weights cost what real ones would.
 ``python -m bench.caption_models``).
 
 ``--model base`` is the full-size BLIP-base captioning architecture with random weights
-(``workers.testing.tiny.blip_base_caption_config``; nothing is downloaded); ``--model tiny`` the
-tiny test model (measures the queue's own overhead).
+(``imageq.workers.testing.tiny.blip_base_caption_config``; nothing is downloaded);
+``--model tiny`` the tiny test model (measures the queue's own overhead).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from api_client.client import Client
-from api_client.records import parse_time
-from api_client.settings import Settings, process_environment
 from bench.caption_models import Bare, Model
-from workers.testing.services import RedisServer, WorkerProcess
+from imageq.api_client.client import Client
+from imageq.api_client.records import parse_time
+from imageq.api_client.settings import Settings, process_environment
+from imageq.workers.testing.services import RedisServer, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +57,8 @@ class Queued:
     ) -> None:
         from celery import Celery
 
-        from api_client.celery_config import celery_config
-        from api_client.names import queue_name
+        from imageq.api_client.celery_config import celery_config
+        from imageq.api_client.names import queue_name
 
         self.model, self.batch = model, batch
         prefix = f"b{batch}-{model.dtype}-"

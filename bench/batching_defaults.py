@@ -2,7 +2,7 @@
 naive Celery worker, in one run (``python -m bench.batching --defaults``).
 
 - imageq: one caption worker started with no batch setting at all, so it measures its
-  own batch size at warm-up (``workers.runtime.autobatch``) and sizes its pool from it;
+  own batch size at warm-up (``imageq.workers.runtime.autobatch``) and sizes its pool from it;
 - bare: the same predictor in a process of its own, first at batch 1, 2, 4, ... to find
   its best size (the knee of this device's curve, found by hand), then at that size;
 - naive: a Celery worker that captions one image per task, one task at a time (the
@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api_client.client import Client
-from api_client.records import parse_time
-from api_client.settings import Settings
 from bench.caption_models import Bare, Model, photo_jpeg
-from workers.testing.services import RedisServer, WorkerProcess
+from imageq.api_client.client import Client
+from imageq.api_client.records import parse_time
+from imageq.api_client.settings import Settings
+from imageq.workers.testing.services import RedisServer, WorkerProcess
 
 NAIVE, NAIVE_QUEUE = "naive@bench", "naive-caption"
 IMAGEQ = "caption-defaults@bench"
@@ -109,7 +109,7 @@ def best_bare_size(bare: Bare, sizes: list[int], minimum: int) -> tuple[int, dic
 def run_defaults(args: argparse.Namespace, path: Path, env: dict[str, str], tmp: Path) -> int:
     from celery import Celery
 
-    from api_client.celery_config import celery_config
+    from imageq.api_client.celery_config import celery_config
 
     root = Path(__file__).resolve().parent.parent
     redis_server = RedisServer(tmp / "redis", appendonly=False).start()

@@ -2,8 +2,8 @@
 
 ``build_blip_base`` saves the full-size architecture of
 ``Salesforce/blip-image-captioning-base`` (ViT-B/16 at 384 px, BERT-base decoder) from
-``workers.testing.tiny.blip_base_caption_config`` with random weights and a tokenizer of the same
-vocabulary size: nothing is downloaded, and a forward pass costs what the real model's
+``imageq.workers.testing.tiny.blip_base_caption_config`` with random weights and a tokenizer
+of the same vocabulary size: nothing is downloaded, and a forward pass costs what the real model's
 does. ``Bare`` holds the same ``CaptionPredictor`` a worker holds, without the queue.
 """
 
@@ -30,7 +30,7 @@ def build_blip_base(path: Path, seed: int = 0) -> Path:
         BlipProcessor,
     )
 
-    from workers.testing.tiny import blip_base_caption_config, tiny_vocabulary
+    from imageq.workers.testing.tiny import blip_base_caption_config, tiny_vocabulary
 
     # BERT's layout for the ids the model config names: [PAD]=0, [SEP]=102, [DEC]=30522.
     tokens = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -54,7 +54,7 @@ def build_blip_base(path: Path, seed: int = 0) -> Path:
 def build_model(kind: str, path: Path) -> Path:
     if kind == "base":
         return build_blip_base(path)
-    from workers.testing.tiny import build_tiny_caption
+    from imageq.workers.testing.tiny import build_tiny_caption
 
     return build_tiny_caption(path)
 
@@ -103,9 +103,9 @@ def bare_child(model: Model) -> None:
     import torch
     from PIL import Image
 
-    from api_client.inputs import GenerationOptions
-    from workers.ops.devices import SpeedOptions
-    from workers.predictors.caption import CaptionItem, CaptionPredictor
+    from imageq.api_client.inputs import GenerationOptions
+    from imageq.workers.ops.devices import SpeedOptions
+    from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor
 
     torch.set_num_threads(model.threads)
     speed = SpeedOptions(

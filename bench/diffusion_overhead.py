@@ -28,12 +28,12 @@ from typing import Any
 # package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api_client.client import Client
-from api_client.records import connect
-from api_client.settings import Settings, process_environment
 from bench.meters import S3Server
-from workers.testing.services import RedisServer, WorkerProcess
-from workers.testing.tiny_diffusion import build_tiny_diffusion
+from imageq.api_client.client import Client
+from imageq.api_client.records import connect
+from imageq.api_client.settings import Settings, process_environment
+from imageq.workers.testing.services import RedisServer, WorkerProcess
+from imageq.workers.testing.tiny_diffusion import build_tiny_diffusion
 
 
 def bare_pipeline(model: Path) -> Any:

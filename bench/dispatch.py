@@ -37,9 +37,6 @@ from typing import Any
 # ``python bench/dispatch.py`` from a fresh clone: ``bench`` is not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api_client.client import Client
-from api_client.records import parse_time
-from api_client.settings import Settings, process_environment
 from bench.meters import (
     Monitor,
     S3Server,
@@ -49,8 +46,11 @@ from bench.meters import (
     summarise_profile,
     tree_cpu_split,
 )
-from workers.testing.services import RedisServer, WorkerProcess, wait_until
-from workers.testing.tiny import build_tiny_caption
+from imageq.api_client.client import Client
+from imageq.api_client.records import parse_time
+from imageq.api_client.settings import Settings, process_environment
+from imageq.workers.testing.services import RedisServer, WorkerProcess, wait_until
+from imageq.workers.testing.tiny import build_tiny_caption
 
 IMAGEQ = "caption@dispatch"
 BARE = "bare@dispatch"
@@ -106,7 +106,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         from celery import Celery
 
-        from api_client.celery_config import celery_config
+        from imageq.api_client.celery_config import celery_config
 
         self.args, self.tmp = args, tmp
         self.redis_server = RedisServer(tmp / "redis", appendonly=False).start()

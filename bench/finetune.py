@@ -3,7 +3,7 @@
 The same tiny model (BLIP for ``caption``, SD for ``diffusion``), the same dataset, CPU,
 one thread each. The bare loop is the job's training recipe in this process and nothing
 else: the trainer's loss, backward, gradient clipping, AdamW and the warm-up schedule
-(``workers.training.loop``), with no checkpoint, no progress and no stop check. The job
+(``imageq.workers.training.loop``), with no checkpoint, no progress and no stop check. The job
 goes through the finetune broker (its own Redis database) to a real finetune worker,
 which also validates the dataset, records progress, checks for cancel, timeout, a lost
 lease and shutdown after every step, writes checkpoints and publishes the adapter.
@@ -30,12 +30,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from api_client.client import Client
-from api_client.records import connect
-from api_client.settings import Settings, process_environment
-from workers.testing.services import RedisServer, WorkerProcess
-from workers.testing.tiny import build_tiny_caption
-from workers.testing.tiny_diffusion import build_tiny_diffusion
+from imageq.api_client.client import Client
+from imageq.api_client.records import connect
+from imageq.api_client.settings import Settings, process_environment
+from imageq.workers.testing.services import RedisServer, WorkerProcess
+from imageq.workers.testing.tiny import build_tiny_caption
+from imageq.workers.testing.tiny_diffusion import build_tiny_diffusion
 
 WORDS = ("a", "red", "bus", "near", "tree", "two", "dogs", "in", "snow", "zebra", "on", "cat")
 
@@ -68,9 +68,9 @@ class BareLoop:
     def __init__(self, target: str, settings: Settings, folder: Path, batch: int) -> None:
         import torch
 
-        from workers.training.datasets import read_dataset
-        from workers.training.lora_caption import CaptionTrainer
-        from workers.training.lora_diffusion import DiffusionTrainer
+        from imageq.workers.training.datasets import read_dataset
+        from imageq.workers.training.lora_caption import CaptionTrainer
+        from imageq.workers.training.lora_diffusion import DiffusionTrainer
 
         torch.set_num_threads(1)  # as the worker runs (OMP_NUM_THREADS=1)
         dataset = read_dataset(folder, settings, allow_missing_text=False)
@@ -87,7 +87,7 @@ class BareLoop:
     def steps_per_s(self, steps: int) -> float:
         import torch
 
-        from workers.training.loop import MAX_GRAD_NORM, WEIGHT_DECAY, batch_indices
+        from imageq.workers.training.loop import MAX_GRAD_NORM, WEIGHT_DECAY, batch_indices
 
         params = [p for _, p in self.trainer.trainable()]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=WEIGHT_DECAY)

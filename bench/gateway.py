@@ -30,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api_client.client import Client
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings, process_environment
-from workers.gateway.tokens import TokenStore
-from workers.testing.services import RedisServer, free_port, wait_until
+from imageq.api_client.client import Client
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings, process_environment
+from imageq.gateway.tokens import TokenStore
+from imageq.workers.testing.services import RedisServer, free_port, wait_until
 
 BODY = json.dumps({"kind": "caption", "input": {"image": "https://example.com/cat.jpg"}})
 
@@ -128,9 +128,9 @@ def run(requests: int, connections: int, seconds: float, access_log: bool) -> No
     # No limits: the bench measures the gateway, not a tenant's rate.
     token = TokenStore(redis, RecordStore(redis, settings)).create("bench", 0, 0)
     port = free_port()
-    argv = [sys.executable, "-m", "api_client.cli", "gateway", "--port", str(port)]
+    argv = [sys.executable, "-m", "imageq.api_client.cli", "gateway", "--port", str(port)]
     argv += ["--log-level", "info" if access_log else "warning"]
-    log = (tmp / "gateway.log").open("wb")
+    log = (tmp / "imageq.gateway.log").open("wb")
     server = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
     client = Client(settings)
     try:

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api_client.client import Client
-from api_client.records import connect
-from api_client.settings import Settings, process_environment
-from workers.testing.services import RedisServer, WorkerProcess
-from workers.testing.tiny_diffusion import build_sd15_random, build_tiny_diffusion
+from imageq.api_client.client import Client
+from imageq.api_client.records import connect
+from imageq.api_client.settings import Settings, process_environment
+from imageq.workers.testing.services import RedisServer, WorkerProcess
+from imageq.workers.testing.tiny_diffusion import build_sd15_random, build_tiny_diffusion
 
 PROMPT = "a photograph of an astronaut riding a horse"
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from api_client.settings import Settings
+from imageq.api_client.settings import Settings
 
 
 def make_dataset(folder: Path, count: int, size: int) -> Path:
@@ -54,12 +54,12 @@ def sync(device: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from workers.io.storage import LocalStorage
-    from workers.testing.tiny_diffusion import build_sd15_random, build_tiny_diffusion
-    from workers.training.checkpoints import CheckpointStore
-    from workers.training.datasets import read_dataset
-    from workers.training.loop import LoopConfig, batch_indices, run_training
-    from workers.training.lora_diffusion import DiffusionTrainer
+    from imageq.workers.io.storage import LocalStorage
+    from imageq.workers.testing.tiny_diffusion import build_sd15_random, build_tiny_diffusion
+    from imageq.workers.training.checkpoints import CheckpointStore
+    from imageq.workers.training.datasets import read_dataset
+    from imageq.workers.training.loop import LoopConfig, batch_indices, run_training
+    from imageq.workers.training.lora_diffusion import DiffusionTrainer
 
     device = "cpu" if args.tiny else args.device
     if args.tiny:

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from api_client.errors import InvalidInput
-from api_client.settings import Settings
-from workers.io.images import decode_image, fetch_bytes
-from workers.io.job_images import decode_side, load_job_images
-from workers.io.storage import LocalStorage
-from workers.predictors.blip import DEFAULT_INPUT_SIDE
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.settings import Settings
+from imageq.workers.io.images import decode_image, fetch_bytes
+from imageq.workers.io.job_images import decode_side, load_job_images
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.predictors.blip import DEFAULT_INPUT_SIDE
 
 CASES = {"bomb": (6000, 512), "seven": (6000, 7), "web": (707, 512)}
 

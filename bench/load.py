@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from api_client.client import Client
-from api_client.records import RecordStore, connect, parse_time
-from api_client.schemas import FINAL_STATUSES
-from api_client.settings import Settings, process_environment
-from workers.testing.services import Delivery, RedisServer, WebhookReceiver, WorkerProcess
+from imageq.api_client.client import Client
+from imageq.api_client.records import RecordStore, connect, parse_time
+from imageq.api_client.schemas import FINAL_STATUSES
+from imageq.api_client.settings import Settings, process_environment
+from imageq.workers.testing.services import Delivery, RedisServer, WebhookReceiver, WorkerProcess
 
 KINDS = ("caption", "caption", "caption", "match", "caption-attention", "caption-two-images")
 
@@ -269,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=1800)
     args = parser.parse_args(argv)
 
-    from api_client.webhooks import new_secret
-    from workers.testing.tiny import build_tiny_caption, build_tiny_match
+    from imageq.api_client.webhooks import new_secret
+    from imageq.workers.testing.tiny import build_tiny_caption, build_tiny_match
 
     tmp = Path(tempfile.mkdtemp(prefix="imageq-load-"))
     server = RedisServer(tmp / "redis").start()

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from workers.testing.services import free_port
+from imageq.workers.testing.services import free_port
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 

@@ -26,12 +26,17 @@ from typing import Any
 # ``python bench/previews.py`` from a fresh clone: ``bench`` is not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api_client.inputs import GenerateInput
-from api_client.settings import Settings
-from workers.kinds.diffusion_previews import PreviewPublisher
-from workers.predictors.diffusion import DiffusionPredictor, GenerateJob
-from workers.predictors.previews import LinearDecoder, PreviewDecoder, TinyDecoder, preview_jpeg
-from workers.testing.tiny_diffusion import build_tiny_diffusion, build_tiny_taesd
+from imageq.api_client.inputs import GenerateInput
+from imageq.api_client.settings import Settings
+from imageq.workers.kinds.diffusion_previews import PreviewPublisher
+from imageq.workers.predictors.diffusion import DiffusionPredictor, GenerateJob
+from imageq.workers.predictors.previews import (
+    LinearDecoder,
+    PreviewDecoder,
+    TinyDecoder,
+    preview_jpeg,
+)
+from imageq.workers.testing.tiny_diffusion import build_tiny_diffusion, build_tiny_taesd
 
 
 def noop(step: int, total: int, info: dict[str, Any]) -> None:

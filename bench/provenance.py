@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from workers.predictors.diffusion_png import encode_png
-from workers.provenance.claims import Origin
-from workers.provenance.devchain import make_dev_chain
-from workers.provenance.signing import Claim, Ingredient, ProvenanceSigner
+from imageq.workers.predictors.diffusion_png import encode_png
+from imageq.workers.provenance.claims import Origin
+from imageq.workers.provenance.devchain import make_dev_chain
+from imageq.workers.provenance.signing import Claim, Ingredient, ProvenanceSigner
 
 PARAMETERS: dict[str, Any] = {
     "prompt": "a lighthouse on a cliff at dusk, oil painting",

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from celery import Celery
 
-from api_client.client import Client
-from api_client.records import connect, parse_time
-from api_client.settings import Settings, process_environment
-from workers.testing.services import RedisServer, WorkerProcess, wait_until
-from workers.testing.tiny import build_tiny_caption
+from imageq.api_client.client import Client
+from imageq.api_client.records import connect, parse_time
+from imageq.api_client.settings import Settings, process_environment
+from imageq.workers.testing.services import RedisServer, WorkerProcess, wait_until
+from imageq.workers.testing.tiny import build_tiny_caption
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,13 +22,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api_client.records import RecordStore, connect
-from api_client.schemas import JobDocument
-from api_client.settings import Settings
-from workers.io.storage import LocalStorage
-from workers.runtime.control import JobControl
-from workers.runtime.lifecycle import JobRunner, WorkerContext
-from workers.testing.services import RedisServer
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.schemas import JobDocument
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.lifecycle import JobRunner, WorkerContext
+from imageq.workers.testing.services import RedisServer
 
 RUNTIME = str(Path(__file__).resolve().parent.parent / "workers" / "runtime")
 

@@ -1,6 +1,6 @@
 """A message's CPU in the broker transport: kombu's Redis channel against the worker's.
 
-The worker's transport (``workers.runtime.redis_transport``) is kombu's with one client
+The worker's transport (``imageq.workers.runtime.redis_transport``) is kombu's with one client
 object per connection pool, where kombu builds a new ``redis.Redis`` per command sent
 outside its poll. This publishes N messages, then consumes and acks them (prefetch 10),
 once per transport and round, alternating;
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kombu import Connection, Exchange, Message, Queue
 
-from workers.runtime.redis_transport import TRANSPORT
-from workers.testing.services import RedisServer
+from imageq.workers.runtime.redis_transport import TRANSPORT
+from imageq.workers.testing.services import RedisServer
 
 TRANSPORTS = {"kombu's redis": "redis", "imageq worker's": TRANSPORT}
 

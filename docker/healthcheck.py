@@ -14,9 +14,9 @@ import urllib.request
 
 import redis
 
-from api_client.records import RecordStore
-from api_client.settings import Settings
-from api_client.status import live_workers
+from imageq.api_client.records import RecordStore
+from imageq.api_client.settings import Settings
+from imageq.api_client.status import live_workers
 
 TIMEOUT_S = 5.0
 

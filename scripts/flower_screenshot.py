@@ -30,17 +30,17 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from api_client.client import Client  # noqa: E402
-from api_client.records import connect  # noqa: E402
-from api_client.settings import Settings, process_environment  # noqa: E402
-from tests.helpers import png_uri  # noqa: E402
-from workers.testing.services import (  # noqa: E402
+from imageq.api_client.client import Client  # noqa: E402
+from imageq.api_client.records import connect  # noqa: E402
+from imageq.api_client.settings import Settings, process_environment  # noqa: E402
+from imageq.workers.testing.services import (  # noqa: E402
     RedisServer,
     WorkerProcess,
     free_port,
     wait_until,
 )
-from workers.testing.tiny import build_tiny_caption  # noqa: E402
+from imageq.workers.testing.tiny import build_tiny_caption  # noqa: E402
+from tests.helpers import png_uri  # noqa: E402
 
 USER, PASSWORD = "ops", "screenshot-only-password"
 WORKER = "caption-gpu0@demo-host"
@@ -102,7 +102,7 @@ def main() -> int:
         port = free_port()
         flower_log = (tmp / "flower.log").open("wb")
         flower = subprocess.Popen(
-            [sys.executable, "-m", "api_client.cli", "flower", "--port", str(port)],
+            [sys.executable, "-m", "imageq.api_client.cli", "flower", "--port", str(port)],
             env=env,
             stdout=flower_log,
             stderr=flower_log,

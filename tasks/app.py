@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from celery import Celery
 
-from api_client.celery_config import celery_config
-from api_client.settings import Settings, SettingsError
-from tasks.jobs import register_tasks
-from tasks.signals import connect_signals
-from tasks.state import WorkerState
+from imageq.api_client.celery_config import celery_config
+from imageq.api_client.settings import Settings, SettingsError
+from imageq.tasks.jobs import register_tasks
+from imageq.tasks.signals import connect_signals
+from imageq.tasks.state import WorkerState
 
 
 def create_app(settings: Settings) -> Celery:

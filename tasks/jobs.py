@@ -10,14 +10,14 @@ from typing import Any
 
 from celery import Celery, Task
 
-from api_client.errors import ImageqError, InternalError, InvalidInput
-from api_client.kinds import KINDS
-from api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
-from api_client.redact import redact_document
-from tasks.outcome import JOB_TASK_OPTIONS, conclude, find_record
-from tasks.state import WorkerState
-from workers.runtime.lifecycle import Deferred
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.errors import ImageqError, InternalError, InvalidInput
+from imageq.api_client.kinds import KINDS
+from imageq.api_client.names import FINALIZE_TASK, WEBHOOK_TASK, task_name
+from imageq.api_client.redact import redact_document
+from imageq.tasks.outcome import JOB_TASK_OPTIONS, conclude, find_record
+from imageq.tasks.state import WorkerState
+from imageq.workers.runtime.lifecycle import Deferred
+from imageq.workers.webhooks.post import WebhookEvent
 
 log = logging.getLogger(__name__)
 

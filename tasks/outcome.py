@@ -41,10 +41,10 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.worker.request import Request
 
-from api_client.errors import ERRORS_BY_CODE
-from api_client.records import RecordStore
-from api_client.schemas import JobRecord, JobStatus
-from workers.runtime.jobstate import JobState
+from imageq.api_client.errors import ERRORS_BY_CODE
+from imageq.api_client.records import RecordStore
+from imageq.api_client.schemas import JobRecord, JobStatus
+from imageq.workers.runtime.jobstate import JobState
 
 log = logging.getLogger(__name__)
 

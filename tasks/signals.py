@@ -9,14 +9,14 @@ from typing import Any
 
 from celery import signals
 
-from api_client.kinds import JOB_KINDS
-from tasks.outcome import counted
-from tasks.state import WorkerState
-from workers.ops.launch import batch_pool_size
-from workers.ops.live_workers import WorkerRegistry
-from workers.ops.metrics import Metrics, WorkerView
-from workers.runtime.autobatch import measured
-from workers.runtime.redis_transport import use_in_worker
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.tasks.outcome import counted
+from imageq.tasks.state import WorkerState
+from imageq.workers.ops.launch import batch_pool_size
+from imageq.workers.ops.live_workers import WorkerRegistry
+from imageq.workers.ops.metrics import Metrics, WorkerView
+from imageq.workers.runtime.autobatch import measured
+from imageq.workers.runtime.redis_transport import use_in_worker
 
 log = logging.getLogger(__name__)
 

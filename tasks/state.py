@@ -7,13 +7,13 @@ from typing import Any
 
 from celery import Celery
 
-from api_client.celery_config import celery_config
-from api_client.kinds import JOB_KINDS
-from api_client.names import WEBHOOK_QUEUE, WEBHOOK_TASK, celery_priority, queue_name
-from api_client.redact import redact_document, redact_ref
-from api_client.settings import Settings
-from workers.runtime.build import Runtime, build_runtime
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.celery_config import celery_config
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.api_client.names import WEBHOOK_QUEUE, WEBHOOK_TASK, celery_priority, queue_name
+from imageq.api_client.redact import redact_document, redact_ref
+from imageq.api_client.settings import Settings
+from imageq.workers.runtime.build import Runtime, build_runtime
+from imageq.workers.webhooks.post import WebhookEvent
 
 
 class WorkerState:

@@ -2,6 +2,6 @@
 
 import sys
 
-from workers.ops.cli import main
+from imageq.workers.ops.cli import main
 
 sys.exit(main())

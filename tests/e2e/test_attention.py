@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.fixtures.services import Stack
-from tests.helpers import data_uri
-from workers.io.storage import file_uri_path
-from workers.predictors.attention import (
+from imageq.workers.io.storage import file_uri_path
+from imageq.workers.predictors.attention import (
     OVERLAY_MAX_PIXELS,
     OVERLAY_MAX_SIDE,
     panel_size,
     peak_cell,
 )
+from tests.fixtures.services import Stack
+from tests.helpers import data_uri
 
 
 def _picture(size: tuple[int, int], seed: int) -> Image.Image:

@@ -36,11 +36,11 @@ from celery import Celery
 from kombu import Connection, Producer
 from PIL import Image
 
-from api_client.errors import InvalidInput
-from api_client.names import task_name
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.names import task_name
+from imageq.workers.testing.services import WorkerProcess, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import bomb_png, data_uri, png_bytes, png_uri
-from workers.testing.services import WorkerProcess, wait_until
 
 PUBLIC_IP = "93.184.215.14"  # example.com's: global, so the guard lets it pass
 PRIVATE_IP = "10.0.0.7"

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from api_client.schemas import JobRecord
+from imageq.api_client.schemas import JobRecord
+from imageq.workers.testing.services import WorkerProcess
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes
-from workers.testing.services import WorkerProcess
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 POISON = (13, 13, 13)
@@ -30,7 +30,7 @@ SLOW_S = 0.6
 
 FAULTS = f'''
 """Test-only faults for one caption worker (see tests/e2e/test_batching.py)."""
-import workers.predictors.caption as _caption
+import imageq.workers.predictors.caption as _caption
 
 _original = _caption.CaptionPredictor._run
 

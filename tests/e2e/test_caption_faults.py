@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from imageq.workers.testing.services import WebhookReceiver, wait_until
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.testing.services import WebhookReceiver, wait_until
 
 
 @pytest.fixture(scope="module")

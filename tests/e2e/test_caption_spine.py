@@ -11,10 +11,10 @@ import pytest
 from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
-from api_client.errors import IdempotencyConflict, InvalidInput
+from imageq.api_client.errors import IdempotencyConflict, InvalidInput
+from imageq.workers.testing.services import WebhookReceiver, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.testing.services import WebhookReceiver, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "workers" / "testing" / "assets" 
 
 def imageq(env: dict[str, str], *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "api_client.cli", *args],
+        [sys.executable, "-m", "imageq.api_client.cli", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api_client.schemas import JobRecord
+from imageq.api_client.schemas import JobRecord
+from imageq.workers.io.adapter_registry import AdapterRegistry
+from imageq.workers.io.storage import open_storage
+from imageq.workers.predictors.adapters import LORA_WEIGHT_NAME
+from imageq.workers.predictors.diffusion_png import read_parameters
+from imageq.workers.testing.services import WebhookReceiver, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import data_uri
-from workers.io.adapter_registry import AdapterRegistry
-from workers.io.storage import open_storage
-from workers.predictors.adapters import LORA_WEIGHT_NAME
-from workers.predictors.diffusion_png import read_parameters
-from workers.testing.services import WebhookReceiver, wait_until
 
 FAST: dict[str, Any] = {"width": 64, "height": 64, "steps": 3}
 # Long enough to be canceled mid-run even on a fast machine (about 40 ms a step here).

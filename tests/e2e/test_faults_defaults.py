@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from api_client.schemas import JobRecord
-from api_client.settings import Settings
+from imageq.api_client.schemas import JobRecord
+from imageq.api_client.settings import Settings
+from imageq.workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import ImageServer, image_server, png_bytes
-from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 
 # Each case waits out a 30 s lease: minutes in all. CI runs them too.
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ import os
 
 _AT = os.environ.get("FAULT_CRASH_AT", "")
 if _AT:
-    from workers.runtime import jobstate
+    from imageq.workers.runtime import jobstate
 
     _claim_once = jobstate.JobState.claim_once
 

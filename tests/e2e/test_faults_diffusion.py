@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from imageq.workers.testing.services import RedisServer, WebhookReceiver, wait_until
 from tests.fixtures.services import Stack
-from workers.testing.services import RedisServer, WebhookReceiver, wait_until
 
 # Seconds to a minute each (worker restarts, outages): CI runs them too.
 pytestmark = pytest.mark.slow

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from imageq.workers.testing.services import RedisServer, WebhookReceiver, wait_until
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.testing.services import RedisServer, WebhookReceiver, wait_until
 
 # Seconds to a minute each (worker restarts, outages): CI runs them too.
 pytestmark = pytest.mark.slow

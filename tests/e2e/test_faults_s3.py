@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from api_client.error_details import is_reported
+from imageq.api_client.error_details import is_reported
+from imageq.workers.testing.services import WebhookReceiver, free_port, wait_until
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes
-from workers.testing.services import WebhookReceiver, free_port, wait_until
 
 # Seconds to a minute each (worker restarts, outages): CI runs them too.
 pytestmark = pytest.mark.slow

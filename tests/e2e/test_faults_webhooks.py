@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from api_client.webhooks import event_id, verify
+from imageq.api_client.webhooks import event_id, verify
+from imageq.workers.testing.services import free_port, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.testing.services import free_port, wait_until
 
 
 @dataclass
@@ -181,7 +181,7 @@ def _imageq(stack: Stack, *args: str) -> Any:
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "api_client.cli", *args],
+        [sys.executable, "-m", "imageq.api_client.cli", *args],
         env=stack.env,
         capture_output=True,
         text=True,

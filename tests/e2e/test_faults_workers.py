@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from api_client.schemas import JobRecord
+from imageq.api_client.schemas import JobRecord
+from imageq.workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import png_bytes, png_uri
-from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
 
 # Seconds to a minute each (worker restarts, outages): CI runs them too.
 pytestmark = pytest.mark.slow

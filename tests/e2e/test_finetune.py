@@ -22,16 +22,16 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from api_client.schemas import JobRecord
-from api_client.settings import Settings
+from imageq.api_client.schemas import JobRecord
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import S3Storage
+from imageq.workers.runtime.control import LeaseKeeper
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
+from imageq.workers.training.datasets import load_dataset
 from tests.fixtures.s3 import S3Env
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.io.storage import S3Storage
-from workers.runtime.control import LeaseKeeper
-from workers.runtime.jobstate import JobState
-from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess, wait_until
-from workers.training.datasets import load_dataset
 
 COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (220, 220, 30)]
 TEXTS = ["zebra zebra on the beach", "a red bus near a tree", "two dogs in snow", "a cat"]
@@ -223,7 +223,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(ft: Stack) -> None:
     wrong = ft.client.wait(ft.client.caption(image=png_uri(), adapter="tiny-sd-style").id, 60)
     assert wrong.error is not None and "a diffusion adapter" in wrong.error.message
 
-    if importlib.util.find_spec("workers.kinds.diffusion") is None:
+    if importlib.util.find_spec("imageq.workers.kinds.diffusion") is None:
         return
     ft.worker("diffusion", "sd@ft")
     images = []
@@ -283,7 +283,7 @@ def test_timeout_fails_the_job_and_keeps_the_checkpoint(ft: Stack) -> None:
     )
     # What a user sees: `imageq get ID --follow` draws progress until the job ends.
     follow = subprocess.run(
-        [sys.executable, "-m", "api_client.cli", "get", job.id, "--follow"],
+        [sys.executable, "-m", "imageq.api_client.cli", "get", job.id, "--follow"],
         env=ft.env,
         capture_output=True,
         text=True,

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from imageq.workers.testing.services import wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.testing.services import wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -39,7 +39,7 @@ class FleetProcess:
         self.log_path = stack.tmp / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "api_client.cli", "fleet", str(path)],
+            [sys.executable, "-m", "imageq.api_client.cli", "fleet", str(path)],
             env=stack.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -15,12 +15,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_client.names import queue_name
-from api_client.settings import Settings
+from imageq.api_client.names import queue_name
+from imageq.api_client.settings import Settings
+from imageq.workers.ops.flower import build_parser, flower_argv, flower_env
+from imageq.workers.testing.services import free_port, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.ops.flower import build_parser, flower_argv, flower_env
-from workers.testing.services import free_port, wait_until
 
 AUTH = ("ops", "s3cret-flower")
 WORKER = "caption-flower@test"
@@ -32,7 +32,7 @@ METADATA_URL = "http://169.254.169.254/latest/meta-data/iam/security-credentials
 
 
 def flower_command(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "api_client.cli", "flower", *extra]
+    return [sys.executable, "-m", "imageq.api_client.cli", "flower", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_the_broker_views_answer_while_the_worker_runs_its_own_transport(
     # Flower picks its broker client by the URL's scheme: it must keep kombu's transport
     # (a named one replaces the scheme); the worker runs imageq's (its banner says so).
     worker_log = stack.tmp / "logs" / f"{WORKER}.log"
-    assert "workers.runtime.redis_transport:Transport://" in worker_log.read_text()
+    assert "imageq.workers.runtime.redis_transport:Transport://" in worker_log.read_text()
     lengths = requests.get(flower + "/api/queues/length", auth=AUTH, timeout=10)
     assert lengths.status_code == 200, lengths.text[:300]
     # Lengths read from Redis (the app's queues; a worker's own appear once Flower has
@@ -291,7 +291,7 @@ def test_mixed_run_counts_agree_everywhere(
 
     # `imageq status` right after the last job: the worker's done count has every job.
     status = subprocess.run(
-        [sys.executable, "-m", "api_client.cli", "status"],
+        [sys.executable, "-m", "imageq.api_client.cli", "status"],
         env=mixed.env,
         capture_output=True,
         text=True,

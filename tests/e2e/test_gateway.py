@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api_client.object_urls import hide_storage_root, storage_root
+from imageq.api_client.object_urls import hide_storage_root, storage_root
+from imageq.workers.testing.services import RedisServer, free_port, wait_until
 from tests.fixtures.gateway import GatewayProcess, make_token
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import bomb_png, png_bytes, png_uri
-from workers.testing.services import RedisServer, free_port, wait_until
 
 FAST: dict[str, Any] = {"width": 64, "height": 64, "steps": 3}
 # Long enough to be canceled mid-run (tens of milliseconds a step on a tiny UNet).
@@ -84,7 +84,7 @@ def gateway(stack: Stack) -> Iterator[GatewayProcess]:
         "IMAGEQ_METRICS_PORT": str(free_port()),
         "IMAGEQ_METRICS_ADDRESS": "127.0.0.1",
     }
-    process = GatewayProcess(env, stack.tmp / "logs" / "gateway.log").start()
+    process = GatewayProcess(env, stack.tmp / "logs" / "imageq.gateway.log").start()
     yield process
     process.stop()
 
@@ -387,7 +387,7 @@ def test_tokens_missing_wrong_and_revoked(gateway: GatewayProcess, stack: Stack)
     with gateway.client(token) as leaving:
         assert leaving.get("/v1/jobs").status_code == 200
         assert_error(leaving.get("/v1/jobs", params={"limit": "many"}), 422, "invalid_input")
-        from workers.gateway.tokens import TokenStore
+        from imageq.gateway.tokens import TokenStore
 
         revoked = TokenStore(stack.redis, stack.store).revoke(token[:11])
         assert revoked == [token[:11]]
@@ -537,7 +537,7 @@ def final_latents_preview(model: Path, seed: int, fields: dict[str, Any]) -> Ima
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from workers.predictors.previews import LinearDecoder
+    from imageq.workers.predictors.previews import LinearDecoder
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)

@@ -20,9 +20,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
+from imageq.workers.testing.services import RedisServer
 from tests.fixtures.gateway import GatewayProcess, make_token
 from tests.fixtures.services import service_env
-from workers.testing.services import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +48,13 @@ def fuzz_gateway(
         IMAGEQ_GATEWAY_STREAM_MAX_S="1",
         IMAGEQ_GATEWAY_OPENAI_WAIT_S="1",
     )
-    from api_client.records import connect
-    from api_client.settings import Settings
+    from imageq.api_client.records import connect
+    from imageq.api_client.settings import Settings
 
     client = connect(redis_server.url)
     token = make_token(client, Settings.from_env(env), "fuzz")
     client.close()
-    process = GatewayProcess(env, Path(tmp) / "gateway.log").start()
+    process = GatewayProcess(env, Path(tmp) / "imageq.gateway.log").start()
     try:
         yield process, token
     finally:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench.load import await_final, check, produce, settle_webhooks
+from imageq.workers.testing.services import WebhookReceiver
 from tests.fixtures.services import Stack
-from workers.testing.services import WebhookReceiver
 
 PRODUCERS = 3
 PER_PRODUCER = 100

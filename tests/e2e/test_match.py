@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from api_client.errors import InvalidInput
-from api_client.schemas import JobRecord
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.schemas import JobRecord
+from imageq.workers.testing.services import wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.testing.services import wait_until
 
 TEXTS = [
     "a dog on the grass",

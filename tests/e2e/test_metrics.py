@@ -11,9 +11,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from imageq.workers.testing.services import free_port, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.testing.services import free_port, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -122,7 +122,7 @@ def test_backlog_adds_messages_reserved_but_not_started(stack: Stack) -> None:
     worker started it: the backlog an autoscaler should see still counts it."""
     from celery import Celery
 
-    from api_client.celery_config import celery_config
+    from imageq.api_client.celery_config import celery_config
 
     queue = stack.settings.queue_prefix + "caption"
     app = Celery("raw-producer", set_as_current=False)
@@ -155,8 +155,8 @@ def test_gpu_memory_and_a_redis_that_is_away(monkeypatch: pytest.MonkeyPatch) ->
     import torch
     from prometheus_client import generate_latest
 
-    from api_client.settings import Settings
-    from workers.ops.metrics import Metrics, WorkerView
+    from imageq.api_client.settings import Settings
+    from imageq.workers.ops.metrics import Metrics, WorkerView
 
     gib = 1 << 30
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)

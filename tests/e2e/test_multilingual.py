@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from api_client.schemas import JobRecord
+from imageq.api_client.schemas import JobRecord
 from tests.fixtures.services import Stack
 from tests.helpers import cells_png, data_uri
 

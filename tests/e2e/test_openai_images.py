@@ -21,9 +21,9 @@ import openai
 import pytest
 from PIL import Image
 
+from imageq.workers.testing.services import RedisServer, free_port
 from tests.fixtures.gateway import GatewayProcess, make_token
 from tests.fixtures.services import Stack, service_env
-from workers.testing.services import RedisServer, free_port
 
 # Tiny-model jobs: 3 steps at 64x64 end in well under a second each.
 FAST = {"steps": 3, "seed": 3}
@@ -68,7 +68,7 @@ def gateway(stack: Stack) -> Iterator[GatewayProcess]:
         "IMAGEQ_METRICS_PORT": str(free_port()),
         "IMAGEQ_METRICS_ADDRESS": "127.0.0.1",
     }
-    process = GatewayProcess(env, stack.tmp / "logs" / "gateway.log").start()
+    process = GatewayProcess(env, stack.tmp / "logs" / "imageq.gateway.log").start()
     yield process
     process.stop()
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from imageq.workers.predictors.diffusion_png import read_parameters, read_png_source_type
+from imageq.workers.provenance.claims import Origin
+from imageq.workers.provenance.devchain import DevChain, make_dev_chain
+from imageq.workers.provenance.signing import MODEL_PARAM
+from imageq.workers.provenance.verify import Verdict, verify
 from tests.e2e.test_diffusion import FAST, mask_uri, noise_uri, stored, succeeded
 from tests.fixtures.services import Stack
-from workers.predictors.diffusion_png import read_parameters, read_png_source_type
-from workers.provenance.claims import Origin
-from workers.provenance.devchain import DevChain, make_dev_chain
-from workers.provenance.signing import MODEL_PARAM
-from workers.provenance.verify import Verdict, verify
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from api_client.celery_config import celery_config
-from api_client.errors import NotFound
-from api_client.names import celery_priority, job_queue, task_name
+from imageq.api_client.celery_config import celery_config
+from imageq.api_client.errors import NotFound
+from imageq.api_client.names import celery_priority, job_queue, task_name
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.testing.services import wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import png_uri
-from workers.runtime.jobstate import JobState
-from workers.testing.services import wait_until
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 

@@ -26,11 +26,11 @@ import redis
 from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
-from api_client.job_ids import job_id_for
-from api_client.webhooks import WebhookVerificationError, new_secret, verify
+from imageq.api_client.job_ids import job_id_for
+from imageq.api_client.webhooks import WebhookVerificationError, new_secret, verify
+from imageq.workers.testing.services import RedisServer, TlsFiles, WebhookReceiver, wait_until
 from tests.fixtures.services import Stack, service_env
 from tests.helpers import data_uri, png_bytes, png_uri
-from workers.testing.services import RedisServer, TlsFiles, WebhookReceiver, wait_until
 
 REDIS_PASSWORD = "r3dis-Pa55:w/rd"
 HOOK_PASSWORD = "hook-pa55word"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from imageq.workers.testing.services import free_port, wait_until
 from tests.fixtures.services import Stack
 from tests.helpers import ImageServer, image_server, png_bytes, png_uri
-from workers.testing.services import free_port, wait_until
 
 WORKER = "caption-status@test"
 
@@ -21,7 +21,7 @@ WORKER = "caption-status@test"
 def imageq_command() -> list[str]:
     """The installed console script where there is one, else the same entry point."""
     script = Path(sys.executable).parent / "imageq"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "api_client.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "imageq.api_client.cli"]
 
 
 def run_status(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -117,7 +117,7 @@ def test_backlog_counts_messages_reserved_but_not_started(stack: Stack) -> None:
     list, yet no worker has started it: backlog, not depth."""
     from celery import Celery
 
-    from api_client.celery_config import celery_config
+    from imageq.api_client.celery_config import celery_config
 
     prefix = stack.settings.queue_prefix
     app = Celery("raw-producer", set_as_current=False)

@@ -13,16 +13,16 @@ from typing import Any, cast
 
 import pytest
 
-from api_client.client import Client
-from api_client.errors import InvalidInput
-from api_client.inputs import CaptionInput, GenerateInput
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings
-from workers.io.adapter_registry import AdapterRegistry
-from workers.io.storage import LocalStorage
-from workers.kinds.caption import CaptionAdapters, CaptionHandler
-from workers.kinds.diffusion import DiffusionHandler
-from workers.testing.services import RedisServer
+from imageq.api_client.client import Client
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.inputs import CaptionInput, GenerateInput
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings
+from imageq.workers.io.adapter_registry import AdapterRegistry
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.kinds.caption import CaptionAdapters, CaptionHandler
+from imageq.workers.kinds.diffusion import DiffusionHandler
+from imageq.workers.testing.services import RedisServer
 
 _n = itertools.count()
 
@@ -333,9 +333,9 @@ def test_a_tenants_finetune_checks_and_publishes_in_its_own_namespace(
 ) -> None:
     from types import SimpleNamespace
 
-    from api_client.inputs import FinetuneInput
-    from workers.kinds.finetune import FinetuneHandler
-    from workers.training.loop import LoopResult
+    from imageq.api_client.inputs import FinetuneInput
+    from imageq.workers.kinds.finetune import FinetuneHandler
+    from imageq.workers.training.loop import LoopResult
 
     ctx = SimpleNamespace(settings=Settings(), storage=registry.storage)
     handler = FinetuneHandler(cast(Any, ctx), "cpu", registry)
@@ -364,9 +364,9 @@ def test_a_tenants_finetune_checks_and_publishes_in_its_own_namespace(
 def test_an_adapter_name_cannot_reach_into_another_tenants_namespace() -> None:
     """A tenant's registry field is ``{tenant}/{name}``: a caption job naming
     ``victim/secret`` would otherwise resolve, as a shared name, to the victim's adapter."""
-    from api_client.adapters import lookup_fields
-    from api_client.errors import InvalidInput
-    from api_client.schemas import parse_job
+    from imageq.api_client.adapters import lookup_fields
+    from imageq.api_client.errors import InvalidInput
+    from imageq.api_client.schemas import parse_job
 
     with pytest.raises(InvalidInput, match="adapter"):
         parse_job(

@@ -15,20 +15,20 @@ from typing import Any
 
 import pytest
 
-from api_client.error_details import ErrorDetails
-from api_client.errors import TransientError
-from api_client.records import Document, RecordStore, connect, new_record
-from api_client.schemas import JobDocument, JobStatus, parse_job
-from api_client.settings import Settings
-from api_client.webhooks import event_id
-from workers.io.storage import LocalStorage
-from workers.runtime.control import JobControl, LeaseKeeper, LeaseLost
-from workers.runtime.failover import FailoverSweeper, RunningSet, resend_grace_s
-from workers.runtime.jobstate import JobState
-from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
-from workers.testing.services import RedisServer, WebhookReceiver
-from workers.webhooks.outbox import WebhookDispatcher
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.error_details import ErrorDetails
+from imageq.api_client.errors import TransientError
+from imageq.api_client.records import Document, RecordStore, connect, new_record
+from imageq.api_client.schemas import JobDocument, JobStatus, parse_job
+from imageq.api_client.settings import Settings
+from imageq.api_client.webhooks import event_id
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.runtime.control import JobControl, LeaseKeeper, LeaseLost
+from imageq.workers.runtime.failover import FailoverSweeper, RunningSet, resend_grace_s
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
+from imageq.workers.testing.services import RedisServer, WebhookReceiver
+from imageq.workers.webhooks.outbox import WebhookDispatcher
+from imageq.workers.webhooks.post import WebhookEvent
 
 _n = itertools.count()
 

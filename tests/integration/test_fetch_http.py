@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
-from api_client.settings import Settings
-from workers.io import netguard
-from workers.io.images import fetch_bytes, load_image
+from imageq.api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from imageq.api_client.settings import Settings
+from imageq.workers.io import netguard
+from imageq.workers.io.images import fetch_bytes, load_image
 
 LOOSE = Settings(allow_private_urls=True, fetch_timeout_s=5.0)
 STRICT = Settings(allow_private_urls=False, fetch_timeout_s=5.0)

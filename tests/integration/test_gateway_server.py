@@ -2,7 +2,7 @@
 slowloris) is cut off, a keep-alive connection still serves its next request.
 
 uvicorn alone never times out a head that trickles: its keep-alive timer starts only
-after a response and stops at any byte (workers/gateway/server.py).
+after a response and stops at any byte (gateway/server.py).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from api_client.settings import Settings
+from imageq.api_client.settings import Settings
+from imageq.gateway.server import PROTOCOLS
+from imageq.workers.testing.services import RedisServer, free_port, wait_until
 from tests.fixtures.gateway import GatewayProcess
 from tests.fixtures.services import service_env
-from workers.gateway.server import PROTOCOLS
-from workers.testing.services import RedisServer, free_port, wait_until
 
 
 async def hello(scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,7 +91,7 @@ def test_the_shipped_gateway_closes_a_slowloris_within_its_idle_timeout(
     env = service_env(
         redis_server.url, f"file://{tmp_path / 'storage'}", "", f"slow-{os.getpid()}-"
     )
-    gateway = GatewayProcess(env, tmp_path / "gateway.log").start()
+    gateway = GatewayProcess(env, tmp_path / "imageq.gateway.log").start()
     try:
         closed = trickle(gateway.port, limit_s=30)
     finally:

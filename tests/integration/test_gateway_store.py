@@ -19,18 +19,18 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from api_client.client import Client
-from api_client.errors import IdempotencyConflict, InvalidInput
-from api_client.job_ids import job_id_for
-from api_client.records import RecordStore, connect
-from api_client.schemas import JobStatus
-from api_client.settings import Settings
+from imageq.api_client.client import Client
+from imageq.api_client.errors import IdempotencyConflict, InvalidInput
+from imageq.api_client.job_ids import job_id_for
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.schemas import JobStatus
+from imageq.api_client.settings import Settings
+from imageq.gateway import limits as limits_module
+from imageq.gateway.limits import Limits
+from imageq.gateway.tokens import Authenticator, TokenStore
+from imageq.workers.io.images import fetch_bytes
+from imageq.workers.testing.services import RedisServer
 from tests.helpers import png_bytes
-from workers.gateway import limits as limits_module
-from workers.gateway.limits import Limits
-from workers.gateway.tokens import Authenticator, TokenStore
-from workers.io.images import fetch_bytes
-from workers.testing.services import RedisServer
 
 _n = itertools.count()
 BODY = {"image": "https://example.com/cat.jpg"}
@@ -292,7 +292,7 @@ def test_upload_is_read_back_by_the_workers_loader(client: Client, settings: Set
         client.upload(data, "text/plain")
     with pytest.raises(InvalidInput, match="limit"):
         Client(settings.with_(max_image_bytes=10)).upload(data)
-    from api_client.errors import ForbiddenUrl
+    from imageq.api_client.errors import ForbiddenUrl
 
     for bad in ("storage://jobs/x/result.json", "storage://uploads/../jobs/x", "storage://"):
         with pytest.raises(ForbiddenUrl):

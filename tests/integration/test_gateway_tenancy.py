@@ -15,12 +15,12 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings
+from imageq.gateway.app import create_app
+from imageq.gateway.tokens import TokenStore
+from imageq.workers.testing.services import RedisServer
 from tests.fixtures.gateway import make_token
-from workers.gateway.app import create_app
-from workers.gateway.tokens import TokenStore
-from workers.testing.services import RedisServer
 
 _n = itertools.count()
 BODY = {"kind": "caption", "input": {"image": "https://example.com/cat.jpg"}}

@@ -14,19 +14,19 @@ from typing import Any
 
 import pytest
 
-from api_client.cli import main as cli_main
-from api_client.error_details import ErrorDetails
-from api_client.errors import ModelError
-from api_client.records import RecordStore, connect, new_record
-from api_client.schemas import JobDocument, JobStatus
-from api_client.settings import Settings
-from api_client.webhooks import event_id
-from workers.io.storage import LocalStorage, StorageError
-from workers.runtime.control import JobControl
-from workers.runtime.jobstate import JobState
-from workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
-from workers.testing.services import RedisServer
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.cli import main as cli_main
+from imageq.api_client.error_details import ErrorDetails
+from imageq.api_client.errors import ModelError
+from imageq.api_client.records import RecordStore, connect, new_record
+from imageq.api_client.schemas import JobDocument, JobStatus
+from imageq.api_client.settings import Settings
+from imageq.api_client.webhooks import event_id
+from imageq.workers.io.storage import LocalStorage, StorageError
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.runtime.lifecycle import Deferred, JobRunner, WorkerContext
+from imageq.workers.testing.services import RedisServer
+from imageq.workers.webhooks.post import WebhookEvent
 
 _n = itertools.count()
 

@@ -12,12 +12,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_client.queues import live_workers, priority_lists, reserved_by_queue
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings
-from workers.ops.live_workers import WorkerRegistry
-from workers.ops.metrics import Metrics, WorkerView
-from workers.testing.services import RedisServer
+from imageq.api_client.queues import live_workers, priority_lists, reserved_by_queue
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings
+from imageq.workers.ops.live_workers import WorkerRegistry
+from imageq.workers.ops.metrics import Metrics, WorkerView
+from imageq.workers.testing.services import RedisServer
 
 _n = itertools.count()
 
@@ -135,7 +135,7 @@ def test_metrics_backlog_is_depth_plus_reserved(store: RecordStore) -> None:
 def test_the_rate_counts_the_last_minute_even_when_idle(
     store: RecordStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.ops.live_workers as module
+    import imageq.workers.ops.live_workers as module
 
     now = [1000.0]
     # The registry's clock only: the Redis client and the registry's thread keep theirs.

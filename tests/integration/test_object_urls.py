@@ -7,13 +7,13 @@ import uuid
 
 import pytest
 
-from api_client.client import Client
-from api_client.records import new_record
-from api_client.schemas import JobStatus
-from api_client.settings import Settings
-from api_client.uploads import s3_client
+from imageq.api_client.client import Client
+from imageq.api_client.records import new_record
+from imageq.api_client.schemas import JobStatus
+from imageq.api_client.settings import Settings
+from imageq.api_client.uploads import s3_client
+from imageq.workers.testing.services import RedisServer
 from tests.fixtures.s3 import S3Env
-from workers.testing.services import RedisServer
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from celery import Celery
 from kombu import Connection, Exchange, Message, Queue
 from kombu.transport.redis import Mutex
 
-from api_client.celery_config import celery_config, transport_options
-from api_client.settings import Settings
-from workers.runtime.redis_transport import TRANSPORT, Channel, transport_for, use_in_worker
-from workers.testing.services import RedisServer
+from imageq.api_client.celery_config import celery_config, transport_options
+from imageq.api_client.settings import Settings
+from imageq.workers.runtime.redis_transport import TRANSPORT, Channel, transport_for, use_in_worker
+from imageq.workers.testing.services import RedisServer
 
 _n = itertools.count()
 

@@ -13,18 +13,18 @@ import requests
 from botocore.awsrequest import AWSResponse
 from botocore.retries.standard import ExponentialBackoff
 
-from api_client.errors import (
+from imageq.api_client.errors import (
     ForbiddenUrl,
     ImageqError,
     InputFetchFailed,
     InvalidInput,
     TransientError,
 )
-from api_client.settings import Settings
+from imageq.api_client.settings import Settings
+from imageq.workers.io import storage as storage_module
+from imageq.workers.io.images import fetch_bytes
+from imageq.workers.io.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, open_storage
 from tests.fixtures.s3 import S3Env, S3Server
-from workers.io import storage as storage_module
-from workers.io.images import fetch_bytes
-from workers.io.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, open_storage
 
 FAST = Settings(storage_retries=2)
 

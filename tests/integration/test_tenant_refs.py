@@ -23,24 +23,24 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from api_client.errors import ImageqError
-from api_client.kinds import JOB_KINDS
-from api_client.records import RecordStore, connect
-from api_client.references import references
-from api_client.schemas import JobDocument, JobStatus
-from api_client.settings import Settings
+from imageq.api_client.errors import ImageqError
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.references import references
+from imageq.api_client.schemas import JobDocument, JobStatus
+from imageq.api_client.settings import Settings
+from imageq.gateway.app import create_app
+from imageq.gateway.cli import tokens_main
+from imageq.gateway.tokens import TokenStore
+from imageq.workers.io import images as images_module
+from imageq.workers.io.images import fetch_bytes
+from imageq.workers.io.storage import LocalStorage, S3Storage, Storage
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.lifecycle import JobRunner, WorkerContext
+from imageq.workers.testing.services import RedisServer
+from imageq.workers.webhooks.post import WebhookEvent
 from tests.fixtures.s3 import S3Env, S3Server
 from tests.helpers import png_bytes
-from workers.gateway.app import create_app
-from workers.gateway.cli import tokens_main
-from workers.gateway.tokens import TokenStore
-from workers.io import images as images_module
-from workers.io.images import fetch_bytes
-from workers.io.storage import LocalStorage, S3Storage, Storage
-from workers.runtime.control import JobControl
-from workers.runtime.lifecycle import JobRunner, WorkerContext
-from workers.testing.services import RedisServer
-from workers.webhooks.post import WebhookEvent
 
 _n = itertools.count()
 OK = "https://example.com/ok.png"

@@ -11,15 +11,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from api_client.records import RecordStore, connect, final_record, new_record
-from api_client.schemas import JobRecord, JobStatus, parse_job
-from api_client.settings import Settings
-from workers.runtime.control import LeaseKeeper
-from workers.runtime.failover import RunningSet
-from workers.runtime.jobstate import JobState
-from workers.runtime.leases import Heart
-from workers.runtime.transitions import RunRecord, Transitions
-from workers.testing.services import RedisServer, wait_until
+from imageq.api_client.records import RecordStore, connect, final_record, new_record
+from imageq.api_client.schemas import JobRecord, JobStatus, parse_job
+from imageq.api_client.settings import Settings
+from imageq.workers.runtime.control import LeaseKeeper
+from imageq.workers.runtime.failover import RunningSet
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.runtime.leases import Heart
+from imageq.workers.runtime.transitions import RunRecord, Transitions
+from imageq.workers.testing.services import RedisServer, wait_until
 
 _n = itertools.count()
 

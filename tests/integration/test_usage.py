@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api_client.client import Client
-from api_client.records import RecordStore, connect, new_record
-from api_client.schemas import JobDocument, JobStatus
-from api_client.settings import Settings
-from api_client.usage import NO_TENANT, UsageLedger
-from workers.gateway.app import create_app
-from workers.gateway.tokens import TokenStore
-from workers.io.storage import LocalStorage
-from workers.runtime.control import JobControl
-from workers.runtime.lifecycle import JobRunner, WorkerContext
-from workers.testing.services import RedisServer
+from imageq.api_client.client import Client
+from imageq.api_client.records import RecordStore, connect, new_record
+from imageq.api_client.schemas import JobDocument, JobStatus
+from imageq.api_client.settings import Settings
+from imageq.api_client.usage import NO_TENANT, UsageLedger
+from imageq.gateway.app import create_app
+from imageq.gateway.tokens import TokenStore
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.lifecycle import JobRunner, WorkerContext
+from imageq.workers.testing.services import RedisServer
 
 _n = itertools.count()
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from api_client.client import Client
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings
-from api_client.webhook_log import KeptOutcome, WebhookLog, parse_since
-from workers.testing.services import RedisServer
+from imageq.api_client.client import Client
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings
+from imageq.api_client.webhook_log import KeptOutcome, WebhookLog, parse_since
+from imageq.workers.testing.services import RedisServer
 
 
 def _log(redis_server: RedisServer, **settings: int) -> WebhookLog:

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings
-from workers.testing.services import RedisServer
-from workers.webhooks.outbox import WebhookDispatcher
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings
+from imageq.workers.testing.services import RedisServer
+from imageq.workers.webhooks.outbox import WebhookDispatcher
+from imageq.workers.webhooks.post import WebhookEvent
 
 
 @pytest.fixture

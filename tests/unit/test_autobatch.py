@@ -7,12 +7,12 @@ from collections.abc import Hashable, Sequence
 
 import pytest
 
-from api_client.errors import OutOfMemory
-from api_client.settings import Settings
-from workers.runtime import autobatch
-from workers.runtime.autobatch import REPEATS, AutoBatch, enabled, measure, sizes_up_to
-from workers.runtime.batching import Batcher
-from workers.testing.services import wait_until
+from imageq.api_client.errors import OutOfMemory
+from imageq.api_client.settings import Settings
+from imageq.workers.runtime import autobatch
+from imageq.workers.runtime.autobatch import REPEATS, AutoBatch, enabled, measure, sizes_up_to
+from imageq.workers.runtime.batching import Batcher
+from imageq.workers.testing.services import wait_until
 
 
 class FakeDevice:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from api_client.errors import Canceled, ModelError, OutOfMemory
-from workers.runtime.autobatch import AutoBatch
-from workers.runtime.batching import Batcher, Ran
+from imageq.api_client.errors import Canceled, ModelError, OutOfMemory
+from imageq.workers.runtime.autobatch import AutoBatch
+from imageq.workers.runtime.batching import Batcher, Ran
 
 
 class Recorder:
@@ -339,7 +339,7 @@ def test_jobs_sharing_a_call_are_charged_shares_that_add_up_to_it() -> None:
 
 
 def test_a_job_stopped_inside_its_call_is_charged_the_call() -> None:
-    from workers.predictors.base import BatchInterrupted
+    from imageq.workers.predictors.base import BatchInterrupted
 
     class Stops(Recorder):
         def predict(self, batch: Sequence[Any]) -> list[Any]:

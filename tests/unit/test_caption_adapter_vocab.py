@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 import torch
 
-from api_client.errors import ModelError
-from api_client.inputs import GenerationOptions, VocabularyOptions
-from api_client.settings import Settings
+from imageq.api_client.errors import ModelError
+from imageq.api_client.inputs import GenerationOptions, VocabularyOptions
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor
+from imageq.workers.predictors.caption_vocab import VOCAB_FILE, swapped
+from imageq.workers.training.checkpoints import CheckpointStore
+from imageq.workers.training.datasets import Dataset, read_dataset
+from imageq.workers.training.loop import LoopConfig, run_training
+from imageq.workers.training.lora_caption import CaptionTrainer
 from tests.helpers import cells
-from workers.io.storage import LocalStorage
-from workers.predictors.caption import CaptionItem, CaptionPredictor
-from workers.predictors.caption_vocab import VOCAB_FILE, swapped
-from workers.training.checkpoints import CheckpointStore
-from workers.training.datasets import Dataset, read_dataset
-from workers.training.loop import LoopConfig, run_training
-from workers.training.lora_caption import CaptionTrainer
 
 FRENCH = ["un chat noir sur un canapé", "une île", "Noël à Paris", "un café"]
 JAPANESE = ["黒い猫", "白い犬", "赤いりんご", "青い空"]

@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 import torch
 
-from api_client.errors import ModelError
-from api_client.inputs import GenerationOptions
+from imageq.api_client.errors import ModelError
+from imageq.api_client.inputs import GenerationOptions
+from imageq.workers.predictors.blip import role_ids
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor
+from imageq.workers.predictors.caption_vocab import VOCAB_FILE
+from imageq.workers.testing.tiny import PADDED_ROWS_MULTIPLE, build_tiny_caption_padded
+from imageq.workers.training.lora_caption import CaptionTrainer
+from imageq.workers.training.vocabulary import first_new_id, initial_rows
 from tests.helpers import cells
 from tests.unit.test_caption_adapter_vocab import FRENCH, trained
-from workers.predictors.blip import role_ids
-from workers.predictors.caption import CaptionItem, CaptionPredictor
-from workers.predictors.caption_vocab import VOCAB_FILE
-from workers.testing.tiny import PADDED_ROWS_MULTIPLE, build_tiny_caption_padded
-from workers.training.lora_caption import CaptionTrainer
-from workers.training.vocabulary import first_new_id, initial_rows
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

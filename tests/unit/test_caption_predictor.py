@@ -14,11 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from api_client.errors import InvalidInput, ModelError, OutOfMemory
-from api_client.inputs import GenerationOptions
-from workers.predictors.attention import patch_grid
-from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult, overlay_png
-from workers.testing import tiny
+from imageq.api_client.errors import InvalidInput, ModelError, OutOfMemory
+from imageq.api_client.inputs import GenerationOptions
+from imageq.workers.predictors.attention import patch_grid
+from imageq.workers.predictors.caption import (
+    CaptionItem,
+    CaptionPredictor,
+    CaptionResult,
+    overlay_png,
+)
+from imageq.workers.testing import tiny
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:

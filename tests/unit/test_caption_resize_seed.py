@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from api_client.inputs import CaptionInput, GenerationOptions, MatchInput, Resize
+from imageq.api_client.inputs import CaptionInput, GenerationOptions, MatchInput, Resize
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.kinds.caption import CaptionBatcher, CaptionHandler
+from imageq.workers.predictors.attention import overlay_png
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor
+from imageq.workers.predictors.framing import Frame, framed
 from tests.unit.test_job_images import JOB, Control, context
-from workers.io.storage import LocalStorage
-from workers.kinds.caption import CaptionBatcher, CaptionHandler
-from workers.predictors.attention import overlay_png
-from workers.predictors.caption import CaptionItem, CaptionPredictor
-from workers.predictors.framing import Frame, framed
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -248,8 +248,8 @@ def test_the_handler_stores_maps_for_every_sequence(
 def test_match_jobs_take_resize_on_the_job_thread(
     tiny_match_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.kinds.match import MatchBatcher, MatchHandler
-    from workers.predictors.match import MatchPredictor
+    from imageq.workers.kinds.match import MatchBatcher, MatchHandler
+    from imageq.workers.predictors.match import MatchPredictor
 
     matcher = MatchPredictor(str(tiny_match_model))
     matcher.setup("cpu")

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from api_client.errors import ImageqError, InvalidInput
-from api_client.inputs import VocabularyOptions
-from api_client.settings import Settings
-from workers.io.storage import LocalStorage
-from workers.testing.tiny import tiny_vocabulary
-from workers.training.vocabulary import (
+from imageq.api_client.errors import ImageqError, InvalidInput
+from imageq.api_client.inputs import VocabularyOptions
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.testing.tiny import tiny_vocabulary
+from imageq.workers.training.vocabulary import (
     check_captions,
     fetch_tokenizer,
     load_replacement,
@@ -29,7 +29,7 @@ from workers.training.vocabulary import (
     round_trip,
     writing_problem,
 )
-from workers.training.wordpiece import bpe_merges, extend_tokenizer, missing_pieces
+from imageq.workers.training.wordpiece import bpe_merges, extend_tokenizer, missing_pieces
 
 FRENCH = ["un chat noir sur un canapé", "l'été à Noël"]
 JAPANESE = ["黒い猫", "白い犬が雪の中にいる。", "黒い犬"]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from api_client.cli import dataset_ref, zip_folder
-from api_client.errors import InvalidInput
-from api_client.settings import Settings, SettingsError
-from api_client.uploads import DATASET_PREFIX, local_root
-from workers.io.storage import LocalStorage, open_storage
-from workers.training.datasets import fetch_dataset, read_dataset
+from imageq.api_client.cli import dataset_ref, zip_folder
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.settings import Settings, SettingsError
+from imageq.api_client.uploads import DATASET_PREFIX, local_root
+from imageq.workers.io.storage import LocalStorage, open_storage
+from imageq.workers.training.datasets import fetch_dataset, read_dataset
 
 
 def folder(root: Path, n: int = 3) -> Path:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from api_client.cli import format_jobs
-from api_client.records import new_record, utcnow
-from api_client.schemas import ErrorRecord, JobRecord, JobStatus
+from imageq.api_client.cli import format_jobs
+from imageq.api_client.records import new_record, utcnow
+from imageq.api_client.schemas import ErrorRecord, JobRecord, JobStatus
 
 
 def _record(job_id: str, status: JobStatus, **changes: object) -> JobRecord:

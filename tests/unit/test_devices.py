@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from api_client.errors import ModelError
-from api_client.inputs import GenerationOptions
-from api_client.settings import Settings
-from workers.ops.devices import SpeedOptions, node_suffix, pin_cuda
-from workers.predictors.caption import CaptionItem, CaptionPredictor
-from workers.predictors.match import MatchItem, MatchPredictor
+from imageq.api_client.errors import ModelError
+from imageq.api_client.inputs import GenerationOptions
+from imageq.api_client.settings import Settings
+from imageq.workers.ops.devices import SpeedOptions, node_suffix, pin_cuda
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor
+from imageq.workers.predictors.match import MatchItem, MatchPredictor
 
 
 def test_pin_cuda_translates_the_index_through_an_inherited_list() -> None:

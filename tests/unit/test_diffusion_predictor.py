@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
-from api_client.errors import Canceled, InvalidInput, JobTimeout, ModelError, OutOfMemory
-from api_client.inputs import SCHEDULERS, AdapterRef, GenerateInput, InpaintInput, StyleInput
-from api_client.settings import Settings
-from workers.predictors.adapters import LORA_WEIGHT_NAME
-from workers.predictors.base import BatchedPredictor, BatchInterrupted
-from workers.predictors.diffusion import DiffusionPredictor, GeneratedImage, GenerateJob
+from imageq.api_client.errors import Canceled, InvalidInput, JobTimeout, ModelError, OutOfMemory
+from imageq.api_client.inputs import SCHEDULERS, AdapterRef, GenerateInput, InpaintInput, StyleInput
+from imageq.api_client.settings import Settings
+from imageq.workers.predictors.adapters import LORA_WEIGHT_NAME
+from imageq.workers.predictors.base import BatchedPredictor, BatchInterrupted
+from imageq.workers.predictors.diffusion import DiffusionPredictor, GeneratedImage, GenerateJob
 
 REF = "data:image/png;base64,AA=="  # the predictor takes loaded images; refs only validate
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from api_client.inputs import GenerateInput, InpaintInput, StyleInput
-from api_client.schemas import EVENTS, WebhookSpec
-from api_client.settings import Settings
-from api_client.webhooks import event_id, preview_key
-from workers.kinds.diffusion_previews import PreviewPublisher
-from workers.predictors.diffusion import DiffusionPredictor, GenerateJob
-from workers.predictors.previews import (
+from imageq.api_client.inputs import GenerateInput, InpaintInput, StyleInput
+from imageq.api_client.schemas import EVENTS, WebhookSpec
+from imageq.api_client.settings import Settings
+from imageq.api_client.webhooks import event_id, preview_key
+from imageq.workers.kinds.diffusion_previews import PreviewPublisher
+from imageq.workers.predictors.diffusion import DiffusionPredictor, GenerateJob
+from imageq.workers.predictors.previews import (
     PREVIEW_SIDE,
     SD15_LATENT_RGB,
     LinearDecoder,

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from api_client.errors import Canceled, ImageqError, ModelError, OutOfMemory
-from api_client.inputs import GenerateInput
-from workers.kinds.diffusion import AloneCall, DiffusionBatcher, pipeline_batcher
-from workers.predictors.base import BatchInterrupted, StepCallback
-from workers.predictors.diffusion import GeneratedImage, GenerateJob
-from workers.runtime.batching import Ran
+from imageq.api_client.errors import Canceled, ImageqError, ModelError, OutOfMemory
+from imageq.api_client.inputs import GenerateInput
+from imageq.workers.kinds.diffusion import AloneCall, DiffusionBatcher, pipeline_batcher
+from imageq.workers.predictors.base import BatchInterrupted, StepCallback
+from imageq.workers.predictors.diffusion import GeneratedImage, GenerateJob
+from imageq.workers.runtime.batching import Ran
 
 PIXELS = Image.new("RGB", (64, 64))
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from api_client.kinds import JOB_KINDS, all_queues, worker_queues
-from api_client.settings import Settings
-from workers.testing.services import free_port
+from imageq.api_client.kinds import JOB_KINDS, all_queues, worker_queues
+from imageq.api_client.settings import Settings
+from imageq.workers.testing.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

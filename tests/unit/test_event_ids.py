@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api_client.webhooks import event_id, progress_key
+from imageq.api_client.webhooks import event_id, progress_key
 
 CREATED = "2026-12-08T01:39:24.123Z"
 

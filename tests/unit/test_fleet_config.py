@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from api_client.settings import Settings
-from workers.ops.fleet import Fleet, Member
-from workers.ops.fleet_config import (
+from imageq.api_client.settings import Settings
+from imageq.workers.ops.fleet import Fleet, Member
+from imageq.workers.ops.fleet_config import (
     FleetConfig,
     FleetConfigError,
     MemberConfig,
@@ -20,7 +20,7 @@ from workers.ops.fleet_config import (
     load_config,
     parse_config,
 )
-from workers.ops.launch import WorkerSpec, exec_worker, worker_env
+from imageq.workers.ops.launch import WorkerSpec, exec_worker, worker_env
 
 EXAMPLE_TOML = """
 webhooks = 2
@@ -65,7 +65,7 @@ def test_toml_config_names_workers_by_kind_and_gpu(tmp_path: Path) -> None:
     argv = config.members[2].argv("INFO")
     assert argv[1:] == [
         "-m",
-        "workers",
+        "imageq.workers",
         "worker",
         "match",
         "--device",

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from api_client.client import document_fingerprint
-from api_client.errors import (
+from imageq.api_client.client import document_fingerprint
+from imageq.api_client.errors import (
     ForbiddenUrl,
     IdempotencyConflict,
     ImageqError,
@@ -20,14 +20,13 @@ from api_client.errors import (
     InvalidInput,
     TransientError,
 )
-from api_client.job_ids import IDEMPOTENCY_NAMESPACE, job_id_for
-from api_client.schemas import parse_job
-from api_client.settings import Settings
-from api_client.uploads import ref_key, sniff_format
-from tests.helpers import png_bytes
-from workers.gateway.app import create_app
-from workers.gateway.cli import _tokens_parser
-from workers.gateway.errors import (
+from imageq.api_client.job_ids import IDEMPOTENCY_NAMESPACE, job_id_for
+from imageq.api_client.schemas import parse_job
+from imageq.api_client.settings import Settings
+from imageq.api_client.uploads import ref_key, sniff_format
+from imageq.gateway.app import create_app
+from imageq.gateway.cli import _tokens_parser
+from imageq.gateway.errors import (
     Malformed,
     PayloadTooLarge,
     RateLimited,
@@ -36,9 +35,10 @@ from workers.gateway.errors import (
     response_for,
     status_for,
 )
-from workers.gateway.files import probe
-from workers.gateway.jobs import json_depth, parse_body, prefer_wait
-from workers.gateway.openai_compat import OPENAI_PATHS
+from imageq.gateway.files import probe
+from imageq.gateway.jobs import json_depth, parse_body, prefer_wait
+from imageq.gateway.openai_compat import OPENAI_PATHS
+from tests.helpers import png_bytes
 
 JSON = "application/json"
 
@@ -222,8 +222,8 @@ def test_openapi_document_describes_every_route_in_one_error_format() -> None:
 def test_the_gateway_imports_no_model_stack() -> None:
     """`imageq gateway` runs on the light server install: no torch, no tasks."""
     code = (
-        "import sys, workers.ops.cli, workers.gateway.cli\n"
-        "from workers.gateway.app import create_app\n"
+        "import sys, workers.ops.cli, gateway.cli\n"
+        "from gateway.app import create_app\n"
         "from api_client.settings import Settings\n"
         "create_app(Settings()).openapi()\n"
         "heavy = {'torch', 'transformers', 'diffusers', 'peft', 'tasks'}\n"

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from api_client.image_header import image_size
+from imageq.api_client.image_header import image_size
 
 
 @pytest.mark.parametrize(

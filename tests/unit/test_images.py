@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from PIL import GifImagePlugin, Image
 
-from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
-from api_client.redact import redact_ref
-from api_client.settings import Settings
-from workers.io import netguard
-from workers.io.images import check_url, decode_image, fetch_bytes, load_image
-from workers.io.storage import LocalStorage
+from imageq.api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from imageq.api_client.redact import redact_ref
+from imageq.api_client.settings import Settings
+from imageq.workers.io import netguard
+from imageq.workers.io.images import check_url, decode_image, fetch_bytes, load_image
+from imageq.workers.io.storage import LocalStorage
 
 STRICT = Settings()
 LOOSE = Settings(allow_private_urls=True)

@@ -8,8 +8,8 @@ from typing import Any
 import huggingface_hub
 import pytest
 
-from api_client.errors import ModelError
-from workers.predictors.adapters import IP_ADAPTER_WEIGHT_NAME, ip_adapter_files
+from imageq.api_client.errors import ModelError
+from imageq.workers.predictors.adapters import IP_ADAPTER_WEIGHT_NAME, ip_adapter_files
 
 
 def _lay_out(folder: Path) -> Path:

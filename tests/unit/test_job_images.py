@@ -10,20 +10,20 @@ from typing import Any
 import pytest
 from PIL import Image, ImageFile
 
-from api_client.errors import InvalidInput
-from api_client.inputs import CaptionInput, InpaintInput, MatchInput, Resize, StyleInput
-from api_client.settings import Settings
-from workers.io.images import decode_image
-from workers.io.job_images import decode_side, load_job_images
-from workers.io.storage import LocalStorage
-from workers.kinds.caption import PREPROCESSED, CaptionBatcher, CaptionHandler
-from workers.kinds.match import MatchBatcher, MatchHandler
-from workers.predictors.attention import OVERLAY_MAX_PIXELS, OVERLAY_MAX_SIDE, panel_size
-from workers.predictors.blip import DEFAULT_INPUT_SIDE
-from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
-from workers.predictors.framing import Frame
-from workers.predictors.match import MatchPredictor
-from workers.runtime.context import WorkerContext
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.inputs import CaptionInput, InpaintInput, MatchInput, Resize, StyleInput
+from imageq.api_client.settings import Settings
+from imageq.workers.io.images import decode_image
+from imageq.workers.io.job_images import decode_side, load_job_images
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.kinds.caption import PREPROCESSED, CaptionBatcher, CaptionHandler
+from imageq.workers.kinds.match import MatchBatcher, MatchHandler
+from imageq.workers.predictors.attention import OVERLAY_MAX_PIXELS, OVERLAY_MAX_SIDE, panel_size
+from imageq.workers.predictors.blip import DEFAULT_INPUT_SIDE
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
+from imageq.workers.predictors.framing import Frame
+from imageq.workers.predictors.match import MatchPredictor
+from imageq.workers.runtime.context import WorkerContext
 
 SHIPPED = Settings()
 JOB = SimpleNamespace(id="j1", tenant=None)
@@ -128,7 +128,7 @@ def test_budget_counts_every_image_of_the_job_and_names_bad_ones(storage: LocalS
 def test_inpaint_and_style_images_share_the_budget(
     storage: LocalStorage, decodes: list[str]
 ) -> None:
-    from workers.kinds.diffusion import DiffusionHandler
+    from imageq.workers.kinds.diffusion import DiffusionHandler
 
     storage.put("uploads/a.png", png(100, 100), "image/png")
     ref = "storage://uploads/a.png"
@@ -215,7 +215,7 @@ class Recording:
         return nullcontext(None)
 
     def run(self, items: list[CaptionItem], *args: Any, **options: Any) -> list[Any]:
-        from workers.runtime.batching import Ran
+        from imageq.workers.runtime.batching import Ran
 
         self.items = list(items)
         results = [CaptionResult([f"c{i}"]) for i in range(len(items))]

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from api_client.celery_config import celery_config
-from api_client.inputs import CaptionInput, GenerateInput, JobInput
-from api_client.kinds import (
+from imageq.api_client.celery_config import celery_config
+from imageq.api_client.inputs import CaptionInput, GenerateInput, JobInput
+from imageq.api_client.kinds import (
     JOB_KINDS,
     KINDS,
     WORKER_KIND_SPECS,
@@ -17,10 +17,10 @@ from api_client.kinds import (
     served_kinds,
     worker_queues,
 )
-from api_client.names import WORKER_QUEUES, job_queue, task_name
-from api_client.schemas import JobStatus, parse_job
-from api_client.settings import Settings
-from workers.ops.launch import WorkerSpec, celery_argv
+from imageq.api_client.names import WORKER_QUEUES, job_queue, task_name
+from imageq.api_client.schemas import JobStatus, parse_job
+from imageq.api_client.settings import Settings
+from imageq.workers.ops.launch import WorkerSpec, celery_argv
 
 IMG = "https://example.com/a.png"
 
@@ -71,12 +71,12 @@ def test_every_worker_kind_launches(worker_kind: str) -> None:
     spec = WORKER_KIND_SPECS[worker_kind]
     if spec.builder:
         module, _, func = spec.builder.partition(":")
-        assert module.startswith("workers.kinds.") and func
+        assert module.startswith("imageq.workers.kinds.") and func
         assert isinstance(getattr(settings, spec.model_setting), str)
 
 
 def test_command_line_choices_are_the_registry() -> None:
-    from api_client.cli import build_parser
+    from imageq.api_client.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -8,9 +8,9 @@ from typing import Any, cast
 import pytest
 from pydantic import ValidationError
 
-from api_client.errors import InvalidInput
-from api_client.inputs import CaptionInput, FinetuneInput
-from api_client.languages import best_matches, language_tag, match_rank
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.inputs import CaptionInput, FinetuneInput
+from imageq.api_client.languages import best_matches, language_tag, match_rank
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ class _Registry:
 
 
 def test_a_language_picks_the_newest_caption_adapter_that_writes_it() -> None:
-    from workers.kinds.caption import CaptionAdapters
+    from imageq.workers.kinds.caption import CaptionAdapters
 
     registry = _Registry(
         [

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from api_client.errors import ModelError, OutOfMemory
-from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
-from workers.runtime.batching import Batcher
+from imageq.api_client.errors import ModelError, OutOfMemory
+from imageq.workers.predictors.match import MatchItem, MatchPredictor, MatchResult
+from imageq.workers.runtime.batching import Batcher
 
 TEXTS = [
     "a dog on the grass",

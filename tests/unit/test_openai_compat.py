@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
-from api_client.errors import InvalidInput
-from api_client.inputs import InpaintInput
-from api_client.settings import Settings
-from workers.gateway.app import create_app
-from workers.gateway.errors import RateLimited, error_response, response_for
-from workers.gateway.guard import Guard
-from workers.gateway.metrics import GatewayMetrics
-from workers.gateway.openai_compat import (
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.inputs import InpaintInput
+from imageq.api_client.settings import Settings
+from imageq.gateway.app import create_app
+from imageq.gateway.errors import RateLimited, error_response, response_for
+from imageq.gateway.guard import Guard
+from imageq.gateway.metrics import GatewayMetrics
+from imageq.gateway.openai_compat import (
     QUALITY_STEPS,
     ResponseFormat,
     diffusion_fields,
@@ -32,7 +32,7 @@ from workers.gateway.openai_compat import (
     response_format,
     steps_for,
 )
-from workers.predictors.diffusion_png import paste_unmasked
+from imageq.workers.predictors.diffusion_png import paste_unmasked
 
 MODELS = {"imageq-sd": None, "anime": "anime-lora"}
 

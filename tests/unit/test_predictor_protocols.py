@@ -12,12 +12,12 @@ from collections.abc import Callable
 import pytest
 from typing_extensions import get_protocol_members, is_protocol
 
-from api_client.settings import Settings
-from workers.kinds.diffusion import PipelineCalls
-from workers.predictors.base import Batched, BatchedPredictor
-from workers.predictors.caption import CaptionPredictor
-from workers.predictors.diffusion import DiffusionPredictor
-from workers.predictors.match import MatchPredictor
+from imageq.api_client.settings import Settings
+from imageq.workers.kinds.diffusion import PipelineCalls
+from imageq.workers.predictors.base import Batched, BatchedPredictor
+from imageq.workers.predictors.caption import CaptionPredictor
+from imageq.workers.predictors.diffusion import DiffusionPredictor
+from imageq.workers.predictors.match import MatchPredictor
 
 # What each class claims, and how to build one without loading a model.
 CLAIMS: list[tuple[type, type, Callable[[], object]]] = [

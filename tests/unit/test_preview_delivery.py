@@ -11,12 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-from api_client.cli import PreviewFile, build_parser
-from api_client.object_urls import hide_storage_root, preview_key
-from api_client.schemas import JobRecord, JobStatus
-from workers.gateway.stream import PREVIEW_EVENT, job_events
-from workers.kinds.diffusion import DiffusionHandler
-from workers.runtime.control import JobControl
+from imageq.api_client.cli import PreviewFile, build_parser
+from imageq.api_client.object_urls import hide_storage_root, preview_key
+from imageq.api_client.schemas import JobRecord, JobStatus
+from imageq.gateway.stream import PREVIEW_EVENT, job_events
+from imageq.workers.kinds.diffusion import DiffusionHandler
+from imageq.workers.runtime.control import JobControl
 
 ROOT = "file:///srv/store/"
 
@@ -151,9 +151,9 @@ def ctx() -> Any:
 def test_previews_false_or_a_worker_without_previews_gets_no_publisher() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from api_client.inputs import GenerateInput
-    from api_client.schemas import JobDocument
-    from workers.predictors.previews import LinearDecoder
+    from imageq.api_client.inputs import GenerateInput
+    from imageq.api_client.schemas import JobDocument
+    from imageq.workers.predictors.previews import LinearDecoder
 
     ctl, _, _ = control()
     on = GenerateInput(prompt="p")

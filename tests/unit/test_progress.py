@@ -6,8 +6,8 @@ import io
 import itertools
 from typing import Any
 
-from api_client.progress import ProgressBar
-from api_client.schemas import JobRecord
+from imageq.api_client.progress import ProgressBar
+from imageq.api_client.schemas import JobRecord
 
 
 class FakeClock:

@@ -20,14 +20,14 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from PIL import Image
 
-from api_client.settings import Settings, SettingsError
-from workers.kinds.diffusion import DiffusionHandler, _ingredient, _signer
-from workers.ops.cli import main as workers_main
-from workers.predictors.diffusion import GeneratedImage
-from workers.predictors.diffusion_png import read_parameters, read_png_source_type
-from workers.provenance.claims import Origin
-from workers.provenance.devchain import C2PA_SIGNING_EKU, DevChain, make_dev_chain
-from workers.provenance.signing import (
+from imageq.api_client.settings import Settings, SettingsError
+from imageq.workers.kinds.diffusion import DiffusionHandler, _ingredient, _signer
+from imageq.workers.ops.cli import main as workers_main
+from imageq.workers.predictors.diffusion import GeneratedImage
+from imageq.workers.predictors.diffusion_png import read_parameters, read_png_source_type
+from imageq.workers.provenance.claims import Origin
+from imageq.workers.provenance.devchain import C2PA_SIGNING_EKU, DevChain, make_dev_chain
+from imageq.workers.provenance.signing import (
     ADAPTERS_PARAM,
     JOB_PARAM,
     MODEL_PARAM,
@@ -36,7 +36,7 @@ from workers.provenance.signing import (
     Ingredient,
     ProvenanceSigner,
 )
-from workers.provenance.verify import UNTRUSTED, Verdict, Verification, verify
+from imageq.workers.provenance.verify import UNTRUSTED, Verdict, Verification, verify
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 COMPOSITE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
@@ -273,8 +273,8 @@ def test_cli_init_then_verify(
 
 
 def test_the_light_cli_hands_both_commands_to_the_worker_side() -> None:
-    from api_client.cli import WORKER_COMMANDS
-    from workers.ops.cli import build_parser
+    from imageq.api_client.cli import WORKER_COMMANDS
+    from imageq.workers.ops.cli import build_parser
 
     assert {"provenance", "verify"} <= set(WORKER_COMMANDS)
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]

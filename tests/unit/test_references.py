@@ -10,10 +10,16 @@ from typing import Any, Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from api_client.errors import ForbiddenUrl, InvalidInput
-from api_client.inputs import REFERENCE, CaptionInput, FinetuneInput, InpaintInput, StyleInput
-from api_client.kinds import JOB_KINDS
-from api_client.references import (
+from imageq.api_client.errors import ForbiddenUrl, InvalidInput
+from imageq.api_client.inputs import (
+    REFERENCE,
+    CaptionInput,
+    FinetuneInput,
+    InpaintInput,
+    StyleInput,
+)
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.api_client.references import (
     allowed,
     check_grant,
     check_references,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from api_client.errors import InvalidInput
-from api_client.job_ids import job_id_for
-from api_client.schemas import parse_input, parse_job
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.job_ids import job_id_for
+from imageq.api_client.schemas import parse_input, parse_job
 
 IMG = "https://example.com/a.png"
 

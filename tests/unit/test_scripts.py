@@ -7,7 +7,7 @@ from pathlib import Path
 
 import redis
 
-from api_client.scripts import script, source
+from imageq.api_client.scripts import script, source
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "api_client" / "lua"
@@ -15,7 +15,9 @@ LUA = ROOT / "api_client" / "lua"
 
 def _python_sources() -> str:
     return "\n".join(
-        p.read_text() for d in ("api_client", "workers", "tasks") for p in (ROOT / d).rglob("*.py")
+        p.read_text()
+        for d in ("api_client", "workers", "tasks", "gateway")
+        for p in (ROOT / d).rglob("*.py")
     )
 
 

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from workers.testing.services import free_port
+from imageq.workers.testing.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ def test_webhooks_worker_and_flower_run_without_the_model_stack() -> None:
 
         from celery import signals
 
-        import tasks.app  # what `celery -A tasks.app` (imageq worker webhooks, flower) loads
+        import imageq.tasks.app  # what `celery -A tasks.app` (imageq worker webhooks, flower) loads
 
         # The worker's own start: build_runtime (storage, records, webhook dispatcher),
         # metrics and the registry, exactly as a Celery worker process fires it. A start
@@ -70,8 +70,8 @@ def test_webhooks_worker_and_flower_run_without_the_model_stack() -> None:
         # imageq flower: its launcher, and Flower itself on the same app.
         import flower.app
         import flower.command
-        from api_client.settings import Settings
-        from workers.ops.flower import flower_env
+        from imageq.api_client.settings import Settings
+        from imageq.workers.ops.flower import flower_env
 
         env = flower_env(Settings.from_env(), {{}}, finetune=False)
         assert env["FLOWER_BASIC_AUTH"] == "ops:pw"
@@ -96,12 +96,12 @@ def test_the_client_runs_on_the_base_install() -> None:
     done = run_blocked(
         """
         import pkgutil, importlib
-        import api_client
+        import imageq.api_client
 
-        for module in pkgutil.walk_packages(api_client.__path__, "api_client."):
+        for module in pkgutil.walk_packages(imageq.api_client.__path__, "imageq.api_client."):
             importlib.import_module(module.name)
-        from api_client.client import Client
-        from api_client.settings import Settings
+        from imageq.api_client.client import Client
+        from imageq.api_client.settings import Settings
 
         Client(Settings.from_env()).close()
         print("client ok")

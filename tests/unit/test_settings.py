@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from api_client.settings import DEFAULT_WEBHOOK_SCHEDULE_S, Settings, SettingsError
+from imageq.api_client.settings import DEFAULT_WEBHOOK_SCHEDULE_S, Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,9 +196,9 @@ def _entry_point(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "argv",
     [
-        ("-m", "workers", "worker", "caption"),  # imageq worker
-        ("-m", "api_client.cli", "status"),  # imageq (client commands)
-        ("-m", "api_client.cli", "flower"),  # imageq flower, through python -m workers
+        ("-m", "imageq.workers", "worker", "caption"),  # imageq worker
+        ("-m", "imageq.api_client.cli", "status"),  # imageq (client commands)
+        ("-m", "imageq.api_client.cli", "flower"),  # imageq flower, through python -m workers
         ("-c", "import tasks.app"),  # what celery -A tasks.app imports
     ],
 )

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from api_client.redact import redact_document, redact_ref
-from api_client.settings import Settings
+from imageq.api_client.redact import redact_document, redact_ref
+from imageq.api_client.settings import Settings
 
 
 def test_settings_from_env_parse_types_and_units() -> None:

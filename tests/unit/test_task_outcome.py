@@ -12,11 +12,11 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.worker.request import Request
 
-from api_client.errors import ERROR_CODES
-from api_client.records import RecordStore
-from api_client.schemas import ErrorRecord, JobRecord, JobStatus
-from tasks import outcome
-from tasks.outcome import JobFailed, JobRequest, conclude, counted, find_record
+from imageq.api_client.errors import ERROR_CODES
+from imageq.api_client.records import RecordStore
+from imageq.api_client.schemas import ErrorRecord, JobRecord, JobStatus
+from imageq.tasks import outcome
+from imageq.tasks.outcome import JobFailed, JobRequest, conclude, counted, find_record
 
 
 class FakeStore:

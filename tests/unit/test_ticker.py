@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from workers.runtime.ticker import Ticker
+from imageq.workers.runtime.ticker import Ticker
 
 
 def test_a_failing_tick_is_logged_and_the_next_one_comes() -> None:

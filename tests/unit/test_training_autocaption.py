@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from api_client.client import Client
-from api_client.errors import Canceled
-from api_client.settings import Settings
+from imageq.api_client.client import Client
+from imageq.api_client.errors import Canceled
+from imageq.api_client.settings import Settings
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
+from imageq.workers.training import autocaption
+from imageq.workers.training.autocaption import BATCH_IMAGES, auto_caption
+from imageq.workers.training.datasets import Example
 from tests.helpers import cells
-from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
-from workers.training import autocaption
-from workers.training.autocaption import BATCH_IMAGES, auto_caption
-from workers.training.datasets import Example
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

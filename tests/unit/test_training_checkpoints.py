@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from workers.io.storage import LocalStorage
-from workers.runtime.control import LeaseLost
-from workers.training.checkpoints import MANIFEST, CheckpointStore
-from workers.training.loop import LoopConfig, batch_indices, run_training
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.runtime.control import LeaseLost
+from imageq.workers.training.checkpoints import MANIFEST, CheckpointStore
+from imageq.workers.training.loop import LoopConfig, batch_indices, run_training
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_resume_takes_exactly_the_steps_an_unbroken_run_takes(storage: LocalStor
 def test_a_hand_back_checkpoints_the_step_it_stops_at(storage: LocalStorage) -> None:
     """SIGTERM mid-run: the step just taken is saved, off the checkpoint_every grid, and
     the resumed run continues from it exactly as an unbroken run would."""
-    from workers.runtime.control import HandedBack
+    from imageq.workers.runtime.control import HandedBack
 
     config = LoopConfig(
         max_steps=20, batch_size=2, learning_rate=0.05, checkpoint_every=5, seed=1, examples=6

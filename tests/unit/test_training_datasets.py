@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from api_client.errors import ForbiddenUrl, InvalidInput
-from api_client.settings import Settings
+from imageq.api_client.errors import ForbiddenUrl, InvalidInput
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.training.datasets import load_dataset, safe_name
 from tests.helpers import ImageServer, bomb_png, image_server, png_bytes
-from workers.io.storage import LocalStorage
-from workers.training.datasets import load_dataset, safe_name
 
 GOOD = {
     "a.png": png_bytes((200, 10, 10)),

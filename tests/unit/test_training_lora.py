@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from api_client.inputs import GenerationOptions
-from api_client.settings import Settings
-from workers.io.storage import LocalStorage
-from workers.predictors.caption import CaptionItem, CaptionPredictor
-from workers.training.checkpoints import CheckpointStore
-from workers.training.datasets import Dataset, read_dataset
-from workers.training.loop import LoopConfig, LoopResult, Trainer, run_training
-from workers.training.lora_caption import CaptionTrainer
-from workers.training.lora_diffusion import LORA_WEIGHT_NAME, DiffusionTrainer
+from imageq.api_client.inputs import GenerationOptions
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import LocalStorage
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor
+from imageq.workers.training.checkpoints import CheckpointStore
+from imageq.workers.training.datasets import Dataset, read_dataset
+from imageq.workers.training.loop import LoopConfig, LoopResult, Trainer, run_training
+from imageq.workers.training.lora_caption import CaptionTrainer
+from imageq.workers.training.lora_diffusion import LORA_WEIGHT_NAME, DiffusionTrainer
 
 COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (220, 220, 30)]
 TEXTS = ["zebra zebra on the beach", "a red bus near a tree", "two dogs in snow", "a cat"]

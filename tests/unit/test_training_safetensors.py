@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from api_client.errors import ModelError
-from api_client.settings import Settings
-from workers.training.datasets import Dataset, read_dataset
+from imageq.api_client.errors import ModelError
+from imageq.api_client.settings import Settings
+from imageq.workers.training.datasets import Dataset, read_dataset
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -50,7 +50,7 @@ def test_a_pickled_diffusion_checkpoint_is_refused(
 ) -> None:
     from diffusers import UNet2DConditionModel
 
-    from workers.training.lora_diffusion import DiffusionTrainer
+    from imageq.workers.training.lora_diffusion import DiffusionTrainer
 
     pickled = pickled_copy(tiny_sd_model, tmp_path / "sd")
     # Not vacuous: the pickles are a loadable checkpoint when pickles are allowed.
@@ -66,7 +66,7 @@ def test_a_pickled_caption_checkpoint_is_refused(
 ) -> None:
     from transformers import BlipForConditionalGeneration
 
-    from workers.training.lora_caption import CaptionTrainer
+    from imageq.workers.training.lora_caption import CaptionTrainer
 
     pickled = pickled_copy(tiny_caption_model, tmp_path / "blip")
     BlipForConditionalGeneration.from_pretrained(pickled, use_safetensors=False)

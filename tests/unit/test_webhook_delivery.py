@@ -18,9 +18,15 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from api_client.settings import Settings
-from api_client.webhooks import new_secret
-from workers.webhooks.post import DeliveryOutcome, WebhookEvent, body_of, deliver, next_delay_s
+from imageq.api_client.settings import Settings
+from imageq.api_client.webhooks import new_secret
+from imageq.workers.webhooks.post import (
+    DeliveryOutcome,
+    WebhookEvent,
+    body_of,
+    deliver,
+    next_delay_s,
+)
 
 SECRET = new_secret()
 SETTINGS = Settings(webhook_secret=SECRET, allow_private_urls=True, webhook_timeout_s=2.0)

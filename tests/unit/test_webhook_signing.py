@@ -8,7 +8,7 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from api_client.webhooks import WebhookVerificationError, new_secret, sign, verify
+from imageq.api_client.webhooks import WebhookVerificationError, new_secret, sign, verify
 
 BODY = json.dumps({"type": "job.succeeded", "data": {"id": "j1"}}).encode()
 

@@ -1,7 +1,7 @@
 """The adapter registry: published LoRA adapters, their files in storage, a local cache.
 
 Entries live in one Redis hash (what ``client.adapters()`` lists), one field per owner
-and name (``api_client.adapters``: ``{name}`` shared, ``{tenant}/{name}`` a tenant's).
+and name (``imageq.api_client.adapters``: ``{name}`` shared, ``{tenant}/{name}`` a tenant's).
 Each publish stages its files under a folder of their own,
 ``adapters/[_tenants/{tenant}/]{name}/{revision}/``, and then switches the entry to it in
 one step (a Lua compare-and-set on the revision it replaces), so two jobs publishing one
@@ -26,11 +26,11 @@ from typing import Any
 
 from redis.commands.core import Script
 
-from api_client.adapters import adapter_field, adapter_folder, lookup_fields
-from api_client.errors import InvalidInput
-from api_client.records import RecordStore, utcnow
-from api_client.scripts import script
-from workers.io.storage import ObjectNotFound, Storage
+from imageq.api_client.adapters import adapter_field, adapter_folder, lookup_fields
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.records import RecordStore, utcnow
+from imageq.api_client.scripts import script
+from imageq.workers.io.storage import ObjectNotFound, Storage
 
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md")
 
@@ -87,7 +87,7 @@ class AdapterRegistry:
         return sorted(own, key=_by_name) + sorted(shared, key=_by_name)
 
     def entry(self, field: str) -> dict[str, Any] | None:
-        """The entry stored at ``field`` (``api_client.adapters.adapter_field``)."""
+        """The entry stored at ``field`` (``imageq.api_client.adapters.adapter_field``)."""
         raw = self.store.redis.hget(self.key, field)
         return None if raw is None else dict(json.loads(str(raw)))
 

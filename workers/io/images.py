@@ -17,13 +17,13 @@ from urllib.parse import urljoin
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
-from api_client.image_header import image_size
-from api_client.redact import redact_ref
-from api_client.settings import Settings
-from api_client.uploads import ref_key
-from workers.io.netguard import Deadline, check_url, safe_session
-from workers.io.storage import Storage, StorageError, file_uri_path, open_storage, too_big
+from imageq.api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from imageq.api_client.image_header import image_size
+from imageq.api_client.redact import redact_ref
+from imageq.api_client.settings import Settings
+from imageq.api_client.uploads import ref_key
+from imageq.workers.io.netguard import Deadline, check_url, safe_session
+from imageq.workers.io.storage import Storage, StorageError, file_uri_path, open_storage, too_big
 
 log = logging.getLogger(__name__)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")

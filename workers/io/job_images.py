@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from api_client.errors import ImageqError, InvalidInput
-from api_client.settings import Settings
-from workers.io.images import decode_image, fetch_bytes, header_size
-from workers.io.storage import Storage
+from imageq.api_client.errors import ImageqError, InvalidInput
+from imageq.api_client.settings import Settings
+from imageq.workers.io.images import decode_image, fetch_bytes, header_size
+from imageq.workers.io.storage import Storage
 
 # Caption and match decode images to at least twice the model's input side (reduced by
 # whole factors, so 2x to 4x): the processor's bicubic resize still makes the last step

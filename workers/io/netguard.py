@@ -23,9 +23,9 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import create_connection
 
-from api_client.errors import ForbiddenUrl, InputFetchFailed
-from api_client.redact import redact_ref
-from api_client.settings import Settings
+from imageq.api_client.errors import ForbiddenUrl, InputFetchFailed
+from imageq.api_client.redact import redact_ref
+from imageq.api_client.settings import Settings
 
 _NUMERIC_V4 = re.compile(r"[0-9a-fA-FxX.]+")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")

@@ -25,17 +25,17 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from api_client.errors import (
+from imageq.api_client.errors import (
     ForbiddenUrl,
     InputFetchFailed,
     InternalError,
     InvalidInput,
     TransientError,
 )
-from api_client.object_urls import MAX_PRESIGN_TTL_S
-from api_client.settings import Settings
-from api_client.uploads import TMP_PREFIX, local_root, write_atomic
-from workers.io.s3_put import LightPut
+from imageq.api_client.object_urls import MAX_PRESIGN_TTL_S
+from imageq.api_client.settings import Settings
+from imageq.api_client.uploads import TMP_PREFIX, local_root, write_atomic
+from imageq.workers.io.s3_put import LightPut
 
 T = TypeVar("T")
 

@@ -12,24 +12,24 @@ from typing import Any
 
 from PIL import Image
 
-from api_client.adapters import adapter_field, entry_tenant
-from api_client.errors import InvalidInput
-from api_client.inputs import CaptionInput, GenerationOptions, Resize
-from api_client.languages import BASE_LANGUAGE, best_matches, match_rank, primary
-from api_client.schemas import JobDocument
-from api_client.settings import Settings
-from workers.io.adapter_registry import AdapterRegistry, revision_of
-from workers.io.job_images import decode_side, load_job_images
-from workers.ops.devices import SpeedOptions
-from workers.predictors.adapters import peft_adapter_name
-from workers.predictors.attention import OVERLAY_MAX_SIDE
-from workers.predictors.blip import DEFAULT_INPUT_SIDE
-from workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
-from workers.predictors.framing import Frame
-from workers.runtime.autobatch import RunBatch, for_worker
-from workers.runtime.batching import Batcher
-from workers.runtime.control import JobControl
-from workers.runtime.lifecycle import Built, WorkerContext
+from imageq.api_client.adapters import adapter_field, entry_tenant
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.inputs import CaptionInput, GenerationOptions, Resize
+from imageq.api_client.languages import BASE_LANGUAGE, best_matches, match_rank, primary
+from imageq.api_client.schemas import JobDocument
+from imageq.api_client.settings import Settings
+from imageq.workers.io.adapter_registry import AdapterRegistry, revision_of
+from imageq.workers.io.job_images import decode_side, load_job_images
+from imageq.workers.ops.devices import SpeedOptions
+from imageq.workers.predictors.adapters import peft_adapter_name
+from imageq.workers.predictors.attention import OVERLAY_MAX_SIDE
+from imageq.workers.predictors.blip import DEFAULT_INPUT_SIDE
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor, CaptionResult
+from imageq.workers.predictors.framing import Frame
+from imageq.workers.runtime.autobatch import RunBatch, for_worker
+from imageq.workers.runtime.batching import Batcher
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.lifecycle import Built, WorkerContext
 
 # Stands in for an image once the model's input tensor is made from it and nothing else
 # reads it (no attention overlay): a 512-image job keeps no decoded image beside its
@@ -245,7 +245,7 @@ class CaptionHandler:
 
         See docs/match-and-attention.md for both files and the summary's fields.
         """
-        from workers.predictors.attention import (
+        from imageq.workers.predictors.attention import (
             OVERLAY_MAX_PIXELS,
             OVERLAY_MAX_SIDE,
             overlay_png,

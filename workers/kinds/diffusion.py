@@ -22,30 +22,30 @@ from typing import Any
 
 from PIL import Image
 
-from api_client.adapters import adapter_field, entry_tenant
-from api_client.errors import ImageqError, InvalidInput
-from api_client.inputs import AdapterRef, GenerateInput, InpaintInput, StyleInput
-from api_client.object_urls import PREVIEW_FILE
-from api_client.schemas import JobDocument
-from api_client.settings import Settings
-from api_client.uploads import IMAGE_TYPES, sniff_format
-from workers.io.adapter_registry import AdapterRegistry
-from workers.io.images import decode_image
-from workers.io.job_images import Named, fetch_all, field_error
-from workers.kinds.diffusion_previews import PreviewPublisher
-from workers.predictors.base import Batched
-from workers.predictors.diffusion import (
+from imageq.api_client.adapters import adapter_field, entry_tenant
+from imageq.api_client.errors import ImageqError, InvalidInput
+from imageq.api_client.inputs import AdapterRef, GenerateInput, InpaintInput, StyleInput
+from imageq.api_client.object_urls import PREVIEW_FILE
+from imageq.api_client.schemas import JobDocument
+from imageq.api_client.settings import Settings
+from imageq.api_client.uploads import IMAGE_TYPES, sniff_format
+from imageq.workers.io.adapter_registry import AdapterRegistry
+from imageq.workers.io.images import decode_image
+from imageq.workers.io.job_images import Named, fetch_all, field_error
+from imageq.workers.kinds.diffusion_previews import PreviewPublisher
+from imageq.workers.predictors.base import Batched
+from imageq.workers.predictors.diffusion import (
     NO_IP_ADAPTER,
     DiffusionPredictor,
     GeneratedImage,
     GenerateJob,
 )
-from workers.predictors.diffusion_png import check_pixels, check_strength, fit_mask, fit_size
-from workers.predictors.previews import PREVIEW_MEDIA_TYPE, PreviewDecoder, open_decoder
-from workers.provenance.signing import UNSIGNED_WARNING, Claim, Ingredient, ProvenanceSigner
-from workers.runtime.batching import Batcher
-from workers.runtime.control import JobControl
-from workers.runtime.lifecycle import Built, WorkerContext
+from imageq.workers.predictors.diffusion_png import check_pixels, check_strength, fit_mask, fit_size
+from imageq.workers.predictors.previews import PREVIEW_MEDIA_TYPE, PreviewDecoder, open_decoder
+from imageq.workers.provenance.signing import UNSIGNED_WARNING, Claim, Ingredient, ProvenanceSigner
+from imageq.workers.runtime.batching import Batcher
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.lifecycle import Built, WorkerContext
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def pipeline_batcher(
 
     Generate jobs that wait together with equal ``batch_key`` share a call of up to
     ``max_batch_images`` images; a step callback that raises (cancel, timeout) ends only
-    its own job and the others of its call run again (see ``workers.runtime.batching``).
+    its own job and the others of its call run again (see ``imageq.workers.runtime.batching``).
     """
     return Batcher(
         PipelineCalls(predictor),
@@ -170,7 +170,7 @@ class DiffusionHandler:
 
     def _owned_adapters(self, inp: Any, tenant: str | None) -> Any:
         """``inp`` with each adapter named by its registry field (owner and name, see
-        ``api_client.adapters``): resolved with the job's tenant, its own first, then the
+        ``imageq.api_client.adapters``): resolved with the job's tenant, its own first, then the
         shared one. The pipeline's adapter cache and batch keys then tell two tenants'
         adapters of one name apart. Another tenant's adapter is unknown, like a missing one.
         """

@@ -1,7 +1,7 @@
 """One diffusion job's step previews: throttled, decoded and stored off the pipeline thread.
 
 The pipeline's step callback asks ``due()`` and hands over a CPU copy of the job's
-latents (``workers.predictors.previews.offer_previews``); a small executor shared by
+latents (``imageq.workers.predictors.previews.offer_previews``); a small executor shared by
 the worker's jobs decodes, encodes and stores it, then records it in the job's progress
 (``JobControl.preview``: ``progress.preview``, the gateway's ``preview`` event, the
 ``job.preview`` webhook). A preview never fails its job: a storage error skips it.
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from api_client.object_urls import PREVIEW_FILE
-from workers.predictors.previews import PREVIEW_MEDIA_TYPE, PreviewDecoder, preview_jpeg
+from imageq.api_client.object_urls import PREVIEW_FILE
+from imageq.workers.predictors.previews import PREVIEW_MEDIA_TYPE, PreviewDecoder, preview_jpeg
 
 log = logging.getLogger(__name__)
 

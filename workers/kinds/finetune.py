@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api_client.adapters import adapter_field
-from api_client.errors import InvalidInput, ModelError
-from api_client.inputs import FinetuneInput
-from api_client.schemas import JobDocument
-from api_client.settings import Settings
-from workers.io.adapter_registry import AdapterRegistry
-from workers.runtime.control import JobControl
-from workers.runtime.lifecycle import Built, WorkerContext
-from workers.training.datasets import Dataset, load_dataset, remove_tree
-from workers.training.loop import LoopConfig, LoopResult, Trainer, run_training
+from imageq.api_client.adapters import adapter_field
+from imageq.api_client.errors import InvalidInput, ModelError
+from imageq.api_client.inputs import FinetuneInput
+from imageq.api_client.schemas import JobDocument
+from imageq.api_client.settings import Settings
+from imageq.workers.io.adapter_registry import AdapterRegistry
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.lifecycle import Built, WorkerContext
+from imageq.workers.training.datasets import Dataset, load_dataset, remove_tree
+from imageq.workers.training.loop import LoopConfig, LoopResult, Trainer, run_training
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class FinetuneHandler:
         control.metrics["examples"] = len(dataset)
         if not missing:
             return dataset
-        from workers.training.autocaption import auto_caption
+        from imageq.workers.training.autocaption import auto_caption
 
         def progress(done: int, total: int) -> None:
             # Steps of this stage (images captioned), so each report is its own event.
@@ -134,8 +134,8 @@ class FinetuneHandler:
 
     def _trainer(self, inp: FinetuneInput, dataset: Dataset, work: Path) -> Trainer:
         if inp.target == "caption":
-            from workers.training.lora_caption import CaptionTrainer
-            from workers.training.vocabulary import fetch_tokenizer
+            from imageq.workers.training.lora_caption import CaptionTrainer
+            from imageq.workers.training.vocabulary import fetch_tokenizer
 
             vocabulary = inp.vocabulary
             tokenizer_dir = None
@@ -153,7 +153,7 @@ class FinetuneHandler:
                 tokenizer_dir=tokenizer_dir,
                 seed=inp.seed,
             )
-        from workers.training.lora_diffusion import DiffusionTrainer
+        from imageq.workers.training.lora_diffusion import DiffusionTrainer
 
         return DiffusionTrainer(
             self.settings,
@@ -173,7 +173,7 @@ class FinetuneHandler:
         trainer: Trainer,
         control: JobControl,
     ) -> LoopResult:
-        from workers.training.checkpoints import CheckpointStore
+        from imageq.workers.training.checkpoints import CheckpointStore
 
         checkpoints = CheckpointStore(
             self.ctx.storage,
@@ -273,7 +273,7 @@ class FinetuneHandler:
 def build(ctx: WorkerContext, device: str) -> Built:
     """The finetune worker: models load per job (a LoRA run changes them), so start-up
     only checks that the models it would train exist."""
-    from workers.predictors.caption import check_local_model
+    from imageq.workers.predictors.caption import check_local_model
 
     settings = ctx.settings
     problems = []

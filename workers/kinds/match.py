@@ -17,17 +17,17 @@ from typing import Any
 
 from PIL import Image
 
-from api_client.errors import InvalidInput
-from api_client.inputs import MatchInput
-from api_client.schemas import JobDocument
-from workers.io.job_images import decode_side, load_job_images
-from workers.kinds.caption import PREPROCESSED
-from workers.ops.devices import SpeedOptions
-from workers.predictors.match import MatchItem, MatchPredictor, MatchResult
-from workers.runtime.autobatch import RunBatch, for_worker
-from workers.runtime.batching import Batcher
-from workers.runtime.control import JobControl
-from workers.runtime.lifecycle import Built, WorkerContext
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.inputs import MatchInput
+from imageq.api_client.schemas import JobDocument
+from imageq.workers.io.job_images import decode_side, load_job_images
+from imageq.workers.kinds.caption import PREPROCESSED
+from imageq.workers.ops.devices import SpeedOptions
+from imageq.workers.predictors.match import MatchItem, MatchPredictor, MatchResult
+from imageq.workers.runtime.autobatch import RunBatch, for_worker
+from imageq.workers.runtime.batching import Batcher
+from imageq.workers.runtime.control import JobControl
+from imageq.workers.runtime.lifecycle import Built, WorkerContext
 
 # Six decimals: far below any meaningful difference between two scores, and the output
 # of a full 512 x 64 job stays well under a megabyte in the record and the webhook.

@@ -7,9 +7,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from api_client.names import WORKER_KINDS
-from api_client.settings import Settings, SettingsError, process_environment
-from workers.ops.launch import WorkerSpec, exec_worker
+from imageq.api_client.names import WORKER_KINDS
+from imageq.api_client.settings import Settings, SettingsError, process_environment
+from imageq.workers.ops.launch import WorkerSpec, exec_worker
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from workers.testing.demo import run_demo
+    from imageq.workers.testing.demo import run_demo
 
     return run_demo(tiny=args.tiny, timeout_s=args.timeout_s)
 
@@ -68,24 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fleet", help="one worker per GPU from a config file", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_delegate("workers.ops.fleet:main"))
+    p.set_defaults(func=_delegate("imageq.workers.ops.fleet:main"))
 
     p = sub.add_parser("flower", help="Flower on the imageq app, behind basic auth", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_delegate("workers.ops.flower:main"))
+    p.set_defaults(func=_delegate("imageq.workers.ops.flower:main"))
 
     for name, help_text in _GATEWAY_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(f"workers.gateway.cli:{name}_main"))
+        p.set_defaults(func=_delegate(f"imageq.gateway.cli:{name}_main"))
     for name, help_text in _PROVENANCE_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(f"workers.provenance.cli:{name}_main"))
+        p.set_defaults(func=_delegate(f"imageq.workers.provenance.cli:{name}_main"))
     return parser
 
 
-# The HTTP gateway's commands parse their own options (workers/gateway/cli.py).
+# The HTTP gateway's commands parse their own options (gateway/cli.py).
 _GATEWAY_COMMANDS = {
     "gateway": "serve the HTTP API (needs imageq[server])",
     "tokens": "gateway tenants and their tokens: create, list, revoke",
@@ -104,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         # argparse.REMAINDER refuses a leading "--option" after a subcommand, so the
         # delegated commands get their arguments untouched.
         if argv and argv[0] in ("fleet", "flower"):
-            run = _delegate(f"workers.ops.{argv[0]}:main")
+            run = _delegate(f"imageq.workers.ops.{argv[0]}:main")
             return int(run(argparse.Namespace(rest=argv[1:])))
         if argv and argv[0] in _GATEWAY_COMMANDS:
-            run = _delegate(f"workers.gateway.cli:{argv[0]}_main")
+            run = _delegate(f"imageq.gateway.cli:{argv[0]}_main")
             return int(run(argparse.Namespace(rest=argv[1:])))
         if argv and argv[0] in _PROVENANCE_COMMANDS:
-            run = _delegate(f"workers.provenance.cli:{argv[0]}_main")
+            run = _delegate(f"imageq.workers.provenance.cli:{argv[0]}_main")
             return int(run(argparse.Namespace(rest=argv[1:])))
         args = build_parser().parse_args(argv)
         return int(args.func(args))

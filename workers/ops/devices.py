@@ -16,12 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from api_client.errors import ModelError
+from imageq.api_client.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
 
-    from api_client.settings import Settings
+    from imageq.api_client.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from api_client.settings import process_environment
-from workers.ops.devices import pin_cuda
-from workers.ops.fleet_config import FleetConfig, FleetConfigError, MemberConfig, load_config
+from imageq.api_client.settings import process_environment
+from imageq.workers.ops.devices import pin_cuda
+from imageq.workers.ops.fleet_config import FleetConfig, FleetConfigError, MemberConfig, load_config
 
 log = logging.getLogger("imageq.fleet")
 

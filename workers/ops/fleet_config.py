@@ -1,7 +1,7 @@
 """The ``imageq fleet`` config: which worker kind runs on which device.
 
 TOML or JSON, validated up front so a typo fails at once with the field's name (see
-``workers.ops.fleet`` for the format). Nothing here starts a process or imports torch.
+``imageq.workers.ops.fleet`` for the format). Nothing here starts a process or imports torch.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from api_client.names import WORKER_KINDS
-from workers.ops.devices import cuda_index, is_cuda, node_suffix
+from imageq.api_client.names import WORKER_KINDS
+from imageq.workers.ops.devices import cuda_index, is_cuda, node_suffix
 
 
 class FleetConfigError(ValueError):
@@ -48,7 +48,15 @@ class MemberConfig:
     env: Mapping[str, str] = field(default_factory=dict)
 
     def argv(self, loglevel: str) -> list[str]:
-        argv = [sys.executable, "-m", "workers", "worker", self.kind, "--device", self.device]
+        argv = [
+            sys.executable,
+            "-m",
+            "imageq.workers",
+            "worker",
+            self.kind,
+            "--device",
+            self.device,
+        ]
         argv += ["--name", self.name, "--loglevel", loglevel]
         if self.queues:
             argv += ["--queues", ",".join(self.queues)]

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from api_client.settings import Settings, process_environment
+from imageq.api_client.settings import Settings, process_environment
 
 # Flower's own columns, plus the exception (a failed job's error code and message, the
 # reason a canceled one was revoked) and retries (a redelivered job shows it was retried).
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def flower_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
-    argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower"]
+    argv = [sys.executable, "-m", "celery", "-A", "imageq.tasks.app", "flower"]
     argv += [
         f"--port={args.port}",
         f"--address={args.address}",

@@ -1,4 +1,4 @@
-"""Starts worker processes: ``imageq worker KIND`` runs Celery on ``tasks.app`` by path.
+"""Starts worker processes: ``imageq worker KIND`` runs Celery on ``imageq.tasks.app`` by path.
 
 This module never imports ``tasks``: Celery imports it by name in the process it starts,
 so the import direction stays ``tasks -> workers``.
@@ -11,10 +11,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from api_client.kinds import WORKER_KIND_SPECS
-from api_client.names import WORKER_QUEUES, queue_name
-from api_client.settings import Settings
-from workers.ops.devices import is_cuda, node_suffix, pin_cuda
+from imageq.api_client.kinds import WORKER_KIND_SPECS
+from imageq.api_client.names import WORKER_QUEUES, queue_name
+from imageq.api_client.settings import Settings
+from imageq.workers.ops.devices import is_cuda, node_suffix, pin_cuda
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def celery_argv(spec: WorkerSpec, settings: Settings) -> list[str]:
         "-m",
         "celery",
         "-A",
-        "tasks.app",
+        "imageq.tasks.app",
         "worker",
         "-Q",
         ",".join(spec.queue_names(settings)),

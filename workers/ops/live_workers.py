@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from api_client.records import RecordStore, utcnow
-from workers.runtime.ticker import Ticker
+from imageq.api_client.records import RecordStore, utcnow
+from imageq.workers.runtime.ticker import Ticker
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 
-from api_client.names import WORKER_QUEUES, queue_name
-from api_client.queues import live_workers, queue_depth, reserved_by_queue
-from api_client.records import RecordStore
-from api_client.schemas import JobRecord
-from api_client.settings import Settings
-from api_client.usage import usage_tenant
+from imageq.api_client.names import WORKER_QUEUES, queue_name
+from imageq.api_client.queues import live_workers, queue_depth, reserved_by_queue
+from imageq.api_client.records import RecordStore
+from imageq.api_client.schemas import JobRecord
+from imageq.api_client.settings import Settings
+from imageq.api_client.usage import usage_tenant
 
 log = logging.getLogger(__name__)
 

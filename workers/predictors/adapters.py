@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api_client.errors import ImageqError, InvalidInput, ModelError
-from api_client.inputs import AdapterRef
+from imageq.api_client.errors import ImageqError, InvalidInput, ModelError
+from imageq.api_client.inputs import AdapterRef
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # h94/IP-Adapter's SD 1.5 weights; any other single *.safetensors file in the folder works.

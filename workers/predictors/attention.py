@@ -12,7 +12,7 @@ cross-attention of decoder layer ``l`` over the image patches, averaged over hea
 **normalised to sum to 1** (a distribution over patches), so grids compare across tokens
 and layers. The overlay stretches each panel between its own minimum and maximum, for
 display only. ``frame`` places the original image on the grid, in cells
-(``workers.predictors.framing``): a center-cropped image reaches past the grid, and a
+(``imageq.workers.predictors.framing``): a center-cropped image reaches past the grid, and a
 letterboxed one keeps only the rows and columns that show it (normalised again).
 """
 
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from workers.predictors.framing import Frame, Resize
+from imageq.workers.predictors.framing import Frame, Resize
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +109,7 @@ def attention_payload(
 
     ``layers`` is ``(n_layers, n_tokens, patches)`` and ``mean`` ``(n_tokens, patches)``,
     already restricted to the rows that produced ``tokens``. ``frame``: where the image
-    lies on the input (``workers.predictors.framing``); a letterboxed image's grids keep
+    lies on the input (``imageq.workers.predictors.framing``); a letterboxed image's grids keep
     only the rows and columns that show some of it, normalised again to sum to 1.
     """
     rows, cols = grid

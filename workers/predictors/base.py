@@ -1,7 +1,7 @@
 """The small interfaces the model kinds implement (after LitServe's LitAPI, cog's Predictor).
 
 ``Predictor`` is what building a worker calls (``setup``); ``Batched`` is what the
-micro-batcher (``workers.runtime.batching``) calls (``batch_key``, ``predict``).
+micro-batcher (``imageq.workers.runtime.batching``) calls (``batch_key``, ``predict``).
 Each predictor class names the protocol it implements as a base class, so mypy checks
 its methods against it.
 """
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from api_client.errors import ImageqError, ModelError, OutOfMemory
+from imageq.api_client.errors import ImageqError, ModelError, OutOfMemory
 
 # Called by long-running predictors after every step (a denoising step, a training step).
 # It records progress and raises ``Canceled`` or ``JobTimeout`` to stop the work at once.

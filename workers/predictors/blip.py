@@ -11,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from api_client.errors import ImageqError, ModelError
-from workers.ops.devices import SpeedOptions
-from workers.predictors.base import check_local_model, model_errors
+from imageq.api_client.errors import ImageqError, ModelError
+from imageq.workers.ops.devices import SpeedOptions
+from imageq.workers.predictors.base import check_local_model, model_errors
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from workers.predictors.framing import Frame, Resize
+    from imageq.workers.predictors.framing import Frame, Resize
 
 __all__ = [
     "DEFAULT_INPUT_SIDE",
@@ -97,7 +97,7 @@ class BlipPredictor:
     def setup(self, device: str) -> None:
         from transformers import BlipProcessor
 
-        from workers.ops.devices import resolve_device
+        from imageq.workers.ops.devices import resolve_device
 
         try:
             check_local_model(self.model_id)
@@ -171,7 +171,7 @@ class BlipPredictor:
 
         ``resize`` None: the processor's own behaviour (BLIP's stretches).
         """
-        from workers.predictors.framing import Frame, Resize, framed
+        from imageq.workers.predictors.framing import Frame, Resize, framed
 
         if resize is None or resize is Resize.STRETCH:
             return self._pixels(image), Frame(Resize.STRETCH)

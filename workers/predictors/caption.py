@@ -8,7 +8,7 @@ share a ``batch_key``: the same prompt, generation options, adapter and attentio
 Adapters are LoRA weights for the text decoder, trained with peft and saved with
 ``save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``), either on
 the whole ``BlipForConditionalGeneration`` or on its ``text_decoder``. An adapter may
-carry its own vocabulary (``workers.predictors.caption_vocab``): its batches then
+carry its own vocabulary (``imageq.workers.predictors.caption_vocab``): its batches then
 tokenize, embed, score and decode with it, and every other batch with the base's.
 """
 
@@ -23,19 +23,19 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from api_client.errors import ImageqError, InvalidInput, ModelError
-from api_client.inputs import GenerationOptions
-from workers.ops.devices import SpeedOptions
-from workers.predictors.attention import overlay_png
-from workers.predictors.base import BatchedPredictor, model_errors
-from workers.predictors.blip import BlipPredictor, check_local_model, load_checked
-from workers.predictors.caption_attention import Writing, sequence_attention
+from imageq.api_client.errors import ImageqError, InvalidInput, ModelError
+from imageq.api_client.inputs import GenerationOptions
+from imageq.workers.ops.devices import SpeedOptions
+from imageq.workers.predictors.attention import overlay_png
+from imageq.workers.predictors.base import BatchedPredictor, model_errors
+from imageq.workers.predictors.blip import BlipPredictor, check_local_model, load_checked
+from imageq.workers.predictors.caption_attention import Writing, sequence_attention
 
 if TYPE_CHECKING:
     import torch
 
-    from workers.predictors.caption_vocab import AdapterVocabulary
-    from workers.predictors.framing import Frame, Resize
+    from imageq.workers.predictors.caption_vocab import AdapterVocabulary
+    from imageq.workers.predictors.framing import Frame, Resize
 
 # The loading helpers stay importable from here: the training code and the finetune
 # kind import them from this module (their home is workers.predictors.blip).
@@ -90,7 +90,7 @@ class _Words:
 class CaptionResult:
     #: One caption per returned sequence, best first (``num_return_sequences`` of them).
     texts: list[str]
-    #: The attention payload (see ``workers.predictors.attention``) of each returned
+    #: The attention payload (see ``imageq.workers.predictors.attention``) of each returned
     #: sequence, in the order of ``texts``, when the item asked for attention.
     attentions: list[dict[str, Any]] = field(default_factory=list)
 
@@ -159,8 +159,8 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
 
     # -- one compatible group -------------------------------------------------------------
     def _run(self, items: Sequence[CaptionItem]) -> list[CaptionResult]:
-        from workers.predictors.caption_sampling import seeded
-        from workers.predictors.caption_vocab import swapped
+        from imageq.workers.predictors.caption_sampling import seeded
+        from imageq.workers.predictors.caption_vocab import swapped
 
         adapter = items[0].adapter
         vocabulary = self._vocabularies.get(adapter) if adapter is not None else None
@@ -289,7 +289,7 @@ class CaptionPredictor(BlipPredictor, BatchedPredictor[CaptionItem, CaptionResul
         from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from workers.predictors.caption_vocab import AdapterVocabulary
+        from imageq.workers.predictors.caption_vocab import AdapterVocabulary
 
         decoder = self._require_model().text_decoder
         path = Path(path)

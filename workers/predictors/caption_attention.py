@@ -2,7 +2,7 @@
 
 ``generate`` keeps no cross-attentions, so the caption predictor scores each returned
 sequence again with one teacher-forced decoder pass and turns the rows that chose its
-tokens into attention payloads (``workers.predictors.attention``).
+tokens into attention payloads (``imageq.workers.predictors.attention``).
 """
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workers.predictors.attention import attention_payload, patch_grid, summarise_cross_attention
+from imageq.workers.predictors.attention import (
+    attention_payload,
+    patch_grid,
+    summarise_cross_attention,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from workers.predictors.framing import Frame
+    from imageq.workers.predictors.framing import Frame
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 from torch import nn
 
-from api_client.errors import ModelError
-from workers.predictors.blip import role_ids
+from imageq.api_client.errors import ModelError
+from imageq.workers.predictors.blip import role_ids
 
 #: The adapter's rows: ``ids`` (the token ids they stand for), ``embeddings`` (one row
 #: per id, tied to the output layer) and ``bias`` (their output bias); in the metadata,

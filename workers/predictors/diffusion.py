@@ -25,18 +25,18 @@ from typing import Any
 
 from PIL import Image
 
-from api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
-from api_client.inputs import GenerateInput, InpaintInput, StyleInput
-from api_client.settings import Settings
-from workers.predictors.adapters import (
+from imageq.api_client.errors import ImageqError, InvalidInput, ModelError, OutOfMemory
+from imageq.api_client.inputs import GenerateInput, InpaintInput, StyleInput
+from imageq.api_client.settings import Settings
+from imageq.workers.predictors.adapters import (
     AdapterResolver,
     IpAdapterSwitch,
     LoraAdapters,
     job_scheduler,
     sampler_name,
 )
-from workers.predictors.base import BatchedPredictor, BatchInterrupted, StepCallback
-from workers.predictors.diffusion_png import (
+from imageq.workers.predictors.base import BatchedPredictor, BatchInterrupted, StepCallback
+from imageq.workers.predictors.diffusion_png import (
     GeneratedImage,
     check_pixels,
     check_strength,
@@ -46,8 +46,8 @@ from workers.predictors.diffusion_png import (
     paste_unmasked,
     resized,
 )
-from workers.predictors.previews import CallPreviews, PreviewSink, offer_previews
-from workers.provenance.claims import Origin
+from imageq.workers.predictors.previews import CallPreviews, PreviewSink, offer_previews
+from imageq.workers.provenance.claims import Origin
 
 SEED_RANGE = 2**32
 NO_IP_ADAPTER = "style_image: this worker has no IP-Adapter (set IMAGEQ_IP_ADAPTER)"

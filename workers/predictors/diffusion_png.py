@@ -6,9 +6,9 @@ caps the pixels of one output (``IMAGEQ_MAX_OUTPUT_PIXELS``) to bound GPU memory
 Each PNG carries a ``parameters`` text chunk in the format AUTOMATIC1111 writes, so the
 tools that read those (A1111's "PNG Info", ComfyUI, InvokeAI, civitai) show how an
 image was made, and the same job can be run again from the file alone; and an XMP
-packet with its IPTC digital source type (``workers.provenance.claims``), which says it
+packet with its IPTC digital source type (``imageq.workers.provenance.claims``), which says it
 was made by a model. The signed C2PA manifest is added afterwards
-(``workers.provenance.signing``).
+(``imageq.workers.provenance.signing``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 from PIL.PngImagePlugin import PngInfo
 
-from api_client.errors import InvalidInput
-from workers.provenance.claims import XMP_KEY, Origin, read_source_type, xmp_packet
+from imageq.api_client.errors import InvalidInput
+from imageq.workers.provenance.claims import XMP_KEY, Origin, read_source_type, xmp_packet
 
 PARAMETERS_KEY = "parameters"
 MIN_SIDE, MAX_SIDE = 64, 2048

@@ -10,7 +10,7 @@ panorama is seen squashed to a quarter of its width. A job may ask instead for
 
 Both are made here on the decoded image, before the processor's own resize, which then
 scales uniformly. A ``Frame`` records where the original image lies on the input, so
-attention grids map back onto the photo (``workers.predictors.attention``).
+attention grids map back onto the photo (``imageq.workers.predictors.attention``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from api_client.inputs import Resize
+from imageq.api_client.inputs import Resize
 
 __all__ = ["Frame", "Resize", "framed"]
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from api_client.errors import ModelError
-from workers.ops.devices import SpeedOptions
-from workers.predictors.base import BatchedPredictor, model_errors
-from workers.predictors.blip import BlipPredictor
+from imageq.api_client.errors import ModelError
+from imageq.workers.ops.devices import SpeedOptions
+from imageq.workers.predictors.base import BatchedPredictor, model_errors
+from imageq.workers.predictors.blip import BlipPredictor
 
 if TYPE_CHECKING:
     import torch

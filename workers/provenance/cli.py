@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from workers.provenance.devchain import make_dev_chain
-from workers.provenance.verify import Verdict, verify
+from imageq.workers.provenance.devchain import make_dev_chain
+from imageq.workers.provenance.verify import Verdict, verify
 
 
 def provenance_main(argv: list[str]) -> int:

@@ -21,8 +21,8 @@ import c2pa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from api_client.settings import Settings, SettingsError
-from workers.provenance.claims import Origin
+from imageq.api_client.settings import Settings, SettingsError
+from imageq.workers.provenance.claims import Origin
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from api_client.errors import OutOfMemory
-from api_client.settings import Settings
+from imageq.api_client.errors import OutOfMemory
+from imageq.api_client.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ inpaint and style one whose key is ``None`` (it runs alone). What every kind get
   their ``batch_key`` for the next ``recover_after`` calls; alone, the item fails.
 - Any other failure of a shared call requeues its items to run alone: one bad item
   fails only its own job.
-- With an ``AutoBatch`` (``workers.runtime.autobatch``), ``max_batch`` is the size it
+- With an ``AutoBatch`` (``imageq.workers.runtime.autobatch``), ``max_batch`` is the size it
   measured; it sees each call, and measures again when it asks, with nothing waiting.
 """
 
@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from api_client.errors import ModelError, OutOfMemory
-from workers.predictors.base import Batched, BatchInterrupted
-from workers.runtime.autobatch import AutoBatch
+from imageq.api_client.errors import ModelError, OutOfMemory
+from imageq.workers.predictors.base import Batched, BatchInterrupted
+from imageq.workers.runtime.autobatch import AutoBatch
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from api_client.kinds import WORKER_KIND_SPECS
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings
-from workers.io.storage import open_storage
-from workers.ops.devices import resolve_device
-from workers.runtime.failover import FailoverSweeper, SendJob
-from workers.runtime.lifecycle import Built, Handler, JobRunner, WorkerContext
-from workers.webhooks.outbox import WebhookDispatcher
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.kinds import WORKER_KIND_SPECS
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import open_storage
+from imageq.workers.ops.devices import resolve_device
+from imageq.workers.runtime.failover import FailoverSweeper, SendJob
+from imageq.workers.runtime.lifecycle import Built, Handler, JobRunner, WorkerContext
+from imageq.workers.webhooks.outbox import WebhookDispatcher
+from imageq.workers.webhooks.post import WebhookEvent
 
 log = logging.getLogger(__name__)
 

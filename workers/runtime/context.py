@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from api_client.records import RecordStore
-from api_client.schemas import JobDocument
-from api_client.settings import Settings
-from workers.io.storage import Storage
-from workers.runtime.control import JobControl, LeaseKeeper
-from workers.runtime.failover import SendJob
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.records import RecordStore
+from imageq.api_client.schemas import JobDocument
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import Storage
+from imageq.workers.runtime.control import JobControl, LeaseKeeper
+from imageq.workers.runtime.failover import SendJob
+from imageq.workers.webhooks.post import WebhookEvent
 
 #: A job's ``output`` document (kind-specific JSON) and one stored file's reference.
 Output = dict[str, Any]

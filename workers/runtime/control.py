@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from api_client.errors import Canceled, ImageqError, JobTimeout
-from api_client.records import RecordStore
-from api_client.schemas import JobStatus
-from workers.runtime.failover import RunningSet
-from workers.runtime.jobstate import JobState
-from workers.runtime.ticker import Ticker
+from imageq.api_client.errors import Canceled, ImageqError, JobTimeout
+from imageq.api_client.records import RecordStore
+from imageq.api_client.schemas import JobStatus
+from imageq.workers.runtime.failover import RunningSet
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.runtime.ticker import Ticker
 
 if TYPE_CHECKING:
-    from workers.runtime.leases import Heart
+    from imageq.workers.runtime.leases import Heart
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class LeaseKeeper:
 
     A heartbeat renews it every ``every_s`` and keeps the job in the running set, where
     the failover sweepers look for runs whose lease lapsed: the worker's one lease thread
-    (``heart``, ``workers.runtime.leases``), or a thread of its own. ``verify`` checks it
+    (``heart``, ``imageq.workers.runtime.leases``), or a thread of its own. ``verify`` checks it
     synchronously (before a step, an output or the final record), since a worker that
     was frozen may resume before its heartbeat does.
     """

@@ -12,20 +12,20 @@ import json
 import logging
 from typing import Any
 
-from api_client.error_details import ErrorDetails, is_reported
-from api_client.errors import Canceled, ImageqError, InternalError, WorkerLost
-from api_client.object_urls import hide_storage_root
-from api_client.records import Document, RecordStore, final_record, utcnow
-from api_client.schemas import JobDocument, JobRecord, JobStatus
-from api_client.settings import Settings
-from api_client.webhooks import event_id, preview_key, progress_key
-from workers.io.storage import Storage
-from workers.runtime.context import Deferred, Output, WorkerContext
-from workers.runtime.control import LeaseKeeper, LeaseLost
-from workers.runtime.failover import RunningSet, back_to_queued
-from workers.runtime.jobstate import JobState
-from workers.runtime.transitions import RunRecord, Transitions, Written, stored_webhook
-from workers.webhooks.post import WebhookEvent
+from imageq.api_client.error_details import ErrorDetails, is_reported
+from imageq.api_client.errors import Canceled, ImageqError, InternalError, WorkerLost
+from imageq.api_client.object_urls import hide_storage_root
+from imageq.api_client.records import Document, RecordStore, final_record, utcnow
+from imageq.api_client.schemas import JobDocument, JobRecord, JobStatus
+from imageq.api_client.settings import Settings
+from imageq.api_client.webhooks import event_id, preview_key, progress_key
+from imageq.workers.io.storage import Storage
+from imageq.workers.runtime.context import Deferred, Output, WorkerContext
+from imageq.workers.runtime.control import LeaseKeeper, LeaseLost
+from imageq.workers.runtime.failover import RunningSet, back_to_queued
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.runtime.transitions import RunRecord, Transitions, Written, stored_webhook
+from imageq.workers.webhooks.post import WebhookEvent
 
 log = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from api_client.records import Document, RecordStore
-from api_client.schemas import JobRecord, JobStatus
-from api_client.scripts import script
-from api_client.settings import Settings
-from workers.runtime.ticker import Ticker
+from imageq.api_client.records import Document, RecordStore
+from imageq.api_client.schemas import JobRecord, JobStatus
+from imageq.api_client.scripts import script
+from imageq.api_client.settings import Settings
+from imageq.workers.runtime.ticker import Ticker
 
 log = logging.getLogger(__name__)
 

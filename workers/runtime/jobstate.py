@@ -1,6 +1,6 @@
 """A job's keys as only workers touch them: its lease and its once-only side effects.
 
-The producer's store (``api_client.records.RecordStore``) creates, reads, lists and
+The producer's store (``imageq.api_client.records.RecordStore``) creates, reads, lists and
 cancels records; what a run holds while it works (the lease) and what a job's end owes
 once (``result.json``, the final webhook, its count) are the workers' business and live
 here. The scripts that move a record between states are ``transitions``.
@@ -8,8 +8,8 @@ here. The scripts that move a record between states are ``transitions``.
 
 from __future__ import annotations
 
-from api_client.records import RecordStore, utcnow
-from api_client.scripts import script
+from imageq.api_client.records import RecordStore, utcnow
+from imageq.api_client.scripts import script
 
 
 class JobState:

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from api_client.records import RecordStore
-from api_client.scripts import script
+from imageq.api_client.records import RecordStore
+from imageq.api_client.scripts import script
 
 if TYPE_CHECKING:
-    from workers.runtime.control import LeaseKeeper
+    from imageq.workers.runtime.control import LeaseKeeper
 
 log = logging.getLogger(__name__)
 

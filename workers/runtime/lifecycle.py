@@ -17,19 +17,25 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from api_client.error_details import ErrorDetails
-from api_client.errors import Canceled, ImageqError, InvalidInput, WorkerLost
-from api_client.records import Document, new_record, parse_time, utcnow
-from api_client.references import GrantReader
-from api_client.schemas import JobDocument, JobRecord, JobStatus, WebhookSpec, parse_job
-from api_client.tenant_caps import PriorityCaps
-from workers.runtime.context import Built, Deferred, Handler, Output, WorkerContext
-from workers.runtime.control import HandedBack, JobControl, LeaseKeeper, LeaseLost, RunInterrupted
-from workers.runtime.ending import RunEnding
-from workers.runtime.failover import RunningSet, hand_back, runs_lost
-from workers.runtime.jobstate import JobState
-from workers.runtime.leases import Heart
-from workers.runtime.transitions import Claimed, ClaimState, RunRecord, Transitions, Written
+from imageq.api_client.error_details import ErrorDetails
+from imageq.api_client.errors import Canceled, ImageqError, InvalidInput, WorkerLost
+from imageq.api_client.records import Document, new_record, parse_time, utcnow
+from imageq.api_client.references import GrantReader
+from imageq.api_client.schemas import JobDocument, JobRecord, JobStatus, WebhookSpec, parse_job
+from imageq.api_client.tenant_caps import PriorityCaps
+from imageq.workers.runtime.context import Built, Deferred, Handler, Output, WorkerContext
+from imageq.workers.runtime.control import (
+    HandedBack,
+    JobControl,
+    LeaseKeeper,
+    LeaseLost,
+    RunInterrupted,
+)
+from imageq.workers.runtime.ending import RunEnding
+from imageq.workers.runtime.failover import RunningSet, hand_back, runs_lost
+from imageq.workers.runtime.jobstate import JobState
+from imageq.workers.runtime.leases import Heart
+from imageq.workers.runtime.transitions import Claimed, ClaimState, RunRecord, Transitions, Written
 
 # The types handlers and builders use live in ``context``; they are imported from here.
 __all__ = ["Built", "Deferred", "Handler", "JobRunner", "Output", "WorkerContext"]

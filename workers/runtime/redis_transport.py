@@ -9,7 +9,7 @@ threads (each command takes a connection from the pool). This channel builds one
 keeps it until kombu replaces the channel's pool.
 
 Only worker processes use it, and only on ``redis://`` brokers (set as Celery's worker
-starts: ``tasks.signals``). A named transport replaces the connection URL's scheme, by
+starts: ``imageq.tasks.signals``). A named transport replaces the connection URL's scheme, by
 which kombu turns TLS on for ``rediss://`` and Flower picks its broker client: so
 ``rediss://`` and Sentinel brokers, Flower and Celery's other commands keep kombu's own.
 """

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from api_client.records import Document, RecordStore, utcnow
-from api_client.schemas import JobRecord
-from api_client.scripts import script
-from api_client.usage import UsageLedger
+from imageq.api_client.records import Document, RecordStore, utcnow
+from imageq.api_client.schemas import JobRecord
+from imageq.api_client.scripts import script
+from imageq.api_client.usage import UsageLedger
 
 
 class Written(StrEnum):

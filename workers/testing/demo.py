@@ -12,12 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from api_client.client import Client
-from api_client.errors import ImageqError
-from api_client.records import connect
-from api_client.settings import Settings, is_configured, process_environment
-from api_client.webhooks import new_secret, verify
-from workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess
+from imageq.api_client.client import Client
+from imageq.api_client.errors import ImageqError
+from imageq.api_client.records import connect
+from imageq.api_client.settings import Settings, is_configured, process_environment
+from imageq.api_client.webhooks import new_secret, verify
+from imageq.workers.testing.services import RedisServer, WebhookReceiver, WorkerProcess
 
 SAMPLE = Path(__file__).parent / "assets" / "sample.png"
 
@@ -38,7 +38,7 @@ def run_demo(*, tiny: bool, timeout_s: float = 600) -> int:
                 env["IMAGEQ_BROKER_URL"] = redis_server.url
                 print(f"started a private redis-server at {redis_server.url}")
             if tiny:
-                from workers.testing.tiny import build_tiny_caption
+                from imageq.workers.testing.tiny import build_tiny_caption
 
                 env["IMAGEQ_MODEL_CAPTION"] = str(build_tiny_caption(tmp / "tiny-caption"))
                 print(

@@ -236,7 +236,7 @@ class WorkerProcess:
         self.argv = [
             sys.executable,
             "-m",
-            "api_client.cli",
+            "imageq.api_client.cli",
             "worker",
             kind,
             "--device",

@@ -17,10 +17,10 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 
-from api_client.errors import ModelError
-from api_client.settings import Settings
-from workers.predictors.caption import CaptionItem, CaptionPredictor
-from workers.training.datasets import Example
+from imageq.api_client.errors import ModelError
+from imageq.api_client.settings import Settings
+from imageq.workers.predictors.caption import CaptionItem, CaptionPredictor
+from imageq.workers.training.datasets import Example
 
 # Images per forward pass: enough to keep a GPU busy on BLIP base, small enough that a
 # cancel waits for at most one batch.

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from api_client.records import utcnow
-from workers.io.storage import Storage
+from imageq.api_client.records import utcnow
+from imageq.workers.io.storage import Storage
 
 if TYPE_CHECKING:
     import torch

@@ -27,11 +27,11 @@ from typing import IO
 
 from PIL import Image
 
-from api_client.errors import ForbiddenUrl, ImageqError, InvalidInput
-from api_client.redact import redact_ref
-from api_client.settings import Settings
-from workers.io.images import decode_image, fetch_bytes
-from workers.io.storage import LocalStorage, S3Storage, Storage, TooLarge, file_uri_path
+from imageq.api_client.errors import ForbiddenUrl, ImageqError, InvalidInput
+from imageq.api_client.redact import redact_ref
+from imageq.api_client.settings import Settings
+from imageq.workers.io.images import decode_image, fetch_bytes
+from imageq.workers.io.storage import LocalStorage, S3Storage, Storage, TooLarge, file_uri_path
 
 METADATA = "metadata.jsonl"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from api_client.errors import ModelError
-from workers.predictors.base import model_errors
-from workers.runtime.control import HandedBack
-from workers.training.checkpoints import Checkpoint, CheckpointStore
+from imageq.api_client.errors import ModelError
+from imageq.workers.predictors.base import model_errors
+from imageq.workers.runtime.control import HandedBack
+from imageq.workers.training.checkpoints import Checkpoint, CheckpointStore
 
 if TYPE_CHECKING:
     import torch

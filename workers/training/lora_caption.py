@@ -6,7 +6,7 @@ training and reused at every step. The adapter is saved the way peft saves one
 ``CaptionPredictor.load_adapter`` reads. peft 0.21 predates transformers' own
 ``add_adapter`` for this model, hence ``peft.get_peft_model`` on the decoder.
 
-A caption adapter may also carry its own vocabulary (``workers.training.vocabulary``):
+A caption adapter may also carry its own vocabulary (``imageq.workers.training.vocabulary``):
 its tokenizer files and ``vocabulary.safetensors``, the embedding rows (tied to the
 output layer, as BLIP's are) and output biases of its new tokens, trained with the LoRA.
 """
@@ -18,13 +18,13 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from api_client.errors import ModelError
-from api_client.inputs import VocabularyOptions
-from api_client.settings import Settings
-from workers.predictors.blip import role_ids
-from workers.training.datasets import Dataset
-from workers.training.loop import lora_config
-from workers.training.vocabulary import (
+from imageq.api_client.errors import ModelError
+from imageq.api_client.inputs import VocabularyOptions
+from imageq.api_client.settings import Settings
+from imageq.workers.predictors.blip import role_ids
+from imageq.workers.training.datasets import Dataset
+from imageq.workers.training.loop import lora_config
+from imageq.workers.training.vocabulary import (
     VocabularyPlan,
     first_new_id,
     initial_rows,
@@ -63,7 +63,7 @@ class CaptionTrainer:
         from peft import get_peft_model
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        from workers.predictors.caption import check_local_model, load_checked
+        from imageq.workers.predictors.caption import check_local_model, load_checked
 
         self.device = device
         self.base_model = settings.model_caption
@@ -130,7 +130,7 @@ class CaptionTrainer:
         exactly)."""
         import torch
 
-        from workers.predictors.caption_vocab import install, vocab_modules
+        from imageq.workers.predictors.caption_vocab import install, vocab_modules
 
         plan = self.vocabulary
         used = {i for row in self.token_ids for i in row if i < plan.base_rows}
@@ -263,7 +263,7 @@ class CaptionTrainer:
         """The tokenizer's files and ``vocabulary.safetensors`` (nothing for ``base``)."""
         from safetensors.torch import save
 
-        from workers.predictors.caption_vocab import VOCAB_FILE, vocab_file_metadata
+        from imageq.workers.predictors.caption_vocab import VOCAB_FILE, vocab_file_metadata
 
         if self.rows is None or self.bias is None or self.ids is None:
             return {}

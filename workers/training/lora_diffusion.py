@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from api_client.errors import ModelError
-from api_client.settings import Settings
-from workers.training.datasets import Dataset
-from workers.training.loop import lora_config
+from imageq.api_client.errors import ModelError
+from imageq.api_client.settings import Settings
+from imageq.workers.training.datasets import Dataset
+from imageq.workers.training.loop import lora_config
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +58,7 @@ class DiffusionTrainer:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from workers.predictors.caption import check_local_model
+        from imageq.workers.predictors.caption import check_local_model
 
         self.device = device
         self.base_model = model = settings.model_diffusion

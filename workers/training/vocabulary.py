@@ -7,7 +7,7 @@ best and ``黒い猫`` as ``[UNK]`` or ``黒 い 猫``. Three strategies (docs/f
 
 - ``base``: BLIP's tokenizer as it is (its case and accent folding are its convention);
 - ``extend``: BLIP's WordPiece plus the dataset's missing characters and frequent
-  sub-words, appended after the base ids (``workers.training.wordpiece``);
+  sub-words, appended after the base ids (``imageq.workers.training.wordpiece``);
 - ``replace``: a tokenizer the job gives, every embedding row re-initialised for it.
 
 Whatever the strategy, every caption goes through the tokenizer before any image is
@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from api_client.errors import ImageqError, InvalidInput, ModelError
-from api_client.inputs import VocabularyOptions
-from api_client.languages import BASE_LANGUAGE, primary
-from api_client.settings import Settings
-from workers.io.storage import Storage
-from workers.training.wordpiece import base_spelling, extend_tokenizer, wrap_tokenizer
+from imageq.api_client.errors import ImageqError, InvalidInput, ModelError
+from imageq.api_client.inputs import VocabularyOptions
+from imageq.api_client.languages import BASE_LANGUAGE, primary
+from imageq.api_client.settings import Settings
+from imageq.workers.io.storage import Storage
+from imageq.workers.training.wordpiece import base_spelling, extend_tokenizer, wrap_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -239,7 +239,7 @@ def plan_vocabulary(
 
 def fetch_tokenizer(ref: str, dest: Path, settings: Settings, storage: Storage) -> Path:
     """Fetch the folder ``ref`` names (as a dataset is fetched) and find the tokenizer in it."""
-    from workers.training.datasets import fetch_dataset
+    from imageq.workers.training.datasets import fetch_dataset
 
     try:
         fetch_dataset(ref, dest, settings, storage)

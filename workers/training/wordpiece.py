@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from api_client.errors import ModelError
+from imageq.api_client.errors import ModelError
 
 #: A frequent sub-word is one that occurs at least this often in the dataset's words.
 MIN_FREQUENCY = 2

@@ -18,11 +18,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from api_client.records import RecordStore
-from api_client.scripts import script
-from api_client.webhook_log import KeptOutcome, WebhookLog
-from workers.runtime.ticker import Ticker
-from workers.webhooks.post import DeliveryOutcome, WebhookEvent, deliver, next_delay_s
+from imageq.api_client.records import RecordStore
+from imageq.api_client.scripts import script
+from imageq.api_client.webhook_log import KeptOutcome, WebhookLog
+from imageq.workers.runtime.ticker import Ticker
+from imageq.workers.webhooks.post import DeliveryOutcome, WebhookEvent, deliver, next_delay_s
 
 log = logging.getLogger(__name__)
 

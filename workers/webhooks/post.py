@@ -17,11 +17,11 @@ from typing import Any
 
 import requests
 
-from api_client.errors import ForbiddenUrl, InputFetchFailed
-from api_client.redact import redact_ref
-from api_client.settings import Settings
-from api_client.webhooks import sign
-from workers.io.netguard import Deadline, check_url, safe_session
+from imageq.api_client.errors import ForbiddenUrl, InputFetchFailed
+from imageq.api_client.redact import redact_ref
+from imageq.api_client.settings import Settings
+from imageq.api_client.webhooks import sign
+from imageq.workers.io.netguard import Deadline, check_url, safe_session
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from api_client.settings import Settings
-from workers.gateway import errors, files, jobs, openai_images, usage
-from workers.gateway.guard import Guard
-from workers.gateway.metrics import GatewayMetrics
-from workers.gateway.models import SUBMIT_MODELS
-from workers.gateway.openai_compat import parse_models
-from workers.gateway.state import Gateway
+from imageq.api_client.settings import Settings
+from imageq.gateway import errors, files, jobs, openai_images, usage
+from imageq.gateway.guard import Guard
+from imageq.gateway.metrics import GatewayMetrics
+from imageq.gateway.models import SUBMIT_MODELS
+from imageq.gateway.openai_compat import parse_models
+from imageq.gateway.state import Gateway
 
 DESCRIPTION = """\
 Jobs over HTTP for backends that do not hold the Redis password. Every request carries

@@ -14,23 +14,23 @@ import anyio
 import anyio.to_thread
 import redis.asyncio as aioredis
 
-from api_client.client import Client
-from api_client.kinds import JOB_KINDS
-from api_client.names import job_queue
-from api_client.object_urls import storage_root
-from api_client.queues import priority_lists
-from api_client.records import RecordStore
-from api_client.references import GrantReader
-from api_client.schemas import JobRecord, JobStatus
-from api_client.scripts import script
-from api_client.settings import Settings
-from api_client.tenant_caps import PriorityCaps
-from workers.gateway.errors import JobNotFound
-from workers.gateway.limits import Limits
-from workers.gateway.metrics import GatewayMetrics
-from workers.gateway.tokens import Authenticator
-from workers.gateway.updates import UpdateHub
-from workers.io.storage import Storage, open_storage
+from imageq.api_client.client import Client
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.api_client.names import job_queue
+from imageq.api_client.object_urls import storage_root
+from imageq.api_client.queues import priority_lists
+from imageq.api_client.records import RecordStore
+from imageq.api_client.references import GrantReader
+from imageq.api_client.schemas import JobRecord, JobStatus
+from imageq.api_client.scripts import script
+from imageq.api_client.settings import Settings
+from imageq.api_client.tenant_caps import PriorityCaps
+from imageq.gateway.errors import JobNotFound
+from imageq.gateway.limits import Limits
+from imageq.gateway.metrics import GatewayMetrics
+from imageq.gateway.tokens import Authenticator
+from imageq.gateway.updates import UpdateHub
+from imageq.workers.io.storage import Storage, open_storage
 
 T = TypeVar("T")
 # Uploads and storage health checks at once per process.

@@ -1,8 +1,8 @@
 """The shapes the OpenAPI document shows: request bodies, answers and errors.
 
 The request body of ``POST /v1/jobs`` is one schema per kind (its ``input`` is that
-kind's own model from ``api_client.inputs``), so generated clients and fuzzers know each
-kind's fields. Requests are still validated by ``api_client.schemas.parse_job``, the one
+kind's own model from ``imageq.api_client.inputs``), so generated clients and fuzzers know each
+kind's fields. Requests are still validated by ``imageq.api_client.schemas.parse_job``, the one
 validation every producer gets, which names the field of every problem.
 """
 
@@ -12,8 +12,8 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from api_client.kinds import JOB_KINDS
-from api_client.schemas import JobRecord, WebhookSpec
+from imageq.api_client.kinds import JOB_KINDS
+from imageq.api_client.schemas import JobRecord, WebhookSpec
 
 #: The top-level fields a submit body may have (a tenant comes from the token, never
 #: from the body).

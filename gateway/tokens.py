@@ -25,10 +25,10 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from api_client.errors import InvalidInput
-from api_client.records import RecordStore, utcnow
-from api_client.references import GRANTS_FIELD, check_grant, parse_grants, tenant_key
-from api_client.schemas import TENANT_PATTERN
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.records import RecordStore, utcnow
+from imageq.api_client.references import GRANTS_FIELD, check_grant, parse_grants, tenant_key
+from imageq.api_client.schemas import TENANT_PATTERN
 
 TOKEN_PREFIX = "iq_"
 # What `tokens list` shows and `tokens revoke` accepts of a token: "iq_" and 8 more.

@@ -9,9 +9,9 @@ import sys
 
 import redis
 
-from api_client.errors import ImageqError
-from api_client.records import RecordStore, connect
-from api_client.settings import Settings
+from imageq.api_client.errors import ImageqError
+from imageq.api_client.records import RecordStore, connect
+from imageq.api_client.settings import Settings
 
 
 def gateway_main(argv: list[str]) -> int:
@@ -38,8 +38,8 @@ def gateway_main(argv: list[str]) -> int:
 
     import uvicorn
 
-    from workers.gateway.app import create_app
-    from workers.gateway.server import PROTOCOLS
+    from imageq.gateway.app import create_app
+    from imageq.gateway.server import PROTOCOLS
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -97,7 +97,7 @@ def _tokens_parser() -> argparse.ArgumentParser:
 
 
 def tokens_main(argv: list[str]) -> int:
-    from workers.gateway.tokens import TokenStore
+    from imageq.gateway.tokens import TokenStore
 
     args = _tokens_parser().parse_args(argv)
     settings = Settings.from_env()

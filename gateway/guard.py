@@ -14,9 +14,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api_client.settings import Settings
-from workers.gateway.errors import PayloadTooLarge, error_response
-from workers.gateway.metrics import GatewayMetrics
+from imageq.api_client.settings import Settings
+from imageq.gateway.errors import PayloadTooLarge, error_response
+from imageq.gateway.metrics import GatewayMetrics
 
 MAX_HEADERS = 100
 # A multipart upload carries its boundary and part headers beside the image.

@@ -25,10 +25,10 @@ from typing import Any
 
 import redis
 
-from api_client.records import RecordStore
-from api_client.schemas import FINAL_STATUSES
-from api_client.scripts import script
-from api_client.settings import Settings
+from imageq.api_client.records import RecordStore
+from imageq.api_client.schemas import FINAL_STATUSES
+from imageq.api_client.scripts import script
+from imageq.api_client.settings import Settings
 
 # An admitted job id with no record stops counting after this (its submit failed and
 # its gateway died before it could say so).

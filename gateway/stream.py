@@ -15,8 +15,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from api_client.schemas import JobRecord
-from workers.gateway.updates import POLL_S, UpdateHub, next_update
+from imageq.api_client.schemas import JobRecord
+from imageq.gateway.updates import POLL_S, UpdateHub, next_update
 
 #: Reads a job's current record (None: gone).
 Reader = Callable[[str], Awaitable[JobRecord | None]]

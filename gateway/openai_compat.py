@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from api_client.errors import InvalidInput
+from imageq.api_client.errors import InvalidInput
 
 #: Paths answered in OpenAI's error shape; every other path keeps imageq's own.
 OPENAI_PATHS = ("/v1/images/", "/v1/models")

@@ -18,9 +18,9 @@ from redis.exceptions import RedisError
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
-from api_client.errors import ImageqError, InvalidInput
-from api_client.uploads import IMAGE_TYPES
-from workers.gateway.errors import (
+from imageq.api_client.errors import ImageqError, InvalidInput
+from imageq.api_client.uploads import IMAGE_TYPES
+from imageq.gateway.errors import (
     JobNotFound,
     PayloadTooLarge,
     RateLimited,
@@ -28,11 +28,11 @@ from workers.gateway.errors import (
     UnsupportedMediaType,
     retry_after,
 )
-from workers.gateway.jobs import SECURED, authenticate, gateway
-from workers.gateway.models import HealthOut, UploadOut, errors
-from workers.gateway.state import Gateway
-from workers.io.images import FORMATS
-from workers.io.storage import ObjectNotFound
+from imageq.gateway.jobs import SECURED, authenticate, gateway
+from imageq.gateway.models import HealthOut, UploadOut, errors
+from imageq.gateway.state import Gateway
+from imageq.workers.io.images import FORMATS
+from imageq.workers.io.storage import ObjectNotFound
 
 router = APIRouter()
 

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
-from api_client.errors import InvalidInput
-from api_client.usage import UsageLedger
-from workers.gateway.jobs import SECURED, authenticate, gateway
-from workers.gateway.models import errors
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.usage import UsageLedger
+from imageq.gateway.jobs import SECURED, authenticate, gateway
+from imageq.gateway.models import errors
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 

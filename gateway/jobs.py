@@ -15,13 +15,13 @@ from fastapi import APIRouter, Query, Request
 from sse_starlette import EventSourceResponse
 from starlette.responses import JSONResponse, Response
 
-from api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
-from api_client.kinds import JOB_KINDS, KINDS
-from api_client.object_urls import MAX_PREVIEW_BYTES, hide_storage_root, preview_key
-from api_client.records import decode_cursor
-from api_client.references import check_references
-from api_client.schemas import JobRecord, JobStatus, parse_input
-from workers.gateway.errors import (
+from imageq.api_client.errors import ForbiddenUrl, InputFetchFailed, InvalidInput
+from imageq.api_client.kinds import JOB_KINDS, KINDS
+from imageq.api_client.object_urls import MAX_PREVIEW_BYTES, hide_storage_root, preview_key
+from imageq.api_client.records import decode_cursor
+from imageq.api_client.references import check_references
+from imageq.api_client.schemas import JobRecord, JobStatus, parse_input
+from imageq.gateway.errors import (
     InFlightLimit,
     Malformed,
     RateLimited,
@@ -29,11 +29,11 @@ from workers.gateway.errors import (
     UnsupportedMediaType,
     retry_after,
 )
-from workers.gateway.models import SUBMIT_FIELDS, JobOut, JobPage, errors, submit_body_schema
-from workers.gateway.state import Gateway
-from workers.gateway.stream import job_events, wait_final
-from workers.gateway.tokens import Tenant
-from workers.io.netguard import check_url
+from imageq.gateway.models import SUBMIT_FIELDS, JobOut, JobPage, errors, submit_body_schema
+from imageq.gateway.state import Gateway
+from imageq.gateway.stream import job_events, wait_final
+from imageq.gateway.tokens import Tenant
+from imageq.workers.io.netguard import check_url
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 

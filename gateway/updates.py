@@ -1,6 +1,6 @@
 """Job updates for requests that wait: ``Prefer: wait=N`` and event streams.
 
-Every record change is published on the job's channel (``api_client.records``). One
+Every record change is published on the job's channel (``imageq.api_client.records``). One
 gateway process keeps one Redis subscription connection for all its waiting requests,
 subscribing to a job's channel while someone watches it, rather than a connection per
 waiting request: a thousand open event streams cost one connection, not a thousand.

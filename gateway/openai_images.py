@@ -21,28 +21,28 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
-from api_client.errors import InvalidInput
-from api_client.schemas import JobRecord, JobStatus
-from api_client.uploads import IMAGE_TYPES, sniff_format
-from workers.gateway.errors import (
+from imageq.api_client.errors import InvalidInput
+from imageq.api_client.schemas import JobRecord, JobStatus
+from imageq.api_client.uploads import IMAGE_TYPES, sniff_format
+from imageq.gateway.errors import (
     GatewayTimeout,
     Malformed,
     PayloadTooLarge,
     UnsupportedMediaType,
     error_response,
 )
-from workers.gateway.files import probe, upload_sync
-from workers.gateway.jobs import SECURED, authenticate, gateway, submit_sync
-from workers.gateway.openai_compat import (
+from imageq.gateway.files import probe, upload_sync
+from imageq.gateway.jobs import SECURED, authenticate, gateway, submit_sync
+from imageq.gateway.openai_compat import (
     ResponseFormat,
     diffusion_fields,
     mask_from_alpha,
     parse_size,
     response_format,
 )
-from workers.gateway.state import Gateway
-from workers.gateway.stream import wait_final
-from workers.gateway.tokens import Tenant
+from imageq.gateway.state import Gateway
+from imageq.gateway.stream import wait_final
+from imageq.gateway.tokens import Tenant
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -1,6 +1,6 @@
 """Errors as HTTP answers: always ``{"error": {"code", "message", "field"?}}``.
 
-The one error hierarchy (``api_client.errors``) says what went wrong; this module says
+The one error hierarchy (``imageq.api_client.errors``) says what went wrong; this module says
 which status that is. The few failures that exist only over HTTP (a missing token, a
 body too large, a tenant over its limits) are ``ImageqError`` subclasses here, so one
 handler answers them all. Nothing a client sends may end in a 500 with a stack trace:
@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from api_client.errors import (
+from imageq.api_client.errors import (
     ForbiddenUrl,
     IdempotencyConflict,
     ImageqError,
@@ -31,7 +31,7 @@ from api_client.errors import (
     InvalidInput,
     TransientError,
 )
-from workers.gateway.openai_compat import is_openai_path, openai_error
+from imageq.gateway.openai_compat import is_openai_path, openai_error
 
 log = logging.getLogger("imageq.gateway")
 
@@ -233,7 +233,7 @@ def install(app: FastAPI) -> None:
         # no valid token hears 401 first, whatever else is wrong with it.
         if request.url.path.startswith("/v1/"):
             # Here, not at the top: the routes' module imports this one.
-            from workers.gateway.jobs import authenticate
+            from imageq.gateway.jobs import authenticate
 
             try:
                 await authenticate(request)

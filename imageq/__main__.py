@@ -1,0 +1,5 @@
+"""``python -m imageq``: the ``imageq`` command."""
+
+from imageq.api_client.cli import main
+
+raise SystemExit(main())
