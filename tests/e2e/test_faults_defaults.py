@@ -290,7 +290,8 @@ def test_sigkill_mid_denoise_generate(
     assert done.status == "succeeded", done.error
     assert done.attempt == 2 and done.worker == live.name
     assert done.progress is not None and done.progress["step"] == done.progress["total"]
-    assert outputs(stack, job.id) == {"image-0.png", "result.json"}
+    # preview.jpg: the latest step preview (on by default), overwritten by each run.
+    assert outputs(stack, job.id) == {"image-0.png", "preview.jpg", "result.json"}
     assert one_final_webhook(receiver, job.id, "job.succeeded")["data"]["attempt"] == 2
 
 
@@ -318,7 +319,8 @@ def test_sigstop_past_the_lease_then_sigcont_never_finishes_twice(
     assert back_s <= TARGET_S, back_s
     assert done.status == "succeeded", done.error
     assert done.attempt == 2 and done.worker == live.name
-    assert outputs(stack, job.id) == {"image-0.png", "result.json"}
+    # preview.jpg: the latest step preview (on by default), overwritten by each run.
+    assert outputs(stack, job.id) == {"image-0.png", "preview.jpg", "result.json"}
     assert result_json(stack, job.id)["worker"] == live.name
     assert one_final_webhook(receiver, job.id, "job.succeeded")["data"]["attempt"] == 2
     log = frozen.log_path.read_text(errors="replace")
