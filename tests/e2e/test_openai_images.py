@@ -244,7 +244,7 @@ def test_edit_without_a_mask_styles_and_variations_need_ip_adapter(
     job = stack.client.list_page(None, "style", 1, None, "acme")[0][0]
     assert job.output is not None and job.output["parameters"]["prompt"] == "oil painting"
     # The images went in as the tenant's own uploads.
-    assert stack.redis.get(stack.store.key("job", job.id)) is not None
+    assert stack.redis.get(stack.store.keys.job(job.id)) is not None
     with pytest.raises(openai.BadRequestError) as size:
         acme.images.edit(
             image=("p.png", noise_png((72, 64)), "image/png"), prompt="x", size="64x64"
