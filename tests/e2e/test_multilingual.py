@@ -155,7 +155,9 @@ def test_french_and_japanese_adapters_write_their_captions_exactly(ml: Stack) ->
         )
     entries = {e["name"]: e for e in client.adapters()}
     assert entries["blip-fr"]["language"] == "fr" and entries["blip-ja"]["language"] == "ja"
-    files = sorted(p.name for p in ml.storage_path("adapters", "blip-ja").iterdir())
+    # The files of the revision the registry entry names.
+    folder = Path(entries["blip-ja"]["uri"].removeprefix("file://"))
+    files = sorted(p.name for p in folder.iterdir())
     assert {"tokenizer.json", "vocabulary.safetensors", "adapter_model.safetensors"} <= set(files)
 
     # Together, in one batch window: by language, by name, and without an adapter.
