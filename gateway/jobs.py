@@ -286,7 +286,7 @@ async def submit_job(request: Request) -> Response:
 @router.get(
     "/jobs",
     response_model=JobPage,
-    responses=errors(401, 422, 431, 503, 504),
+    responses=errors(400, 401, 422, 431, 503, 504),
     summary="List the tenant's jobs, newest first",
     openapi_extra=SECURED,
 )
